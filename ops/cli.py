@@ -1,0 +1,352 @@
+"""`sluice`: run jobs, serve queues, and operate the audit store."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from schemas.status import Lane, Stage
+from workers.settings import Settings
+
+app = typer.Typer(help="Sluice: a governed generation pipeline.", no_args_is_help=True)
+db_app = typer.Typer(help="The audit store's schema.", no_args_is_help=True)
+models_app = typer.Typer(help="Model files.", no_args_is_help=True)
+index_app = typer.Typer(help="Retrieval indexes.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(models_app, name="models")
+app.add_typer(index_app, name="index")
+console = Console(stderr=True)
+out = Console()
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except ValueError as exc:
+        console.print(f"[red]configuration error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+def _fail(message: str) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(1)
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Create or migrate the audit store to the newest schema."""
+    from workers.store.migrate import upgrade
+
+    settings = _settings()
+    upgrade(settings.database_url)
+    console.print(f"audit store at head: {settings.database_url.split('@')[-1]}")
+
+
+@models_app.command("prepare")
+def models_prepare() -> None:
+    """Convert the packaged SmolLM2 GGUF into a cached safetensors folder (once)."""
+    from ops.models import prepare_default_model
+
+    settings = _settings()
+    target = Path(settings.generator_model)
+    converted = prepare_default_model(target)
+    console.print(f"{'converted' if converted else 'already prepared'}: {target}")
+
+
+@app.command()
+def ingest(root: Annotated[Path, typer.Argument(help="folder of <tenant>/<acl>/<file>")]) -> None:
+    """Ingest a corpus folder into the audit store (then run `sluice index build`)."""
+    from ops.corpus import ingest_tree
+
+    if not root.is_dir():
+        _fail(f"corpus folder not found: {root}")
+    settings = _prepared()
+    report = ingest_tree(settings, root)
+    for path, reason in report.skipped:
+        console.print(f"[yellow]skipped[/yellow] {path}: {reason}")
+    console.print(f"ingested {report.added} documents, {report.unchanged} unchanged, "
+                  f"{len(report.skipped)} skipped")
+
+
+@index_app.command("build")
+def index_build() -> None:
+    """Embed the chunk table and activate the index named by its content hash."""
+    from ops.corpus import build_index
+
+    settings = _prepared()
+    with _progress() as progress:
+        task = progress.add_task("embedding chunks", total=None)
+        index_id, built = build_index(
+            settings, lambda done, total: progress.update(task, completed=done, total=total))
+    console.print(f"{'built' if built else 'reactivated'} and activated {index_id}")
+
+
+def _prepared() -> Settings:
+    """Settings with the store migrated (cheap when already at head)."""
+    from workers.store.migrate import upgrade
+
+    settings = _settings()
+    upgrade(settings.database_url)
+    return settings
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console)
+
+
+@app.command()
+def run(
+    job_file: Annotated[Path, typer.Argument(help="JSONL file, one request per line")],
+    out_dir: Annotated[Path | None, typer.Option("--out", help="where results go")] = None,
+    workers: Annotated[bool, typer.Option(help="start one worker per queue (default: "
+                                                "only in the embedded mode)")] = None,  # type: ignore[assignment]
+    timeout_s: Annotated[float | None, typer.Option(help="give up waiting after this")] = None,
+) -> None:
+    """Run a job file to the end and write results.jsonl and errors.jsonl.
+
+    Re-running the same file resumes it: requests already terminal are not redone."""
+    from ops.corpus import ensure_example_index
+    from ops.embedded import WorkerFleet
+    from ops.jobs import export_job, submit_job, wait_for_job
+    from workers.reconciler import ReconcilerThread
+
+    if not job_file.is_file():
+        _fail(f"job file not found: {job_file}")
+    settings = _prepared()
+    spawn = settings.embedded if workers is None else workers
+    if settings.embedded and ensure_example_index(settings):
+        console.print("ingested the example corpus and built its index")
+    fleet = WorkerFleet(settings, settings.data_dir / "logs") if spawn else None
+    reconciler = ReconcilerThread(settings)
+    try:
+        if fleet:
+            fleet.start()
+        admitted = submit_job(settings, job_file)
+        console.print(f"job {admitted.job_id}: {'admitted' if admitted.created else 'resumed'}, "
+                      f"{len(admitted.dispatches)} shard(s) enqueued, "
+                      f"{len(admitted.malformed)} malformed line(s)")
+        reconciler.start()
+        with _progress() as progress:
+            task = progress.add_task("requests", total=None)
+            done = wait_for_job(settings, admitted.job_id,
+                                lambda d, t: progress.update(task, completed=d, total=t),
+                                timeout_s=timeout_s)
+    finally:
+        reconciler.stop()
+        if fleet:
+            fleet.stop()
+    target = out_dir or Path("sluice-out") / job_file.stem
+    results, errors = export_job(settings, admitted.job_id, target)
+    _print_summary(settings, admitted.job_id)
+    console.print(f"wrote {results} and {errors}")
+    if not done:
+        _fail("timed out before every request was terminal; run the same command to resume")
+
+
+def _print_summary(settings: Settings, job_id: str) -> None:
+    from ops.jobs import summarize
+
+    summary = summarize(settings, job_id)
+    table = Table(title=f"job {job_id}")
+    table.add_column("status")
+    table.add_column("requests", justify="right")
+    for status, count in sorted(summary.counts.items()):
+        table.add_row(status, str(count))
+    table.add_row("malformed lines", str(summary.malformed))
+    console.print(table)
+    latency = ", ".join(f"{k} {v:.2f}s" for k, v in summary.latency_s.items()) or "n/a"
+    console.print(f"latency: {latency}")
+    console.print(f"tokens: prompt {summary.prompt_tokens}, completion {summary.completion_tokens}")
+
+
+@app.command()
+def submit(job_file: Annotated[Path, typer.Argument(help="JSONL file")],
+           lane: Annotated[Lane, typer.Option(help="queue lane")] = Lane.BATCH) -> None:
+    """Admit a job file and enqueue it for running workers; prints the job id."""
+    from ops.jobs import submit_job
+
+    if not job_file.is_file():
+        _fail(f"job file not found: {job_file}")
+    admitted = submit_job(_prepared(), job_file, lane)
+    out.print(admitted.job_id)
+
+
+@app.command()
+def status(job_id: str) -> None:
+    """Counts of a job's requests by status."""
+    from workers.store.admission import job_counts
+    from workers.store.engine import session_scope
+
+    with session_scope(_settings().database_url) as session:
+        counts = job_counts(session, job_id)
+    if not counts:
+        _fail(f"no job with id {job_id!r}")
+    out.print_json(json.dumps(counts))
+
+
+@app.command()
+def results(job_id: str, out_dir: Annotated[Path, typer.Option("--out")] = Path("sluice-out")) -> None:
+    """Write a job's results.jsonl and errors.jsonl as they stand now."""
+    from ops.jobs import export_job
+
+    try:
+        paths = export_job(_settings(), job_id, out_dir / job_id)
+    except ValueError as exc:
+        _fail(str(exc))
+    out.print(f"wrote {paths[0]} and {paths[1]}")
+
+
+@app.command()
+def cancel(job_id: str) -> None:
+    """Stop a job's remaining work; its unfinished requests end as failed/Cancelled."""
+    from workers.store.admission import AdmissionError
+    from workers.store.engine import session_scope
+    from workers.store.operators import cancel_job
+
+    try:
+        with session_scope(_settings().database_url) as session:
+            count = cancel_job(session, job_id)
+    except AdmissionError as exc:
+        _fail(str(exc))
+    out.print(f"cancelled {count} unfinished request(s) of {job_id}")
+
+
+@app.command()
+def worker(queue: Annotated[Stage, typer.Option(help="the stage whose queues to serve")],
+           concurrency: int = 1, pool: str = "prefork") -> None:
+    """Serve one stage's online and batch queues (online first)."""
+    from ops.embedded import worker_env
+    from workers.app import stage_queues
+
+    settings = _settings()
+    os.environ.update(worker_env(settings))
+    argv = [sys.executable, "-m", "celery", "-A", "workers.app", "worker",
+            "-Q", ",".join(stage_queues(queue)), "-c", str(concurrency), "-P", pool,
+            "-n", f"{queue.value}@%h", "--loglevel", "INFO"]
+    os.execv(sys.executable, argv)
+
+
+@app.command()
+def reconcile(once: bool = False) -> None:
+    """Re-drive shards whose lease expired or that stalled (runs until stopped)."""
+    from workers.reconciler import ReconcilerThread, reconcile_once
+
+    settings = _settings()
+    if once:
+        out.print(f"re-drove {len(reconcile_once(settings))} shard stage(s)")
+        return
+    thread = ReconcilerThread(settings)
+    thread.start()
+    thread.join()
+
+
+@app.command()
+def failed(job: Annotated[str | None, typer.Option(help="only this job")] = None,
+           limit: int = 100) -> None:
+    """List failed requests with their error class and failing stage."""
+    from workers.store.engine import session_scope
+    from workers.store.operators import failed_requests
+
+    table = Table("request", "custom_id", "job", "stage", "error", "message")
+    with session_scope(_settings().database_url) as session:
+        for r in failed_requests(session, job, limit):
+            table.add_row(r.id, r.custom_id, r.job_id or "-", r.error_stage or "-",
+                          r.error_class or "-", (r.error_message or "")[:80])
+    out.print(table)
+
+
+@app.command()
+def audit(request_id: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """A request's trail: stages, versions, chunks read, tokens, verdicts."""
+    from workers.store.admission import AdmissionError
+    from workers.store.engine import session_scope
+    from workers.store.operators import audit_trail
+
+    try:
+        with session_scope(_settings().database_url) as session:
+            trail = _trail_json(audit_trail(session, request_id))
+    except AdmissionError as exc:
+        _fail(str(exc))
+    if as_json:
+        out.print_json(json.dumps(trail, default=str))
+        return
+    _print_trail(trail)
+
+
+def _trail_json(trail: dict[str, Any]) -> dict[str, Any]:
+    r = trail["request"]
+    return {
+        "request": {"id": r.id, "custom_id": r.custom_id, "tenant": r.tenant_id,
+                    "status": r.status, "run": r.run, "error_class": r.error_class,
+                    "error_stage": r.error_stage, "error_message": r.error_message,
+                    "output": r.output, "citations": r.citations,
+                    "tokens": {"prompt": r.prompt_tokens, "completion": r.completion_tokens},
+                    "drift_policy": r.drift_policy, "pinned_versions": r.pinned_versions},
+        "stage_runs": [{"stage": s.stage, "run": s.run, "round": s.round, "status": s.status,
+                        "deliveries": s.deliveries, "outcome": s.outcome_status,
+                        "error_class": s.error_class, "duration_s": s.duration_s,
+                        "served_versions": s.served_versions} for s in trail["stage_runs"]],
+        "events": [{"stage": e.stage, "run": e.run, "kind": e.kind, "payload": e.payload,
+                    "at": str(e.created_at)} for e in trail["events"]],
+    }
+
+
+def _print_trail(trail: dict[str, Any]) -> None:
+    r = trail["request"]
+    out.print(f"[bold]{r['id']}[/bold] ({r['custom_id']}, tenant {r['tenant']}): "
+              f"{r['status']} run {r['run']}")
+    if r["error_class"]:
+        out.print(f"  failed at {r['error_stage']}: {r['error_class']}: {r['error_message']}")
+    out.print(f"  pinned: {r['pinned_versions']}")
+    table = Table("run", "stage", "status", "outcome", "deliveries", "seconds")
+    for s in trail["stage_runs"]:
+        table.add_row(str(s["run"]), s["stage"], s["status"], s["outcome"] or "-",
+                      str(s["deliveries"]), f"{s['duration_s'] or 0:.3f}")
+    out.print(table)
+    events = Table("run", "stage", "event", "detail")
+    for e in trail["events"]:
+        events.add_row(str(e["run"]), e["stage"] or "-", e["kind"],
+                       json.dumps(e["payload"], default=str)[:160])
+    out.print(events)
+
+
+@app.command()
+def replay(request_id: str,
+           from_stage: Annotated[Stage, typer.Option("--from", help="stage to restart at")] = Stage.ROUTER,
+           follow_current_versions: bool = False,
+           wait: Annotated[bool, typer.Option(help="wait for the replay to finish")] = False,
+           timeout_s: float = 600) -> None:
+    """Run a request again from a stage, strict on its pinned versions unless told to follow."""
+    from workers.dispatch import enqueue
+    from workers.runtime import pinned_versions_now
+    from workers.store.admission import AdmissionError
+    from workers.store.engine import session_scope
+    from workers.store.operators import replay as replay_request
+
+    settings = _settings()
+    try:
+        with session_scope(settings.database_url) as session:
+            dispatch = replay_request(session, request_id, from_stage,
+                                      pinned_versions_now(settings), follow_current_versions)
+    except AdmissionError as exc:
+        _fail(str(exc))
+    enqueue(dispatch)
+    out.print(f"replaying {request_id} from {from_stage.value} as run {dispatch.hop.run}")
+    if wait:
+        from ops.client import SluiceClient
+
+        result = SluiceClient(settings).wait(request_id, timeout_s=timeout_s)
+        out.print_json(json.dumps(result))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,73 @@
+"""The embedded mode: one worker process per queue, started and stopped by the command."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from schemas.status import Stage
+from workers.app import stage_queues
+from workers.settings import Settings
+
+
+class WorkerFleet:
+    """`sluice worker` processes, one per stage, sharing this process's settings."""
+
+    def __init__(self, settings: Settings, log_dir: Path, concurrency: int = 1) -> None:
+        self.settings = settings
+        self.log_dir = log_dir
+        self.concurrency = concurrency
+        self.processes: dict[Stage, subprocess.Popen[bytes]] = {}
+
+    def start(self, stages: list[Stage] | None = None) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for stage in stages or list(Stage):
+            self.processes[stage] = start_worker(self.settings, stage, self.log_dir,
+                                                 self.concurrency)
+
+    def stop(self, timeout_s: float = 20) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.processes.clear()
+
+    def __enter__(self) -> WorkerFleet:
+        self.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+
+def worker_env(settings: Settings) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"SLUICE_DATABASE_URL": settings.database_url,
+                "SLUICE_BROKER_URL": settings.broker_url,
+                "SLUICE_DATA_DIR": str(settings.data_dir),
+                "SLUICE_GENERATOR_MODEL": settings.generator_model,
+                "SLUICE_GENERATOR_BACKEND": settings.generator_backend,
+                "OMP_NUM_THREADS": str(settings.torch_threads),
+                "TOKENIZERS_PARALLELISM": "false",
+                "HF_HUB_OFFLINE": "1"})
+    return env
+
+
+def start_worker(settings: Settings, stage: Stage, log_dir: Path, concurrency: int = 1,
+                 pool: str = "prefork") -> subprocess.Popen[bytes]:
+    log_path = log_dir / f"worker-{stage.value}.log"
+    command = [sys.executable, "-m", "celery", "-A", "workers.app", "worker",
+               "-Q", ",".join(stage_queues(stage)), "-c", str(concurrency), "-P", pool,
+               "-n", f"{stage.value}-{os.getpid()}@%h", "--loglevel", "INFO",
+               "--without-gossip", "--without-mingle", "--without-heartbeat"]
+    with log_path.open("ab") as log:
+        return subprocess.Popen(command, env=worker_env(settings), stdout=log,
+                                stderr=subprocess.STDOUT)

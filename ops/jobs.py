@@ -1,0 +1,156 @@
+"""Running a job file: parse, admit, enqueue, wait, write results.jsonl and errors.jsonl."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from schemas.requests import MalformedLine, RequestLine, parse_request_line
+from schemas.status import RESULT_STATUSES, Lane, Status
+from workers.runtime import pinned_versions_now
+from workers.settings import Settings
+from workers.store.admission import AdmittedJob, admit_job, job_counts
+from workers.store.engine import session_scope
+from workers.store.models import Job, Request
+from workers.store.operators import job_requests, unfinished
+from workers.store.timeutil import as_utc
+
+
+@dataclass(frozen=True)
+class ParsedJob:
+    content: bytes
+    lines: list[RequestLine]
+    line_numbers: list[int]
+    malformed: list[MalformedLine]
+
+
+def parse_job_file(path: Path) -> ParsedJob:
+    """Every non-blank line becomes a request or a malformed line; custom_ids must be unique."""
+    content = path.read_bytes()
+    lines, numbers, malformed, seen = [], [], [], set()
+    for line_no, raw in enumerate(content.decode("utf-8", errors="replace").splitlines(), 1):
+        if not raw.strip():
+            continue
+        parsed = parse_request_line(raw, line_no)
+        if isinstance(parsed, RequestLine) and parsed.custom_id in seen:
+            parsed = MalformedLine(line_no=line_no, custom_id=parsed.custom_id,
+                                   reason=f"custom_id {parsed.custom_id!r} repeats an earlier line")
+        if isinstance(parsed, MalformedLine):
+            malformed.append(parsed)
+            continue
+        seen.add(parsed.custom_id)
+        lines.append(parsed)
+        numbers.append(line_no)
+    return ParsedJob(content, lines, numbers, malformed)
+
+
+def submit_job(settings: Settings, path: Path, lane: Lane = Lane.BATCH) -> AdmittedJob:
+    """Admit (or resume) the job and put its unfinished shards on the queues."""
+    from workers.dispatch import enqueue_all
+
+    parsed = parse_job_file(path)
+    versions = pinned_versions_now(settings)
+    with session_scope(settings.database_url) as session:
+        admitted = admit_job(session, name=path.name, content=parsed.content, lines=parsed.lines,
+                             malformed=parsed.malformed, line_numbers=parsed.line_numbers,
+                             versions=versions, drift_policy=settings.drift_policy,
+                             shard_size=settings.shard_size, lane=lane)
+    enqueue_all(admitted.dispatches)
+    return admitted
+
+
+def wait_for_job(settings: Settings, job_id: str, on_progress: Callable[[int, int], None],
+                 timeout_s: float | None = None, poll_s: float = 0.5) -> bool:
+    """Poll the store until every request of the job is terminal. False on timeout."""
+    started = time.monotonic()
+    while True:
+        with session_scope(settings.database_url) as session:
+            counts = job_counts(session, job_id)
+            left = unfinished(session, job_id)
+        total = sum(counts.values())
+        on_progress(total - left, total)
+        if left == 0:
+            return True
+        if timeout_s is not None and time.monotonic() - started > timeout_s:
+            return False
+        time.sleep(poll_s)
+
+
+def result_line(request: Request) -> dict[str, Any]:
+    return {"custom_id": request.custom_id, "request_id": request.id, "status": request.status,
+            "output": request.output, "citations": list(request.citations or []),
+            "versions": request.pinned_versions,
+            "tokens": {"prompt": request.prompt_tokens, "completion": request.completion_tokens},
+            "reason": request.error_message if request.status != Status.SUCCEEDED else None}
+
+
+def error_line(request: Request) -> dict[str, Any]:
+    return {"custom_id": request.custom_id, "request_id": request.id, "line": request.line_no,
+            "status": request.status, "error_class": request.error_class,
+            "stage": request.error_stage, "message": request.error_message}
+
+
+def export_job(settings: Settings, job_id: str, out_dir: Path) -> tuple[Path, Path]:
+    """Every input line lands in exactly one of results.jsonl and errors.jsonl."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with session_scope(settings.database_url) as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise ValueError(f"no job with id {job_id!r}")
+        requests = job_requests(session, job_id)
+        malformed = [MalformedLine.model_validate(m) for m in job.malformed]
+    results_path, errors_path = out_dir / "results.jsonl", out_dir / "errors.jsonl"
+    results = [result_line(r) for r in requests if r.status in RESULT_STATUSES]
+    errors = [{"custom_id": m.custom_id, "line": m.line_no, "status": "malformed",
+               "error_class": "MalformedLine", "stage": "admission", "message": m.reason}
+              for m in malformed]
+    errors += [error_line(r) for r in requests if r.status not in RESULT_STATUSES]
+    errors.sort(key=lambda e: e.get("line") or 0)
+    _write_jsonl(results_path, results)
+    _write_jsonl(errors_path, errors)
+    return results_path, errors_path
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                   encoding="utf-8")
+    tmp.replace(path)
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    counts: dict[str, int]
+    malformed: int
+    latency_s: dict[str, float]
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def summarize(settings: Settings, job_id: str) -> JobSummary:
+    with session_scope(settings.database_url) as session:
+        job = session.get(Job, job_id)
+        requests = job_requests(session, job_id)
+    latencies = sorted(
+        (as_utc(r.finished_at) - as_utc(r.admitted_at)).total_seconds()  # type: ignore[operator]
+        for r in requests if r.finished_at is not None)
+    counts: dict[str, int] = {}
+    for r in requests:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    return JobSummary(counts, len(job.malformed) if job else 0, _percentiles(latencies),
+                      sum(r.prompt_tokens for r in requests),
+                      sum(r.completion_tokens for r in requests))
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    if len(values) == 1:
+        return {"p50": values[0], "p95": values[0], "p99": values[0]}
+    cuts = statistics.quantiles(values, n=100, method="inclusive")
+    return {"p50": cuts[49], "p95": cuts[94], "p99": cuts[98]}

@@ -1,0 +1,90 @@
+"""The request contract: one JSONL line per request, as upstream systems submit it."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
+
+
+class AnswerRequest(BaseModel):
+    """Answer a question from the tenant's corpus."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["answer"]
+    question: str = Field(max_length=20_000)
+
+
+class DocumentRequest(BaseModel):
+    """Write document `template` about `topic` from `inputs`."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["document"]
+    template: str = Field(min_length=1, max_length=128)
+    topic: str = Field(max_length=2_000)
+    inputs: dict[str, str | int | float | bool] = Field(default_factory=dict)
+
+
+RequestBody = Annotated[AnswerRequest | DocumentRequest, Field(discriminator="kind")]
+
+
+class RequestLine(BaseModel):
+    """One request: a line of a job file, or one upstream submission."""
+
+    model_config = ConfigDict(extra="forbid")
+    custom_id: str = Field(pattern=_NAME)
+    tenant: str = Field(pattern=_NAME)
+    grants: list[str] = Field(default_factory=list, max_length=64)
+    request: RequestBody
+    deadline_s: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=256)
+
+    @field_validator("grants")
+    @classmethod
+    def _grants_are_labels(cls, grants: list[str]) -> list[str]:
+        for grant in grants:
+            if not grant or len(grant) > 64 or not grant.replace("-", "").replace("_", "").isalnum():
+                raise ValueError(f"grants must be short alphanumeric labels, got {grant!r}")
+        return sorted(set(grants))
+
+    @property
+    def query_text(self) -> str:
+        """The text retrieval searches with."""
+        body = self.request
+        return body.question if isinstance(body, AnswerRequest) else body.topic
+
+
+class MalformedLine(BaseModel):
+    """A job-file line that is not a valid request, with the reason."""
+
+    line_no: int
+    custom_id: str | None = None
+    reason: str
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One precise sentence per problem: 'request.question: Field required'."""
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "line"
+        parts.append(f"{where}: {item['msg']}")
+    return "; ".join(parts)
+
+
+def parse_request_line(raw: str, line_no: int) -> RequestLine | MalformedLine:
+    """Parse one JSONL line into a request, or say exactly why it is not one."""
+    import json
+
+    try:
+        data: Any = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        return MalformedLine(line_no=line_no, reason=f"not valid JSON: {exc.msg} at column {exc.colno}")
+    if not isinstance(data, dict):
+        return MalformedLine(line_no=line_no, reason=f"a line must be a JSON object, got {type(data).__name__}")
+    custom_id = data.get("custom_id") if isinstance(data.get("custom_id"), str) else None
+    try:
+        return RequestLine.model_validate(data)
+    except ValidationError as exc:
+        return MalformedLine(line_no=line_no, custom_id=custom_id, reason=describe_validation_error(exc))

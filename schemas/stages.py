@@ -1,0 +1,184 @@
+"""Typed inputs and outputs of the four stages, and the ids a message carries."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from schemas.status import AnswerClass, RiskClass, Stage, Status
+
+
+class Hop(BaseModel):
+    """What a queue message carries: ids only, never documents or tensors."""
+
+    shard_id: str
+    run: int = Field(ge=0)
+    round: int = Field(default=0, ge=0)
+
+
+class Outcome(BaseModel):
+    """A terminal outcome a stage decided for one item; later stages leave it alone."""
+
+    status: Status
+    error_class: str | None = None
+    message: str = ""
+
+
+class AuditRecord(BaseModel):
+    """One append-only audit event, as a stage proposes it."""
+
+    request_id: str
+    kind: str
+    payload: dict[str, Any] = Field(default_factory=dict)
+
+
+# -- router -----------------------------------------------------------------
+
+
+class RouteItem(BaseModel):
+    request_id: str
+    kind: str
+    text: str
+    template: str | None = None
+    inputs: dict[str, Any] = Field(default_factory=dict)
+
+
+class RouterInput(BaseModel):
+    items: list[RouteItem]
+
+
+class RouteDecision(BaseModel):
+    request_id: str
+    answer_class: AnswerClass
+    risk_class: RiskClass
+    rules_version: str
+    matched_rule: str | None = None
+    input_tokens: int = 0
+    outcome: Outcome | None = None
+
+
+class RouterOutput(BaseModel):
+    decisions: list[RouteDecision]
+
+
+# -- retrieval --------------------------------------------------------------
+
+
+class RetrievalItem(BaseModel):
+    request_id: str
+    tenant: str
+    grants: list[str]
+    query: str
+
+
+class RetrievalInput(BaseModel):
+    items: list[RetrievalItem]
+    top_k: int = Field(gt=0)
+
+
+class RetrievedChunk(BaseModel):
+    chunk_id: str
+    document_id: str
+    title: str
+    text: str
+    score: float
+
+
+class RetrievalResult(BaseModel):
+    request_id: str
+    index_id: str
+    chunks: list[RetrievedChunk]
+    outcome: Outcome | None = None
+
+
+class RetrievalOutput(BaseModel):
+    results: list[RetrievalResult]
+
+
+# -- generation -------------------------------------------------------------
+
+
+class GenerationItem(BaseModel):
+    request_id: str
+    answer_class: AnswerClass
+    instruction: str
+    chunks: list[RetrievedChunk]
+
+
+class GenerationInput(BaseModel):
+    items: list[GenerationItem]
+    deadline_s: float | None = None
+
+
+class Draft(BaseModel):
+    request_id: str
+    text: str
+    source_labels: dict[str, str] = Field(default_factory=dict)
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    model: str
+    outcome: Outcome | None = None
+
+
+class GenerationOutput(BaseModel):
+    drafts: list[Draft]
+
+
+# -- validation -------------------------------------------------------------
+
+
+class ValidationItem(BaseModel):
+    request_id: str
+    answer_class: AnswerClass
+    draft: str
+    source_labels: dict[str, str]
+    retrieved_chunk_ids: list[str]
+
+
+class ValidationInput(BaseModel):
+    items: list[ValidationItem]
+
+
+class Verdict(BaseModel):
+    request_id: str
+    validator_version: str
+    output: str
+    citations: list[str]
+    reasons: list[str]
+    outcome: Outcome
+
+
+class ValidationOutput(BaseModel):
+    verdicts: list[Verdict]
+
+
+
+
+
+# -- what the task base class hands an adapter, and gets back ------------------
+
+
+class ItemRecord(BaseModel):
+    """One active request as a stage sees it: the request plus earlier stages' outputs."""
+
+    request_id: str
+    tenant: str
+    grants: list[str]
+    kind: str
+    payload: dict[str, Any]
+    previous: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+class ItemResult(BaseModel):
+    """One item's stage output, and its terminal outcome when the stage decided one."""
+
+    request_id: str
+    output: dict[str, Any]
+    outcome: Outcome | None = None
+    final_text: str | None = None
+    citations: list[str] = Field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    untouched: bool = False  # the request ended earlier: finish the stage row, keep the request

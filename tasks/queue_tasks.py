@@ -1,0 +1,60 @@
+"""The four Celery tasks: thin adapters from a queue message to a stage function."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from schemas.stages import ItemRecord
+from schemas.status import Stage
+from tasks import adapters
+from tasks.retrieval import Retriever
+from tasks.router import route
+from tasks.validation import validate
+from workers.app import TASK_NAMES, app
+from workers.base import Results, StageTask
+from workers.runtime import Runtime
+from workers.versions import decoding_policy
+
+
+def compute_route(runtime: Runtime, records: list[ItemRecord], _budget: float | None) -> Results:
+    output = route(adapters.router_input(records), runtime.rules(), runtime.count_tokens,
+                   runtime.settings.max_input_tokens)
+    return adapters.router_results(output)
+
+
+def compute_retrieval(runtime: Runtime, records: list[ItemRecord],
+                      _budget: float | None) -> Results:
+    retriever: Retriever = runtime.retriever()
+    output = retriever.retrieve(adapters.retrieval_input(records, runtime.settings.top_k))
+    return adapters.retrieval_results(output, records)
+
+
+def compute_generation(runtime: Runtime, records: list[ItemRecord],
+                       budget: float | None) -> Results:
+    output = runtime.generator().generate(adapters.generation_input(records, budget))
+    return adapters.generation_results(output, decoding_policy(runtime.settings).version)
+
+
+def compute_validation(runtime: Runtime, records: list[ItemRecord],
+                       _budget: float | None) -> Results:
+    return adapters.validation_results(validate(adapters.validation_input(records)), records)
+
+
+@app.task(bind=True, base=StageTask, name=TASK_NAMES[Stage.ROUTER])
+def route_shard(self: StageTask, hop: dict[str, Any]) -> dict[str, Any]:
+    return self.execute(Stage.ROUTER, hop, compute_route)
+
+
+@app.task(bind=True, base=StageTask, name=TASK_NAMES[Stage.RETRIEVAL])
+def retrieve_shard(self: StageTask, hop: dict[str, Any]) -> dict[str, Any]:
+    return self.execute(Stage.RETRIEVAL, hop, compute_retrieval)
+
+
+@app.task(bind=True, base=StageTask, name=TASK_NAMES[Stage.GENERATION])
+def generate_shard(self: StageTask, hop: dict[str, Any]) -> dict[str, Any]:
+    return self.execute(Stage.GENERATION, hop, compute_generation)
+
+
+@app.task(bind=True, base=StageTask, name=TASK_NAMES[Stage.VALIDATION])
+def validate_shard(self: StageTask, hop: dict[str, Any]) -> dict[str, Any]:
+    return self.execute(Stage.VALIDATION, hop, compute_validation)

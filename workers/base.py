@@ -1,0 +1,224 @@
+"""The one task base class: every stage's I/O, leases, versions, deadlines and retries.
+
+A stage task body is one line: `return self.execute(stage, hop, compute)`. This class
+claims the shard's rows under a lease, loads the active records in one query, decides what
+ends before the stage runs (poison, cancelled, deadline, strict drift), calls the stage,
+and commits outputs, request outcomes and audit events in one transaction. Only transient
+trouble raises; it is retried with capped exponential backoff and full jitter.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+from celery import Task
+from celery.exceptions import Ignore, SoftTimeLimitExceeded
+from kombu.exceptions import OperationalError as BrokerError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from sqlalchemy.exc import OperationalError
+
+from schemas.events import EventKind
+from schemas.stages import AuditRecord, Hop, ItemRecord, ItemResult, Outcome
+from schemas.status import DriftPolicy, Stage, Status
+from schemas.versions import VersionTuple
+from workers.runtime import Runtime, get_runtime
+from workers.store import stage_runs as runs
+from workers.store.engine import session_scope
+from workers.store.timeutil import as_utc, utcnow
+
+log = logging.getLogger("sluice.stage")
+
+Results = tuple[list[ItemResult], list[AuditRecord]]
+Compute = Callable[[Runtime, list[ItemRecord], float | None], Results]
+
+
+class TransientError(RuntimeError):
+    """Trouble that a later attempt may not meet (GPU out of memory, a busy dependency)."""
+
+
+# Retried with backoff. Everything else is permanent and ends the claimed items as failed.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OperationalError, RedisConnectionError, BrokerError, TimeoutError, ConnectionError,
+    SoftTimeLimitExceeded, TransientError,
+)
+# Seconds a stage needs at least; a request whose deadline is nearer ends before it starts.
+MIN_STAGE_S = {Stage.ROUTER: 0.0, Stage.RETRIEVAL: 0.05, Stage.GENERATION: 0.5,
+               Stage.VALIDATION: 0.0}
+
+
+class StageTask(Task):  # type: ignore[misc]
+    """Base of the four stage tasks. Idempotent on (request, stage, run, round)."""
+
+    acks_late = True
+    reject_on_worker_lost = True
+
+    def execute(self, stage: Stage, hop_data: dict[str, Any], compute: Compute) -> dict[str, Any]:
+        runtime = get_runtime()
+        key = runs.StageKey(Hop.model_validate(hop_data), stage)
+        owner = runs.LeaseOwner(socket.gethostname(), os.getpid(), self.request.id or "direct")
+        with session_scope(runtime.settings.database_url) as session:
+            claim = runs.claim(session, key, owner, runtime.settings.lease_s)
+        if claim.state == runs.ClaimState.DONE:
+            return self._forward(runtime, key, hop_data)
+        if claim.state != runs.ClaimState.CLAIMED:
+            raise Ignore()  # another live delivery computes, or nothing is left
+        try:
+            self._run_claimed(runtime, key, owner, claim, compute)
+        except runs.LeaseLost:
+            log.warning("lease lost on %s %s; the other delivery commits", stage, key.hop)
+            raise Ignore() from None
+        except TRANSIENT_ERRORS as exc:
+            self._retry_or_fail(runtime, key, owner, claim, exc)
+        except Exception as exc:  # permanent: a bug or bad state must not loop forever
+            log.exception("%s failed permanently on shard %s", stage, key.hop.shard_id)
+            self._fail_claimed(runtime, key, owner, claim, exc)
+        return hop_data
+
+    def _forward(self, runtime: Runtime, key: runs.StageKey, hop_data: dict[str, Any]) -> dict[str, Any]:
+        """A redelivery of a committed stage: pass the recorded output on, compute nothing."""
+        with session_scope(runtime.settings.database_url) as session:
+            waiting = runs.next_stage_waiting(session, key)
+        if not waiting:
+            raise Ignore()
+        return hop_data
+
+    def _run_claimed(self, runtime: Runtime, key: runs.StageKey, owner: runs.LeaseOwner,
+                     claim: runs.Claim, compute: Compute) -> None:
+        settings = runtime.settings
+        ids = list(claim.row_ids)
+        with session_scope(settings.database_url) as session:
+            states = runs.request_states(session, ids)
+            records = runs.load_records(session, ids, key)
+        served = runtime.served_versions(key.stage)
+        decided, events = _decide_before_stage(key.stage, states, claim.deliveries, served,
+                                               settings.max_deliveries)
+        active = [r for r in records if r.request_id not in decided]
+        started = time.monotonic()
+        results: list[ItemResult] = []
+        if active:
+            budget = _budget_s([states[r.request_id].deadline_at for r in active])
+            with _lease_heartbeat(settings.database_url, list(claim.row_ids.values()), owner,
+                                  settings.lease_s):
+                results, stage_events = compute(runtime, active, budget)
+            events += stage_events
+        work = runs.StageCommit(key, owner, claim.row_ids, list(decided.values()) + results,
+                                events, served.model_dump(), time.monotonic() - started)
+        with session_scope(settings.database_url) as session:
+            runs.commit(session, work)
+
+    def _retry_or_fail(self, runtime: Runtime, key: runs.StageKey, owner: runs.LeaseOwner,
+                       claim: runs.Claim, exc: BaseException) -> None:
+        settings = runtime.settings
+        if self.request.retries >= settings.max_retries:
+            self._fail_claimed(runtime, key, owner, claim, exc)
+            return
+        with session_scope(settings.database_url) as session:
+            runs.release(session, list(claim.row_ids.values()), owner)
+        ceiling = min(settings.retry_backoff_max_s, 2.0 ** self.request.retries)
+        raise self.retry(exc=exc, countdown=random.uniform(0, ceiling),
+                         max_retries=settings.max_retries)
+
+    def _fail_claimed(self, runtime: Runtime, key: runs.StageKey, owner: runs.LeaseOwner,
+                      claim: runs.Claim, exc: BaseException) -> None:
+        """End every claimed item as failed at this stage, with the error's class and text."""
+        outcome = Outcome(status=Status.FAILED, error_class=type(exc).__name__,
+                          message=str(exc)[:2000] or type(exc).__name__)
+        results = [ItemResult(request_id=rid, output={"error": outcome.model_dump()},
+                              outcome=outcome) for rid in claim.row_ids]
+        events = [AuditRecord(request_id=rid, kind=EventKind.STAGE_FAILED,
+                              payload=outcome.model_dump(mode="json")) for rid in claim.row_ids]
+        work = runs.StageCommit(key, owner, claim.row_ids, results, events, {}, 0.0)
+        with session_scope(runtime.settings.database_url) as session:
+            runs.commit(session, work)
+
+
+def _decide_before_stage(stage: Stage, states: dict[str, runs.RequestState],
+                         deliveries: dict[str, int], served: VersionTuple,
+                         max_deliveries: int) -> tuple[dict[str, ItemResult], list[AuditRecord]]:
+    """Outcomes settled without running the stage, and the drift events of `follow`."""
+    decided: dict[str, ItemResult] = {}
+    events: list[AuditRecord] = []
+    now = utcnow()
+    for rid, state in states.items():
+        result, event = _gate_one(stage, rid, state, deliveries[rid], served, max_deliveries, now)
+        if result is not None:
+            decided[rid] = result
+        if event is not None:
+            events.append(event)
+    return decided, events
+
+
+def _gate_one(stage: Stage, rid: str, state: runs.RequestState, deliveries: int,
+              served: VersionTuple, max_deliveries: int,
+              now: datetime) -> tuple[ItemResult | None, AuditRecord | None]:
+    if state.status.is_terminal:
+        return ItemResult(request_id=rid, output={"skipped": state.status.value},
+                          untouched=True), None
+    if deliveries > max_deliveries:
+        return _ended(rid, Status.FAILED, "PoisonMessage",
+                      f"delivered {deliveries} times, more than {max_deliveries}",
+                      EventKind.POISON_MESSAGE)
+    deadline = as_utc(state.deadline_at)
+    if deadline is not None and (deadline - now).total_seconds() < MIN_STAGE_S[stage]:
+        return _ended(rid, Status.FAILED, "DeadlineExceeded",
+                      f"deadline {deadline.isoformat()} leaves no time for {stage}",
+                      EventKind.DEADLINE_EXCEEDED)
+    drift = VersionTuple.model_validate(state.pinned_versions).drift(served, stage)
+    if not drift:
+        return None, None
+    detail = {name: {"pinned": pinned, "served": now_} for name, (pinned, now_) in drift.items()}
+    if state.drift_policy == DriftPolicy.STRICT:
+        return _ended(rid, Status.FAILED, "VersionDrift",
+                      f"strict pin differs from what serves {stage}: {detail}", EventKind.DRIFT,
+                      {"policy": "strict", "components": detail})
+    return None, AuditRecord(request_id=rid, kind=EventKind.DRIFT,
+                             payload={"policy": "follow", "components": detail})
+
+
+def _ended(rid: str, status: Status, error_class: str, message: str, kind: EventKind,
+           payload: dict[str, Any] | None = None) -> tuple[ItemResult, AuditRecord]:
+    outcome = Outcome(status=status, error_class=error_class, message=message)
+    event = AuditRecord(request_id=rid, kind=kind,
+                        payload=payload or outcome.model_dump(mode="json"))
+    return ItemResult(request_id=rid, output={"ended": outcome.model_dump()},
+                      outcome=outcome), event
+
+
+def _budget_s(deadlines: list[datetime | None]) -> float | None:
+    known = [as_utc(d) for d in deadlines if d is not None]
+    if not known:
+        return None
+    return max(0.0, (min(d for d in known if d) - utcnow()).total_seconds())
+
+
+@contextmanager
+def _lease_heartbeat(url: str, row_ids: list[int], owner: runs.LeaseOwner,
+                     lease_s: float) -> Iterator[None]:
+    """Renew the lease every third of its length while the stage computes."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(lease_s / 3):
+            try:
+                with session_scope(url) as session:
+                    runs.renew_lease(session, row_ids, owner, lease_s)
+            except Exception:  # a missed beat only shortens the lease; commit re-checks it
+                log.warning("lease renewal failed for %s", owner, exc_info=True)
+
+    thread = threading.Thread(target=beat, name="lease-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=lease_s)
+

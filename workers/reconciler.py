@@ -1,0 +1,91 @@
+"""The store, not the broker, is the source of truth: re-drive shards that stopped moving.
+
+A stage run whose lease expired (its worker was killed) or that has waited unclaimed for
+longer than `stall_s` is put back on its queue from that stage. Duplicate messages are
+harmless: claims let one delivery compute and the others forward or stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from schemas.stages import Hop
+from schemas.status import Lane, Stage, StageRunStatus
+from workers.settings import Settings
+from workers.store.admission import Dispatch
+from workers.store.engine import session_scope
+from workers.store.models import Shard, StageRun
+from workers.store.timeutil import utcnow
+
+log = logging.getLogger("sluice.reconciler")
+
+
+@dataclass(frozen=True)
+class Redrive:
+    dispatch: Dispatch
+    reason: str
+
+
+def find_and_reset(session: Session, stall_s: float) -> list[Redrive]:
+    """Stalled stage runs, reset to pending with a fresh clock, one re-drive per shard stage."""
+    now = utcnow()
+    expired = (StageRun.status == StageRunStatus.RUNNING.value) & (StageRun.lease_expires_at < now)
+    stalled = (StageRun.status == StageRunStatus.PENDING.value) & (
+        StageRun.created_at < now - timedelta(seconds=stall_s))
+    rows = session.execute(
+        select(StageRun.id, StageRun.shard_id, StageRun.stage, StageRun.run, StageRun.round,
+               StageRun.status, Shard.lane)
+        .join(Shard, Shard.id == StageRun.shard_id).where(expired | stalled)).all()
+    if not rows:
+        return []
+    session.execute(update(StageRun).where(StageRun.id.in_([r.id for r in rows]))
+                    .values(status=StageRunStatus.PENDING.value, lease_owner=None,
+                            lease_expires_at=None, created_at=now)
+                    .execution_options(synchronize_session=False))
+    seen: dict[tuple[str, str, int, int], Redrive] = {}
+    for r in rows:
+        reason = "lease expired" if r.status == StageRunStatus.RUNNING.value else "stalled"
+        hop = Hop(shard_id=r.shard_id, run=r.run, round=r.round)
+        seen.setdefault((r.shard_id, r.stage, r.run, r.round),
+                        Redrive(Dispatch(hop, Stage(r.stage), Lane(r.lane)), reason))
+    return list(seen.values())
+
+
+def reconcile_once(settings: Settings) -> list[Redrive]:
+    from workers.dispatch import enqueue
+
+    with session_scope(settings.database_url) as session:
+        redrives = find_and_reset(session, settings.stall_s)
+    for redrive in redrives:
+        log.warning("re-driving %s of shard %s (%s)", redrive.dispatch.stage,
+                    redrive.dispatch.hop.shard_id, redrive.reason)
+        enqueue(redrive.dispatch)
+    return redrives
+
+
+class ReconcilerThread(threading.Thread):
+    """Runs `reconcile_once` every `reconcile_interval_s` until stopped."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(name="sluice-reconciler", daemon=True)
+        self.settings = settings
+        self.stopped = threading.Event()
+        self.redriven = 0
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.settings.reconcile_interval_s):
+            try:
+                self.redriven += len(reconcile_once(self.settings))
+            except Exception:
+                log.exception("reconcile pass failed; next pass in %ss",
+                              self.settings.reconcile_interval_s)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.join(timeout=10)

@@ -1,0 +1,110 @@
+"""What one worker process holds warm: rules, tokenizer, retriever, generator.
+
+Everything loads on first use (`warm_up`), never at import or in `worker_process_init`,
+which Celery kills when it blocks for more than a few seconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from schemas.status import Stage
+from schemas.versions import VersionTuple
+from tasks.embedding import Embedder
+from tasks.generation import Generator, HFGenerator, NullGenerator, PromptSet
+from tasks.retrieval import Retriever
+from tasks.router import RouterRules
+from workers.settings import Settings
+from workers.store.engine import session_scope
+from workers.store.models import IndexVersion
+from workers.versions import current_versions, decoding_policy
+
+NO_INDEX = "index-none"
+
+
+class NoActiveIndex(RuntimeError):
+    """Retrieval was asked to run before any index was built and activated."""
+
+
+class Runtime:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._rules: RouterRules | None = None
+        self._count_tokens: Callable[[str], int] | None = None
+        self._retriever: Retriever | None = None
+        self._generator: Generator | None = None
+        self._embedder: Embedder | None = None
+        self._versions: dict[str, VersionTuple] = {}
+
+    def rules(self) -> RouterRules:
+        if self._rules is None:
+            self._rules = RouterRules.load()
+        return self._rules
+
+    def count_tokens(self, text: str) -> int:
+        if self._count_tokens is None:
+            self._count_tokens = self._token_counter()
+        return self._count_tokens(text)
+
+    def _token_counter(self) -> Callable[[str], int]:
+        if self.settings.generator_backend == "null":
+            return lambda text: len(text.split())
+        from transformers import AutoTokenizer
+
+        tokenizer: Any = AutoTokenizer.from_pretrained(self.settings.generator_model)
+        return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def retriever(self) -> Retriever:
+        """The retriever over the active index; a newly activated index is picked up here."""
+        active = active_index(self.settings)
+        if active is None:
+            raise NoActiveIndex("no active index: run `sluice index build` first")
+        if self._retriever is None or self._retriever.index_id != active.id:
+            if self._embedder is None:
+                self._embedder = Embedder(self.settings.embedder_model)
+            self._retriever = Retriever(self._embedder, Path(active.path), active.id)
+            self._retriever.warm_up()
+        return self._retriever
+
+    def generator(self) -> Generator:
+        if self._generator is None:
+            prompts = PromptSet.load()
+            if self.settings.generator_backend == "null":
+                self._generator = NullGenerator(prompts)
+            else:
+                self._generator = HFGenerator(self.settings.generator_model,
+                                              decoding_policy(self.settings), prompts,
+                                              torch_threads=self.settings.torch_threads)
+            self._generator.warm_up()
+        return self._generator
+
+    def served_versions(self, stage: Stage) -> VersionTuple:
+        if stage == Stage.RETRIEVAL:
+            index_id = self.retriever().index_id
+        else:
+            active = active_index(self.settings)
+            index_id = active.id if active else NO_INDEX
+        if index_id not in self._versions:
+            self._versions[index_id] = current_versions(self.settings, index_id)
+        return self._versions[index_id]
+
+
+def active_index(settings: Settings) -> IndexVersion | None:
+    with session_scope(settings.database_url) as session:
+        return session.scalar(select(IndexVersion).where(IndexVersion.active.is_(True)))
+
+
+def pinned_versions_now(settings: Settings) -> VersionTuple:
+    """The tuple admission pins: current files and settings plus the active index."""
+    active = active_index(settings)
+    return current_versions(settings, active.id if active else NO_INDEX)
+
+
+@cache
+def get_runtime() -> Runtime:
+    return Runtime(Settings())

@@ -1,0 +1,155 @@
+"""Admission: persist requests with pinned versions and cut them into shards (no Celery)."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import func, insert, select
+from sqlalchemy.orm import Session
+
+from schemas.events import EventKind
+from schemas.requests import MalformedLine, RequestLine
+from schemas.stages import Hop
+from schemas.status import DriftPolicy, Lane, Stage, StageRunStatus, Status
+from schemas.versions import VersionTuple
+from workers.store.models import AuditEvent, Job, Request, Shard, StageRun, Tenant
+from workers.store.timeutil import utcnow
+
+
+class AdmissionError(ValueError):
+    """A request the boundary refuses to admit (reused idempotency key, unknown job...)."""
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """A shard to put on the queues, from `stage` on, in `lane`."""
+
+    hop: Hop
+    stage: Stage
+    lane: Lane
+
+
+@dataclass(frozen=True)
+class AdmittedJob:
+    job_id: str
+    created: bool
+    dispatches: list[Dispatch]
+    malformed: list[MalformedLine]
+
+
+def job_id_for(content: bytes) -> str:
+    return "job-" + hashlib.sha256(content).hexdigest()[:16]
+
+
+def request_id_for(scope: str, custom_id: str) -> str:
+    return "req-" + hashlib.sha256(f"{scope}\x00{custom_id}".encode()).hexdigest()[:20]
+
+
+def admit_job(session: Session, *, name: str, content: bytes, lines: list[RequestLine],
+              malformed: list[MalformedLine], line_numbers: list[int], versions: VersionTuple,
+              drift_policy: DriftPolicy, shard_size: int, lane: Lane = Lane.BATCH) -> AdmittedJob:
+    """Admit a job file once; admitting the same content again resumes it instead."""
+    job_id = job_id_for(content)
+    if session.get(Job, job_id) is not None:
+        return AdmittedJob(job_id, False, resume_dispatches(session, job_id), malformed)
+    session.add(Job(id=job_id, name=name, input_sha256=job_id[4:], lane=lane.value,
+                    total_lines=len(lines) + len(malformed),
+                    malformed=[m.model_dump() for m in malformed]))
+    session.flush()
+    requests = [_new_request(line, request_id_for(job_id, line.custom_id), versions,
+                             drift_policy, lane, job_id, line_no)
+                for line, line_no in zip(lines, line_numbers)]
+    dispatches = _persist(session, requests, job_id, lane, shard_size)
+    return AdmittedJob(job_id, True, dispatches, malformed)
+
+
+def admit_one(session: Session, line: RequestLine, versions: VersionTuple,
+              drift_policy: DriftPolicy, lane: Lane = Lane.ONLINE) -> tuple[str, list[Dispatch]]:
+    """Admit one upstream request as a shard of one; a repeated idempotency key returns the
+    first request's id and enqueues nothing."""
+    if line.idempotency_key:
+        existing = session.scalar(select(Request.id).where(
+            Request.tenant_id == line.tenant, Request.idempotency_key == line.idempotency_key))
+        if existing:
+            return existing, []
+    scope = line.idempotency_key or uuid.uuid4().hex
+    request = _new_request(line, request_id_for(f"{line.tenant}:{scope}", line.custom_id),
+                           versions, drift_policy, lane, None, None)
+    return request.id, _persist(session, [request], None, lane, 1)
+
+
+def _new_request(line: RequestLine, request_id: str, versions: VersionTuple,
+                 drift_policy: DriftPolicy, lane: Lane, job_id: str | None,
+                 line_no: int | None) -> Request:
+    now = utcnow()
+    deadline = now + timedelta(seconds=line.deadline_s) if line.deadline_s else None
+    return Request(id=request_id, job_id=job_id, line_no=line_no, custom_id=line.custom_id,
+                   tenant_id=line.tenant, grants=line.grants, kind=line.request.kind,
+                   payload=line.request.model_dump(), lane=lane.value, status=Status.QUEUED.value,
+                   run=0, pinned_versions=versions.model_dump(), drift_policy=drift_policy.value,
+                   deadline_at=deadline, idempotency_key=line.idempotency_key, citations=[],
+                   created_at=now, admitted_at=now)
+
+
+def _persist(session: Session, requests: list[Request], job_id: str | None, lane: Lane,
+             shard_size: int) -> list[Dispatch]:
+    _ensure_tenants(session, {r.tenant_id for r in requests})
+    session.add_all(requests)
+    session.flush()
+    session.execute(insert(AuditEvent), [
+        {"request_id": r.id, "stage": None, "run": 0, "round": 0, "kind": EventKind.ADMITTED,
+         "payload": {"job_id": job_id, "versions": r.pinned_versions,
+                     "drift_policy": r.drift_policy, "lane": lane.value}}
+        for r in requests])
+    dispatches = []
+    for start in range(0, len(requests), shard_size):
+        members = [r.id for r in requests[start:start + shard_size]]
+        shard_id = new_shard(session, members, job_id, run=0, lane=lane, stage=Stage.ROUTER,
+                             index=start // shard_size)
+        dispatches.append(Dispatch(Hop(shard_id=shard_id, run=0), Stage.ROUTER, lane))
+    return dispatches
+
+
+def new_shard(session: Session, request_ids: list[str], job_id: str | None, *, run: int,
+              lane: Lane, stage: Stage, index: int = 0) -> str:
+    """A shard and its first stage's pending rows."""
+    seed = f"{job_id}:{run}:{index}:{','.join(request_ids)}"
+    shard_id = "shd-" + hashlib.sha256(seed.encode()).hexdigest()[:20]
+    session.add(Shard(id=shard_id, job_id=job_id, run=run, lane=lane.value,
+                      start_stage=stage.value, request_ids=request_ids))
+    session.flush()
+    now = utcnow()
+    session.execute(insert(StageRun), [
+        {"request_id": rid, "shard_id": shard_id, "stage": stage.value, "run": run, "round": 0,
+         "status": StageRunStatus.PENDING.value, "deliveries": 0, "created_at": now}
+        for rid in request_ids])
+    return shard_id
+
+
+def _ensure_tenants(session: Session, tenants: set[str]) -> None:
+    known = set(session.scalars(select(Tenant.id).where(Tenant.id.in_(tenants))))
+    session.add_all(Tenant(id=t) for t in sorted(tenants - known))
+    session.flush()
+
+
+def resume_dispatches(session: Session, job_id: str) -> list[Dispatch]:
+    """For every shard with unfinished requests, the stage its chain must restart from."""
+    rows = session.execute(
+        select(StageRun.shard_id, StageRun.stage, StageRun.run, StageRun.round, Shard.lane)
+        .join(Shard, Shard.id == StageRun.shard_id)
+        .join(Request, Request.id == StageRun.request_id)
+        .where(Shard.job_id == job_id, StageRun.status != StageRunStatus.DONE.value,
+               Request.status.in_([Status.QUEUED.value, Status.RUNNING.value]))
+        .group_by(StageRun.shard_id, StageRun.stage, StageRun.run, StageRun.round, Shard.lane)
+    ).all()
+    return [Dispatch(Hop(shard_id=r.shard_id, run=r.run, round=r.round), Stage(r.stage),
+                     Lane(r.lane)) for r in rows]
+
+
+def job_counts(session: Session, job_id: str) -> dict[str, int]:
+    rows = session.execute(select(Request.status, func.count()).where(Request.job_id == job_id)
+                           .group_by(Request.status)).all()
+    return {status: int(count) for status, count in rows}

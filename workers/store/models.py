@@ -1,0 +1,192 @@
+"""The audit store's tables (SQLAlchemy 2). Postgres in production, SQLite embedded."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+Timestamp = DateTime(timezone=True)
+# SQLite only autoincrements INTEGER primary keys; Postgres gets BIGINT.
+AutoId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+
+
+class Job(Base):
+    """A batch: one job file, admitted once and resumed by its content hash."""
+
+    __tablename__ = "jobs"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(512))
+    input_sha256: Mapped[str] = mapped_column(String(64))
+    lane: Mapped[str] = mapped_column(String(16))
+    total_lines: Mapped[int] = mapped_column(Integer)
+    malformed: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+    cancelled_at: Mapped[datetime | None] = mapped_column(Timestamp)
+
+
+class Request(Base):
+    """One request with its pinned versions and, once terminal, its outcome."""
+
+    __tablename__ = "requests"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "idempotency_key", name="uq_requests_tenant_idempotency"),
+        Index("ix_requests_job_status", "job_id", "status"),
+    )
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"))
+    line_no: Mapped[int | None] = mapped_column(Integer)
+    custom_id: Mapped[str] = mapped_column(String(128))
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    grants: Mapped[list[Any]] = mapped_column(JSON)
+    kind: Mapped[str] = mapped_column(String(32))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    lane: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(32), index=True)
+    run: Mapped[int] = mapped_column(Integer, default=0)
+    pinned_versions: Mapped[dict[str, Any]] = mapped_column(JSON)
+    drift_policy: Mapped[str] = mapped_column(String(16))
+    deadline_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    idempotency_key: Mapped[str | None] = mapped_column(String(256))
+    error_class: Mapped[str | None] = mapped_column(String(128))
+    error_stage: Mapped[str | None] = mapped_column(String(32))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    output: Mapped[str | None] = mapped_column(Text)
+    citations: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+    admitted_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(Timestamp)
+
+
+class Shard(Base):
+    """Requests that travel one chain together for one run."""
+
+    __tablename__ = "shards"
+    id: Mapped[str] = mapped_column(String(48), primary_key=True)
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"), index=True)
+    run: Mapped[int] = mapped_column(Integer)
+    lane: Mapped[str] = mapped_column(String(16))
+    start_stage: Mapped[str] = mapped_column(String(32))
+    request_ids: Mapped[list[Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+
+
+class StageRun(Base):
+    """One stage of one request for one (run, round): claimed under a lease, then done."""
+
+    __tablename__ = "stage_runs"
+    __table_args__ = (
+        UniqueConstraint("request_id", "stage", "run", "round", name="uq_stage_runs_key"),
+        Index("ix_stage_runs_shard", "shard_id", "stage", "run", "round"),
+        Index("ix_stage_runs_status_lease", "status", "lease_expires_at"),
+    )
+    id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(ForeignKey("requests.id"))
+    shard_id: Mapped[str] = mapped_column(ForeignKey("shards.id"))
+    stage: Mapped[str] = mapped_column(String(32))
+    run: Mapped[int] = mapped_column(Integer)
+    round: Mapped[int] = mapped_column(Integer, default=0)
+    status: Mapped[str] = mapped_column(String(16))
+    deliveries: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(256))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    finished_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    duration_s: Mapped[float | None] = mapped_column(Float)
+    served_versions: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    outcome_status: Mapped[str | None] = mapped_column(String(32))
+    error_class: Mapped[str | None] = mapped_column(String(128))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    output: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class AuditEvent(Base):
+    """Append-only: data reads, model calls, route decisions, verdicts, drift, replays."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (Index("ix_audit_events_request", "request_id", "id"),)
+    id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(ForeignKey("requests.id"))
+    stage: Mapped[str | None] = mapped_column(String(32))
+    run: Mapped[int] = mapped_column(Integer, default=0)
+    round: Mapped[int] = mapped_column(Integer, default=0)
+    kind: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+
+
+class Document(Base):
+    __tablename__ = "documents"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    path: Mapped[str] = mapped_column(String(1024))
+    title: Mapped[str] = mapped_column(String(512))
+    acl: Mapped[list[Any]] = mapped_column(JSON)
+    sha256: Mapped[str] = mapped_column(String(64))
+    retired: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+
+
+class Chunk(Base):
+    __tablename__ = "chunks"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    document_id: Mapped[str] = mapped_column(ForeignKey("documents.id"), index=True)
+    tenant_id: Mapped[str] = mapped_column(String(128), index=True)
+    ordinal: Mapped[int] = mapped_column(Integer)
+    text: Mapped[str] = mapped_column(Text)
+    acl: Mapped[list[Any]] = mapped_column(JSON)
+
+
+class IndexVersion(Base):
+    """A FAISS index built from the chunk table, named by its content hash."""
+
+    __tablename__ = "index_versions"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    path: Mapped[str] = mapped_column(String(1024))
+    embedder: Mapped[str] = mapped_column(String(256))
+    chunk_count: Mapped[int] = mapped_column(Integer)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    active: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)

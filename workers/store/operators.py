@@ -1,0 +1,126 @@
+"""What operators read and do: failures, audit trails, replays, cancels, job exports."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.orm import Session
+
+from schemas.events import EventKind
+from schemas.status import DriftPolicy, Lane, Stage, StageRunStatus, Status
+from schemas.versions import VersionTuple
+from workers.store.admission import AdmissionError, Dispatch, new_shard
+from workers.store.models import AuditEvent, Job, Request, StageRun
+from workers.store.timeutil import as_utc, utcnow
+from schemas.stages import Hop
+
+ACTIVE = (Status.QUEUED.value, Status.RUNNING.value)
+
+
+def failed_requests(session: Session, job_id: str | None = None, limit: int = 100) -> list[Request]:
+    query = select(Request).where(Request.status == Status.FAILED.value)
+    if job_id:
+        query = query.where(Request.job_id == job_id)
+    return list(session.scalars(query.order_by(Request.finished_at.desc()).limit(limit)))
+
+
+def audit_trail(session: Session, request_id: str) -> dict[str, Any]:
+    """A request, its stage runs and its events, oldest first."""
+    request = session.get(Request, request_id)
+    if request is None:
+        raise AdmissionError(f"no request with id {request_id!r}")
+    stage_rows = session.scalars(select(StageRun).where(StageRun.request_id == request_id)
+                                 .order_by(StageRun.run, StageRun.round, StageRun.id)).all()
+    events = session.scalars(select(AuditEvent).where(AuditEvent.request_id == request_id)
+                             .order_by(AuditEvent.id)).all()
+    return {"request": request, "stage_runs": list(stage_rows), "events": list(events)}
+
+
+def cancel_job(session: Session, job_id: str) -> int:
+    """Stop a job's remaining work: every unfinished request ends as failed/Cancelled."""
+    job = session.get(Job, job_id)
+    if job is None:
+        raise AdmissionError(f"no job with id {job_id!r}")
+    now = utcnow()
+    job.cancelled_at = now
+    ids = list(session.scalars(select(Request.id).where(Request.job_id == job_id,
+                                                        Request.status.in_(ACTIVE))))
+    if not ids:
+        return 0
+    session.execute(update(Request).where(Request.id.in_(ids)).values(
+        status=Status.FAILED.value, error_class="Cancelled", error_stage=None,
+        error_message=f"job {job_id} was cancelled", finished_at=now)
+        .execution_options(synchronize_session=False))
+    session.execute(insert(AuditEvent), [
+        {"request_id": rid, "stage": None, "run": 0, "round": 0, "kind": EventKind.CANCELLED,
+         "payload": {"job_id": job_id}, "created_at": now} for rid in ids])
+    return len(ids)
+
+
+def replay(session: Session, request_id: str, from_stage: Stage, current: VersionTuple,
+           follow_current_versions: bool) -> Dispatch:
+    """A new run of one request from `from_stage`, reusing earlier stages' recorded outputs.
+    Replays are `strict` on their pin unless told to follow the current versions."""
+    request = session.get(Request, request_id)
+    if request is None:
+        raise AdmissionError(f"no request with id {request_id!r}")
+    if request.status in ACTIVE:
+        raise AdmissionError(f"request {request_id} is still {request.status}; replay ends work")
+    previous_run, run = request.run, request.run + 1
+    _copy_earlier_stages(session, request_id, previous_run, run, from_stage)
+    policy = DriftPolicy.FOLLOW if follow_current_versions else DriftPolicy.STRICT
+    if follow_current_versions:
+        request.pinned_versions = current.model_dump()
+    request.run, request.status, request.drift_policy = run, Status.QUEUED.value, policy.value
+    request.error_class = request.error_stage = request.error_message = request.output = None
+    request.finished_at, request.citations, request.admitted_at = None, [], utcnow()
+    if request.deadline_at is not None and as_utc(request.deadline_at) < utcnow():
+        request.deadline_at = utcnow() + timedelta(hours=1)
+    session.add(AuditEvent(request_id=request_id, stage=from_stage.value, run=run, round=0,
+                           kind=EventKind.REPLAY, payload={
+                               "from_stage": from_stage.value, "previous_run": previous_run,
+                               "drift_policy": policy.value,
+                               "pinned_versions": request.pinned_versions}))
+    shard_id = _replay_shard(session, request, run, from_stage)
+    return Dispatch(Hop(shard_id=shard_id, run=run), from_stage, Lane.ONLINE)
+
+
+def _replay_shard(session: Session, request: Request, run: int, from_stage: Stage) -> str:
+    shard_id = new_shard(session, [request.id], request.job_id, run=run, lane=Lane.ONLINE,
+                         stage=from_stage, index=run)
+    session.execute(update(StageRun).where(StageRun.request_id == request.id,
+                                           StageRun.run == run)
+                    .values(shard_id=shard_id).execution_options(synchronize_session=False))
+    return shard_id
+
+
+def _copy_earlier_stages(session: Session, request_id: str, previous_run: int, run: int,
+                         from_stage: Stage) -> None:
+    earlier = [s.value for s in Stage][: list(Stage).index(from_stage)]
+    rows = session.scalars(select(StageRun).where(
+        StageRun.request_id == request_id, StageRun.run == previous_run,
+        StageRun.stage.in_(earlier), StageRun.status == StageRunStatus.DONE.value)).all()
+    found = {r.stage for r in rows}
+    missing = [s for s in earlier if s not in found]
+    if missing:
+        raise AdmissionError(f"cannot replay from {from_stage}: run {previous_run} has no "
+                             f"recorded output for {missing}")
+    now = utcnow()
+    for row in rows:
+        session.add(StageRun(request_id=request_id, shard_id=row.shard_id, stage=row.stage,
+                             run=run, round=0, status=StageRunStatus.DONE.value, deliveries=0,
+                             created_at=now, finished_at=now, duration_s=0.0,
+                             served_versions=row.served_versions, output=row.output))
+    session.flush()
+
+
+def job_requests(session: Session, job_id: str) -> list[Request]:
+    return list(session.scalars(select(Request).where(Request.job_id == job_id)
+                                .order_by(Request.line_no)))
+
+
+def unfinished(session: Session, job_id: str) -> int:
+    return len(session.scalars(select(Request.id).where(Request.job_id == job_id,
+                                                        Request.status.in_(ACTIVE))).all())

@@ -1,0 +1,254 @@
+"""Claims, leases and commits of stage runs: exactly-once effects over at-least-once delivery."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.orm import Session
+
+from schemas.stages import AuditRecord, Hop, ItemRecord, ItemResult
+from schemas.status import Stage, StageRunStatus, Status
+from workers.store.models import AuditEvent, Job, Request, StageRun
+from workers.store.timeutil import utcnow
+
+RUNNING = StageRunStatus.RUNNING.value
+PENDING = StageRunStatus.PENDING.value
+DONE = StageRunStatus.DONE.value
+
+
+class LeaseLost(RuntimeError):
+    """Another delivery took this stage run over; this one must not commit."""
+
+
+class ClaimState(StrEnum):
+    CLAIMED = "claimed"  # this delivery computes
+    BUSY = "busy"  # another live delivery holds the lease
+    DONE = "done"  # already committed: forward, do not recompute
+    EMPTY = "empty"  # no rows: every item ended earlier
+
+
+@dataclass(frozen=True)
+class StageKey:
+    hop: Hop
+    stage: Stage
+
+    def where(self) -> list[Any]:
+        return [StageRun.shard_id == self.hop.shard_id, StageRun.stage == self.stage.value,
+                StageRun.run == self.hop.run, StageRun.round == self.hop.round]
+
+
+@dataclass(frozen=True)
+class Claim:
+    state: ClaimState
+    row_ids: dict[str, int] = field(default_factory=dict)  # request id -> stage run id
+    deliveries: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LeaseOwner:
+    """host:pid:task: a lease held by a process that no longer exists may be taken over."""
+
+    host: str
+    pid: int
+    task_id: str
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.pid}:{self.task_id}"
+
+    @classmethod
+    def parse(cls, raw: str) -> LeaseOwner | None:
+        parts = raw.split(":", 2)
+        if len(parts) != 3 or not parts[1].isdigit():
+            return None
+        return cls(parts[0], int(parts[1]), parts[2])
+
+
+def process_is_gone(pid: int) -> bool:
+    """True for a pid that does not exist or is a zombie awaiting its parent."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    status = Path(f"/proc/{pid}/status")
+    try:
+        return any(line.startswith("State:") and "Z" in line.split()[1]
+                   for line in status.read_text().splitlines())
+    except OSError:
+        return False
+
+
+def claim(session: Session, key: StageKey, owner: LeaseOwner, lease_s: float) -> Claim:
+    """Take the shard's rows for this stage under a lease, in one statement."""
+    now = utcnow()
+    claimable = (StageRun.status == PENDING) | (
+        (StageRun.status == RUNNING) & (StageRun.lease_expires_at < now))
+    dead = _dead_owners(session, key, owner.host)
+    if dead:
+        claimable = claimable | ((StageRun.status == RUNNING) & StageRun.lease_owner.in_(dead))
+    rows = session.execute(
+        update(StageRun).where(*key.where(), claimable)
+        .values(status=RUNNING, lease_owner=str(owner),
+                lease_expires_at=now + timedelta(seconds=lease_s),
+                deliveries=StageRun.deliveries + 1, started_at=now)
+        .returning(StageRun.id, StageRun.request_id, StageRun.deliveries)
+        .execution_options(synchronize_session=False)).all()
+    if rows:
+        return Claim(ClaimState.CLAIMED, {r.request_id: r.id for r in rows},
+                     {r.request_id: r.deliveries for r in rows})
+    statuses = set(session.scalars(select(StageRun.status).where(*key.where())))
+    if not statuses:
+        return Claim(ClaimState.EMPTY)
+    return Claim(ClaimState.BUSY if RUNNING in statuses else ClaimState.DONE)
+
+
+def _dead_owners(session: Session, key: StageKey, host: str) -> list[str]:
+    owners = session.scalars(select(StageRun.lease_owner).distinct()
+                             .where(*key.where(), StageRun.status == RUNNING))
+    dead = []
+    for raw in owners:
+        parsed = LeaseOwner.parse(raw or "")
+        if parsed and parsed.host == host and process_is_gone(parsed.pid):
+            dead.append(str(raw))
+    return dead
+
+
+def renew_lease(session: Session, row_ids: list[int], owner: LeaseOwner, lease_s: float) -> int:
+    result = session.execute(
+        update(StageRun).where(StageRun.id.in_(row_ids), StageRun.lease_owner == str(owner),
+                               StageRun.status == RUNNING)
+        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
+        .execution_options(synchronize_session=False))
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def release(session: Session, row_ids: list[int], owner: LeaseOwner) -> None:
+    """Give the rows back (before a retry) so the next delivery can claim them at once."""
+    session.execute(
+        update(StageRun).where(StageRun.id.in_(row_ids), StageRun.lease_owner == str(owner),
+                               StageRun.status == RUNNING)
+        .values(status=PENDING, lease_owner=None, lease_expires_at=None, created_at=utcnow())
+        .execution_options(synchronize_session=False))
+
+
+def load_records(session: Session, request_ids: list[str], key: StageKey) -> list[ItemRecord]:
+    """Active requests of the claim with every earlier stage's output for this run and round."""
+    requests = session.scalars(select(Request).where(Request.id.in_(request_ids))).all()
+    previous: dict[str, dict[str, dict[str, Any]]] = {rid: {} for rid in request_ids}
+    earlier = [s.value for s in Stage][: list(Stage).index(key.stage)]
+    if earlier:
+        for row in session.execute(select(StageRun.request_id, StageRun.stage, StageRun.output)
+                                   .where(StageRun.request_id.in_(request_ids),
+                                          StageRun.run == key.hop.run,
+                                          StageRun.stage.in_(earlier), StageRun.status == DONE,
+                                          StageRun.round <= key.hop.round)):
+            previous[row.request_id][row.stage] = row.output or {}
+    return [ItemRecord(request_id=r.id, tenant=r.tenant_id, grants=list(r.grants), kind=r.kind,
+                       payload=dict(r.payload), previous=previous[r.id]) for r in requests]
+
+
+@dataclass(frozen=True)
+class RequestState:
+    status: Status
+    pinned_versions: dict[str, Any]
+    drift_policy: str
+    deadline_at: datetime | None
+    cancelled: bool
+
+
+def request_states(session: Session, request_ids: list[str]) -> dict[str, RequestState]:
+    rows = session.execute(
+        select(Request.id, Request.status, Request.pinned_versions, Request.drift_policy,
+               Request.deadline_at, Job.cancelled_at)
+        .outerjoin(Job, Job.id == Request.job_id).where(Request.id.in_(request_ids))).all()
+    return {r.id: RequestState(Status(r.status), r.pinned_versions, r.drift_policy,
+                               r.deadline_at, r.cancelled_at is not None) for r in rows}
+
+
+@dataclass
+class StageCommit:
+    """Everything one delivery of a stage writes, in one transaction."""
+
+    key: StageKey
+    owner: LeaseOwner
+    row_ids: dict[str, int]
+    results: list[ItemResult]
+    events: list[AuditRecord]
+    served_versions: dict[str, Any]
+    duration_s: float
+
+
+def commit(session: Session, work: StageCommit) -> list[str]:
+    """Finish the claimed rows, end decided requests, append events, open the next stage.
+    Returns the request ids that go on to the next stage."""
+    _assert_lease(session, work)
+    now = utcnow()
+    session.execute(update(StageRun), [_finished_row(work, r, now) for r in work.results])
+    touched = [_request_row(work, r, now) for r in work.results if not r.untouched]
+    if touched:
+        session.execute(update(Request), touched)
+    if work.events:
+        session.execute(insert(AuditEvent), [
+            {"request_id": e.request_id, "stage": work.key.stage.value, "run": work.key.hop.run,
+             "round": work.key.hop.round, "kind": e.kind, "payload": e.payload, "created_at": now}
+            for e in work.events])
+    onward = [r.request_id for r in work.results if r.outcome is None and not r.untouched]
+    nxt = work.key.stage.next
+    if onward and nxt is not None:
+        session.execute(insert(StageRun), [
+            {"request_id": rid, "shard_id": work.key.hop.shard_id, "stage": nxt.value,
+             "run": work.key.hop.run, "round": work.key.hop.round, "status": PENDING,
+             "deliveries": 0, "created_at": now} for rid in onward])
+    return onward
+
+
+def _assert_lease(session: Session, work: StageCommit) -> None:
+    ids = list(work.row_ids.values())
+    held = session.scalars(select(StageRun.id).where(
+        StageRun.id.in_(ids), StageRun.lease_owner == str(work.owner), StageRun.status == RUNNING
+    ).with_for_update()).all()
+    if len(held) != len(ids):
+        raise LeaseLost(f"{work.key.stage} of shard {work.key.hop.shard_id}: lease held on "
+                        f"{len(held)} of {len(ids)} rows")
+
+
+def _finished_row(work: StageCommit, result: ItemResult, now: datetime) -> dict[str, Any]:
+    outcome = result.outcome
+    return {"id": work.row_ids[result.request_id], "status": DONE, "finished_at": now,
+            "duration_s": work.duration_s, "served_versions": work.served_versions,
+            "output": result.output, "lease_expires_at": None,
+            "outcome_status": outcome.status.value if outcome else None,
+            "error_class": outcome.error_class if outcome else None,
+            "error_message": outcome.message if outcome and outcome.error_class else None}
+
+
+def _request_row(work: StageCommit, result: ItemResult, now: datetime) -> dict[str, Any]:
+    row: dict[str, Any] = {"id": result.request_id, "status": Status.RUNNING.value}
+    if result.prompt_tokens or result.completion_tokens:
+        row |= {"prompt_tokens": result.prompt_tokens,
+                "completion_tokens": result.completion_tokens}
+    outcome = result.outcome
+    if outcome is None:
+        return row
+    return row | {"status": outcome.status.value, "finished_at": now,
+                  "error_class": outcome.error_class,
+                  "error_stage": work.key.stage.value if outcome.error_class else None,
+                  "error_message": outcome.message or None,
+                  "output": result.final_text, "citations": result.citations}
+
+
+def next_stage_waiting(session: Session, key: StageKey) -> bool:
+    """True when the next stage's rows exist and nobody has claimed them yet."""
+    nxt = key.stage.next
+    if nxt is None:
+        return False
+    next_key = StageKey(key.hop, nxt)
+    return session.scalar(select(StageRun.id).where(*next_key.where(), StageRun.status == PENDING)
+                          .limit(1)) is not None
