@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -49,15 +50,12 @@ class WorkerFleet:
 
 
 def worker_env(settings: Settings) -> dict[str, str]:
+    """This process's environment plus every setting, so workers see exactly these."""
     env = dict(os.environ)
-    env.update({"SLUICE_DATABASE_URL": settings.database_url,
-                "SLUICE_BROKER_URL": settings.broker_url,
-                "SLUICE_DATA_DIR": str(settings.data_dir),
-                "SLUICE_GENERATOR_MODEL": settings.generator_model,
-                "SLUICE_GENERATOR_BACKEND": settings.generator_backend,
-                "OMP_NUM_THREADS": str(settings.torch_threads),
-                "TOKENIZERS_PARALLELISM": "false",
-                "HF_HUB_OFFLINE": "1"})
+    for name, value in settings.model_dump(mode="json").items():
+        env[f"SLUICE_{name.upper()}"] = value if isinstance(value, str) else json.dumps(value)
+    env.update({"OMP_NUM_THREADS": str(settings.torch_threads),
+                "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"})
     return env
 
 

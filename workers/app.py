@@ -48,8 +48,11 @@ def _transport_options(settings: Settings) -> dict[str, object]:
     if settings.broker_url.startswith(EMBEDDED_BROKER_SCHEME):
         return {}  # forwarded to create_engine by kombu's SQLAlchemy transport
     # Above any stage's lifetime, prefetch wait included: leases, not this, recover work.
-    return {"visibility_timeout": settings.visibility_timeout_s,
-            "queue_order_strategy": "priority"}
+    options: dict[str, object] = {"visibility_timeout": settings.visibility_timeout_s,
+                                  "queue_order_strategy": "priority"}
+    if settings.broker_key_prefix:
+        options["global_keyprefix"] = settings.broker_key_prefix
+    return options
 
 
 def _limits(settings: Settings, stage: Stage) -> dict[str, float]:

@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".sluice")
     database_url: str = ""
     broker_url: str = ""
+    broker_key_prefix: str = ""  # Redis only: keeps several deployments (or tests) apart
     model_cache_dir: Path = Path.home() / ".cache" / "sluice" / "models"
     generator_backend: Literal["hf", "null"] = "hf"
     generator_model: str = ""

@@ -1,0 +1,480 @@
+"""Orchestration benchmark, NULL generator (benchmark only): queues, leases, audit writes.
+
+    .venv/bin/python ops/bench_orchestration.py [--items N] [--shard-sizes 1,32,64]
+                                                [--naive-items M]
+
+It measures what the orchestration costs, not what a model costs: generation uses the
+`null` backend (a fixed cited sentence), while the router, retrieval (real embedder, real
+FAISS index over the example corpus), validation, the stage-run leases and every audit
+write are the real ones. The numbers are items per second through:
+
+* the naive baseline: shard size 1, i.e. one Celery chain per item;
+* the four stage queues at each other shard size (shard 32 and 64 by default);
+* the in-process limit: the same admission and the same four stage tasks with the same
+  audit writes, called directly in this process in chain order, with no queue (shard 32).
+
+Everything it touches is its own and is removed at the end: a fresh Postgres database
+(sluice_bench_<random>), a unique Redis key prefix, a temporary data dir, four worker
+processes (one per stage queue, concurrency 1). Exit status: 0 when every measurement ran
+and every request ended terminal (goals met or not), 1 on any error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_HERE = Path(__file__).resolve().parent
+_ROOT = _HERE.parent
+# Run as a script, Python puts ops/ first on sys.path, where jobs.py, models.py... would
+# shadow top-level names; the repository root is what Sluice's imports expect.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_ROOT))
+
+TITLE = "Sluice orchestration benchmark -- NULL generator (benchmark only, not model throughput)"
+PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
+PG_URL = "postgresql://postgres@127.0.0.1:5432/{name}"
+REDIS_URL = "redis://127.0.0.1:6379/0"
+IN_PROCESS_SHARD = 32
+GOALS = (("shard32 / naive", 32, "naive", 20.0),
+         ("shard64 / naive", 64, "naive", 30.0),
+         ("shard32 / in-process", 32, "inproc", 0.7))
+
+# Answer questions over the example corpus; none trips a refuse rule of the router.
+QUESTIONS = [
+    "When does the on-call handoff happen?",
+    "What was the root cause of INC-2057?",
+    "How many days do I have to submit an expense report?",
+    "What p95 solve time triggers the RoutePlannerSolveLatencyHigh alert?",
+    "How do I roll back a bad deploy?",
+    "How long are database backups retained?",
+    "What caused the dispatch gateway certificate to expire in INC-2063?",
+    "How is fleet telemetry consumer lag detected and fixed?",
+    "What are the incident severity levels?",
+    "Who updates the status page during an incident?",
+    "How can a customer track a shipment?",
+    "What is the travel booking policy for flights?",
+    "How long is customer data retained?",
+    "What changes during peak season operations?",
+    "How do I reach the IT helpdesk?",
+    "What does the billing API runbook say about duplicate invoices?",
+    "How does the ETA notifier recover from a backlog?",
+    "What is checked before a deploy goes out?",
+    "Which team owns the customs docs service?",
+    "What should I do when the route planner is slow?",
+]
+PHRASINGS = ["{q}", "Quick question: {q}", "According to our docs, {q}", "Please answer: {q}"]
+
+
+class BenchError(RuntimeError):
+    """A measurement that did not complete as it must (timeout, dead worker, stuck items)."""
+
+
+@dataclass
+class Measurement:
+    label: str
+    shard_size: int
+    items: int
+    shards: int = 0
+    seconds: float = 0.0
+    counts: dict[str, int] = field(default_factory=dict)
+    stage_runs: int = 0
+    events: int = 0
+
+    @property
+    def rate(self) -> float:
+        return self.items / self.seconds if self.seconds > 0 else 0.0
+
+
+# -- environment, database, redis -------------------------------------------------------------
+
+
+def prepare_environment(db_name: str, prefix: str, data_dir: Path) -> str:
+    """SLUICE_* for this process and (through worker_env) its workers: before any import of
+    workers.app, which builds the Celery app from the settings at import time."""
+    url = PG_URL.format(name=db_name)
+    os.environ.update({
+        "SLUICE_ENVIRONMENT": "development",  # the null generator is refused in production
+        "SLUICE_GENERATOR_BACKEND": "null",
+        "SLUICE_DATA_DIR": str(data_dir),
+        "SLUICE_DATABASE_URL": url,
+        "SLUICE_BROKER_URL": REDIS_URL,
+        "SLUICE_BROKER_KEY_PREFIX": prefix,
+        # The same one thread per process the workers get from worker_env, so the in-process
+        # limit is not flattered by a multi-threaded embedder.
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+    })
+    os.environ.pop("SLUICE_SHARD_SIZE", None)  # set per measurement below
+    return url
+
+
+def create_database(name: str) -> None:
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+
+
+def drop_database(name: str, url: str) -> None:
+    import psycopg
+    from psycopg import sql
+
+    if "workers.store.engine" in sys.modules:
+        from workers.store.engine import get_engine
+
+        get_engine(url).dispose()
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
+                     .format(sql.Identifier(name)))
+
+
+def delete_redis_keys(prefix: str) -> int:
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        keys = list(client.scan_iter(match=prefix + "*", count=1000))
+        for start in range(0, len(keys), 500):
+            client.delete(*keys[start:start + 500])
+        return len(keys)
+    finally:
+        client.close()
+
+
+# -- job files ---------------------------------------------------------------------------------
+
+
+def write_job_file(folder: Path, tag: str, count: int) -> Path:
+    """`count` answer requests for tenant acme; `tag` makes the content (so the job id) new."""
+    path = folder / f"{tag}.jsonl"
+    lines = []
+    for i in range(count):
+        question = QUESTIONS[i % len(QUESTIONS)]
+        phrasing = PHRASINGS[(i // len(QUESTIONS)) % len(PHRASINGS)]
+        lines.append(json.dumps({
+            "custom_id": f"{tag}-{i:06d}", "tenant": "acme", "grants": ["public", "engineering"],
+            "request": {"kind": "answer", "question": phrasing.format(q=question)}}))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+# -- measurements --------------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, data_dir: Path) -> None:
+        from workers.settings import Settings
+
+        self.args = args
+        self.data_dir = data_dir
+        self.jobs_dir = data_dir / "jobs"
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self.settings = Settings()
+        self.fleet: Any = None
+        self.run_tag = secrets.token_hex(3)
+
+    # setup
+
+    def prepare_store(self) -> None:
+        from ops.corpus import build_index, ingest_tree
+        from workers.store.migrate import upgrade
+
+        started = time.perf_counter()
+        upgrade(self.settings.database_url)
+        report = ingest_tree(self.settings, self.settings.corpus_dir)
+        index_id, _ = build_index(self.settings)
+        say(f"store ready: {report.added} documents ingested, index {index_id} "
+            f"({time.perf_counter() - started:.1f}s)")
+
+    def start_workers(self) -> None:
+        from ops.embedded import WorkerFleet
+
+        self.fleet = WorkerFleet(self.settings, self.data_dir / "logs", concurrency=1)
+        self.fleet.start()
+        say(f"started {len(self.fleet.processes)} workers (concurrency 1 each): "
+            + ", ".join(f"{s.value}={p.pid}" for s, p in self.fleet.processes.items()))
+
+    def stop_workers(self) -> None:
+        if self.fleet is not None:
+            self.fleet.stop()
+            self.fleet = None
+
+    def warm_up(self) -> None:
+        started = time.perf_counter()
+        self.through_queues("warm-up (queues)", 4, 8, timeout_s=self.args.warmup_timeout_s)
+        self.in_process("warm-up (in-process)", 4, 4)
+        say(f"warmed up ({time.perf_counter() - started:.1f}s)")
+
+    # (a), (b): through the four queues
+
+    def through_queues(self, label: str, shard_size: int, items: int,
+                       timeout_s: float | None = None) -> Measurement:
+        from ops.jobs import submit_job, wait_for_job
+        from workers.settings import Settings
+
+        settings = Settings(shard_size=shard_size)  # admission cuts shards with this
+        path = write_job_file(self.jobs_dir, self._tag(label, shard_size), items)
+        started = time.perf_counter()
+        admitted = submit_job(settings, path)
+        done = wait_for_job(settings, admitted.job_id, self._check_workers,
+                            timeout_s=timeout_s or self.args.timeout_s, poll_s=self.args.poll_s)
+        seconds = time.perf_counter() - started
+        if not admitted.created:
+            raise BenchError(f"{label}: job {admitted.job_id} already existed")
+        if not done:
+            raise BenchError(f"{label}: not every request terminal after "
+                             f"{timeout_s or self.args.timeout_s:.0f}s: "
+                             f"{self._counts(admitted.job_id)}")
+        return self._finish(label, shard_size, items, len(admitted.dispatches), seconds,
+                            admitted.job_id)
+
+    def _check_workers(self, _done: int, _total: int) -> None:
+        for stage, process in (self.fleet.processes.items() if self.fleet else []):
+            if process.poll() is not None:
+                raise BenchError(f"the {stage.value} worker exited with {process.returncode}")
+
+    # (c): the same stage tasks, in this process, no queue
+
+    def in_process(self, label: str, shard_size: int, items: int) -> Measurement:
+        from celery.exceptions import Ignore
+
+        from ops.jobs import parse_job_file
+        from schemas.status import Lane, Stage
+        from tasks.queue_tasks import generate_shard, retrieve_shard, route_shard, validate_shard
+        from workers.runtime import pinned_versions_now
+        from workers.store.admission import admit_job
+        from workers.store.engine import session_scope
+
+        tasks = {Stage.ROUTER: route_shard, Stage.RETRIEVAL: retrieve_shard,
+                 Stage.GENERATION: generate_shard, Stage.VALIDATION: validate_shard}
+        settings = self.settings
+        path = write_job_file(self.jobs_dir, self._tag(label, shard_size), items)
+        started = time.perf_counter()
+        parsed = parse_job_file(path)
+        versions = pinned_versions_now(settings)
+        with session_scope(settings.database_url) as session:
+            admitted = admit_job(session, name=path.name, content=parsed.content,
+                                 lines=parsed.lines, malformed=parsed.malformed,
+                                 line_numbers=parsed.line_numbers, versions=versions,
+                                 drift_policy=settings.drift_policy, shard_size=shard_size,
+                                 lane=Lane.BATCH)
+        for dispatch in admitted.dispatches:
+            hop = dispatch.hop.model_dump()
+            for stage in list(Stage)[list(Stage).index(dispatch.stage):]:
+                try:
+                    # A direct call runs StageTask.execute in this process: the same claim,
+                    # lease, load, compute and commit as a worker, minus the broker.
+                    hop = tasks[stage](hop)
+                except Ignore:
+                    break  # what ends a chain on the queues too (e.g. every item ended)
+        seconds = time.perf_counter() - started
+        if not admitted.created:
+            raise BenchError(f"{label}: job {admitted.job_id} already existed")
+        return self._finish(label, shard_size, items, len(admitted.dispatches), seconds,
+                            admitted.job_id)
+
+    # checks shared by both
+
+    def _finish(self, label: str, shard_size: int, items: int, shards: int, seconds: float,
+                job_id: str) -> Measurement:
+        from sqlalchemy import func, select
+
+        from workers.store.engine import session_scope
+        from workers.store.models import AuditEvent, Request, StageRun
+        from workers.store.operators import unfinished
+
+        with session_scope(self.settings.database_url) as session:
+            left = unfinished(session, job_id)
+            stage_runs = session.scalar(select(func.count()).select_from(StageRun)
+                                        .join(Request, Request.id == StageRun.request_id)
+                                        .where(Request.job_id == job_id)) or 0
+            events = session.scalar(select(func.count()).select_from(AuditEvent)
+                                    .join(Request, Request.id == AuditEvent.request_id)
+                                    .where(Request.job_id == job_id)) or 0
+        counts = self._counts(job_id)
+        if left or sum(counts.values()) != items:
+            raise BenchError(f"{label}: {left} of {sum(counts.values())} requests not terminal "
+                             f"(expected {items} terminal): {counts}")
+        result = Measurement(label, shard_size, items, shards, seconds, counts, stage_runs,
+                             events)
+        say(f"{label:<26} {items:>6} items {shards:>5} shards {seconds:>8.2f}s "
+            f"{result.rate:>9.1f} items/s  {fmt_counts(counts)}")
+        return result
+
+    def _counts(self, job_id: str) -> dict[str, int]:
+        from workers.store.admission import job_counts
+        from workers.store.engine import session_scope
+
+        with session_scope(self.settings.database_url) as session:
+            return job_counts(session, job_id)
+
+    def _tag(self, label: str, shard_size: int) -> str:
+        kind = "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-")
+        return f"bench-{self.run_tag}-{kind}-s{shard_size}"[:100]
+
+
+# -- report --------------------------------------------------------------------------------------
+
+
+def fmt_counts(counts: dict[str, int]) -> str:
+    return " ".join(f"{status}={n}" for status, n in sorted(counts.items())) or "-"
+
+
+def report(rows: list[Measurement], naive: Measurement, by_shard: dict[int, Measurement],
+           inproc: Measurement) -> None:
+    print()
+    print(TITLE)
+    print()
+    header = (f"{'run':<24} {'items':>6} {'shards':>6} {'seconds':>8} {'items/s':>9} "
+              f"{'runs/item':>9} {'events/item':>11}  statuses")
+    print(header)
+    print("-" * len(header))
+    for m in rows:
+        print(f"{m.label:<24} {m.items:>6} {m.shards:>6} {m.seconds:>8.2f} {m.rate:>9.1f} "
+              f"{m.stage_runs / m.items:>9.2f} {m.events / m.items:>11.2f}  "
+              f"{fmt_counts(m.counts)}")
+    print()
+    print(f"{'ratio':<24} {'value':>8} {'goal':>8}  met")
+    print("-" * 48)
+    ref = {"naive": naive, "inproc": inproc}
+    for name, shard, against, goal in GOALS:
+        top = by_shard.get(shard)
+        if top is None:
+            print(f"{name:<24} {'n/a':>8} {'>=' + f'{goal:g}x':>8}  n/a (shard {shard} not run)")
+            continue
+        base = ref[against].rate
+        value = top.rate / base if base > 0 else float("inf")
+        met = "yes" if value >= goal else "NO"
+        print(f"{name:<24} {value:>7.2f}x {'>=' + f'{goal:g}x':>8}  {met}")
+    failed = sum(m.counts.get("failed", 0) for m in rows)
+    if failed:
+        print(f"\nnote: {failed} request(s) ended failed (terminal, but see the counts above)")
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+# -- main ----------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=TITLE)
+    parser.add_argument("--items", type=int, default=512,
+                        help="requests per measured job (default 512)")
+    parser.add_argument("--shard-sizes", default="1,32,64",
+                        help="comma-separated shard sizes through the queues; 1 is the naive "
+                             "baseline, one chain per item, and always runs (default 1,32,64)")
+    parser.add_argument("--naive-items", type=int, default=None,
+                        help="requests for the naive shard-1 run (default: --items)")
+    parser.add_argument("--timeout-s", type=float, default=1800.0,
+                        help="give up on one measured job after this (default 1800)")
+    parser.add_argument("--warmup-timeout-s", type=float, default=300.0)
+    parser.add_argument("--poll-s", type=float, default=0.05,
+                        help="how often to poll the store for the end of a job (default 0.05)")
+    args = parser.parse_args(argv)
+    try:
+        sizes = sorted({int(s) for s in args.shard_sizes.split(",") if s.strip()} | {1})
+    except ValueError:
+        parser.error(f"--shard-sizes must be integers, got {args.shard_sizes!r}")
+    if any(s < 1 or s > 1024 for s in sizes):
+        parser.error("shard sizes must be within 1..1024")
+    if args.items < 1 or (args.naive_items is not None and args.naive_items < 1):
+        parser.error("--items and --naive-items must be positive")
+    args.sizes = sizes
+    args.naive_items = args.naive_items or args.items
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    token = secrets.token_hex(4)
+    db_name = f"sluice_bench_{token}"
+    prefix = f"sluice_bench_{token}:"
+    data_dir = Path(tempfile.mkdtemp(prefix="sluice-bench-"))
+    url = prepare_environment(db_name, prefix, data_dir)
+    say(TITLE)
+    say(f"database {db_name}, redis prefix {prefix!r}, data dir {data_dir}")
+    bench: Bench | None = None
+    created = False
+    status = 0
+    try:
+        create_database(db_name)
+        created = True
+        bench = Bench(args, data_dir)
+        bench.prepare_store()
+        bench.start_workers()
+        bench.warm_up()
+        naive = bench.through_queues("naive (shard 1)", 1, args.naive_items)
+        rows, by_shard = [naive], {1: naive}
+        for size in args.sizes:
+            if size == 1:
+                continue
+            by_shard[size] = bench.through_queues(f"shard {size}", size, args.items)
+            rows.append(by_shard[size])
+        bench.stop_workers()  # idle workers poll Redis; give the in-process run the cores
+        inproc = bench.in_process(f"in-process limit ({IN_PROCESS_SHARD})", IN_PROCESS_SHARD,
+                                  args.items)
+        rows.append(inproc)
+        report(rows, naive, by_shard, inproc)
+    except BaseException as exc:  # noqa: BLE001 -- report, clean up, exit 1
+        status = 130 if isinstance(exc, KeyboardInterrupt) else 1
+        say(f"\nERROR: {type(exc).__name__}: {exc}")
+        if not isinstance(exc, BenchError):
+            traceback.print_exc()
+        logs = data_dir / "logs"
+        for log in sorted(logs.glob("worker-*.log")) if logs.is_dir() else []:
+            say(f"--- last lines of {log.name} ---\n{tail(log)}")
+    finally:
+        status = cleanup(bench, created, db_name, url, prefix, data_dir) or status
+    return status
+
+
+def cleanup(bench: Bench | None, created: bool, db_name: str, url: str, prefix: str,
+            data_dir: Path) -> int:
+    """Workers, then the Celery producer, the database, Redis keys, the data dir."""
+    problems = 0
+    steps = [
+        ("stop workers", lambda: bench.stop_workers() if bench else None),
+        ("close broker connections", _close_celery),
+        ("drop database", lambda: drop_database(db_name, url) if created else None),
+        ("delete redis keys", lambda: say(f"deleted {delete_redis_keys(prefix)} redis keys")),
+        ("remove data dir", lambda: shutil.rmtree(data_dir, ignore_errors=True)),
+    ]
+    for name, step in steps:
+        try:
+            step()
+        except Exception as exc:  # noqa: BLE001 -- every step runs
+            problems += 1
+            say(f"cleanup: {name} failed: {type(exc).__name__}: {exc}")
+    say("cleaned up" if not problems else f"cleanup finished with {problems} problem(s)")
+    return 1 if problems else 0
+
+
+def _close_celery() -> None:
+    if "workers.app" in sys.modules:
+        sys.modules["workers.app"].app.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

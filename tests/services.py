@@ -1,0 +1,132 @@
+"""Fixtures for the real services: a test database, a Redis key space, a worker fleet."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+
+from tests.conftest import POSTGRES_ADMIN_URL, REDIS_URL, TEST_DATABASE
+
+REQUIRE_SERVICES = os.environ.get("SLUICE_REQUIRE_SERVICES") == "1"
+
+
+def wait_until(condition: Callable[[], object], timeout_s: float, poll_s: float = 0.1,
+               what: str = "condition") -> object:
+    """Poll `condition` until it returns something truthy; fail after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def _services_problem() -> str | None:
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+    except redis.RedisError as exc:
+        return f"Redis at {REDIS_URL} is not reachable: {exc}"
+    try:
+        psycopg.connect(POSTGRES_ADMIN_URL, connect_timeout=2).close()
+    except psycopg.Error as exc:
+        return f"Postgres at {POSTGRES_ADMIN_URL} is not reachable: {exc}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def services() -> Iterator[None]:
+    problem = _services_problem()
+    if problem:
+        if REQUIRE_SERVICES:
+            pytest.fail(problem)
+        pytest.skip(problem)
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{TEST_DATABASE}"')
+    try:
+        yield
+    finally:
+        _drop_database()
+        _drop_redis_keys()
+
+
+def _drop_database() -> None:
+    from workers.settings import Settings
+    from workers.store.engine import get_engine
+
+    get_engine(Settings().database_url).dispose()
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{TEST_DATABASE}" WITH (FORCE)')
+
+
+def _drop_redis_keys() -> None:
+    client = redis.Redis.from_url(REDIS_URL)
+    prefix = os.environ["SLUICE_BROKER_KEY_PREFIX"]
+    keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+    if keys:
+        client.delete(*keys)
+
+
+@dataclass
+class Pipeline:
+    """The distributed mode on this machine: Postgres, Redis, one worker per stage."""
+
+    settings: object
+    fleet: object
+    log_dir: Path
+
+    def restart(self, stage: object) -> None:
+        from ops.embedded import start_worker
+
+        self.fleet.processes[stage] = start_worker(self.settings, stage, self.log_dir)  # type: ignore[attr-defined,index]
+        wait_worker_ready(self.log_dir, stage, marker_count=_ready_count(self.log_dir, stage) + 1)
+
+
+def _log_text(log_dir: Path, stage: object) -> str:
+    path = log_dir / f"worker-{stage.value}.log"  # type: ignore[attr-defined]
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def _ready_count(log_dir: Path, stage: object) -> int:
+    return _log_text(log_dir, stage).count(" ready.")
+
+
+def wait_worker_ready(log_dir: Path, stage: object, marker_count: int = 1) -> None:
+    wait_until(lambda: _ready_count(log_dir, stage) >= marker_count, 90, 0.2,
+               f"{stage} worker to be ready")
+
+
+@pytest.fixture(scope="session")
+def pipeline(services: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
+    from ops.corpus import build_index, ingest_tree
+    from ops.embedded import WorkerFleet
+    from schemas.status import Stage
+    from workers.reconciler import ReconcilerThread
+    from workers.settings import Settings
+    from workers.store.migrate import upgrade
+
+    data_dir = tmp_path_factory.mktemp("sluice-data")
+    os.environ["SLUICE_DATA_DIR"] = str(data_dir)
+    settings = Settings()
+    upgrade(settings.database_url)
+    ingest_tree(settings, settings.corpus_dir)
+    build_index(settings)
+    log_dir = data_dir / "logs"
+    fleet = WorkerFleet(settings, log_dir)
+    fleet.start()
+    reconciler = ReconcilerThread(settings)
+    try:
+        for stage in Stage:
+            wait_worker_ready(log_dir, stage)
+        reconciler.start()
+        yield Pipeline(settings, fleet, log_dir)
+    finally:
+        reconciler.stop()
+        fleet.stop()

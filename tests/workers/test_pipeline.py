@@ -1,0 +1,405 @@
+"""The pipeline on real Redis, Postgres, Celery workers and models."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from schemas.events import EventKind
+from schemas.requests import RequestLine
+from schemas.status import DriftPolicy, Lane, Stage, StageRunStatus, Status
+from tests.services import Pipeline, wait_until
+
+pytestmark = [pytest.mark.integration]
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "ops" / "examples" / "jobs"
+QUESTIONS = [
+    "How long is GPS telemetry kept?",
+    "When does the on-call handoff happen?",
+    "How often are service account passwords rotated?",
+    "What is the expense report deadline?",
+    "How do I enable the greedy fallback in the route planner?",
+    "What is the severity of an outage that stops dispatch?",
+    "Who approves production deploys?",
+    "How long are database backups kept?",
+]
+
+
+def _job_file(tmp_path: Path, name: str, count: int, tag: str) -> Path:
+    lines = [json.dumps({"custom_id": f"{tag}-{i}", "tenant": "acme",
+                         "grants": ["public", "engineering"],
+                         "request": {"kind": "answer", "question": QUESTIONS[i % len(QUESTIONS)]}})
+             for i in range(count)]
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _events(settings, kind: str) -> Counter[tuple[str, int]]:  # type: ignore[no-untyped-def]
+    from workers.store.engine import session_scope
+    from workers.store.models import AuditEvent
+
+    with session_scope(settings.database_url) as session:
+        rows = session.execute(select(AuditEvent.request_id, AuditEvent.run)
+                               .where(AuditEvent.kind == kind)).all()
+    return Counter((r.request_id, r.run) for r in rows)
+
+
+def _requests(settings, job_id: str):  # type: ignore[no-untyped-def]
+    from workers.store.engine import session_scope
+    from workers.store.operators import job_requests
+
+    with session_scope(settings.database_url) as session:
+        return job_requests(session, job_id)
+
+
+def _run_job(pipeline: Pipeline, path: Path, timeout_s: float = 600) -> str:
+    from ops.jobs import submit_job, wait_for_job
+
+    admitted = submit_job(pipeline.settings, path)  # type: ignore[arg-type]
+    assert wait_for_job(pipeline.settings, admitted.job_id, lambda d, t: None,  # type: ignore[arg-type]
+                        timeout_s=timeout_s), "job did not finish"
+    return admitted.job_id
+
+
+def test_small_job_reaches_one_terminal_status_per_line_with_its_audit_rows(
+        pipeline: Pipeline, tmp_path: Path) -> None:
+    from ops.jobs import export_job
+
+    # Given the example job: answers, a refusal, a document, and a malformed line
+    source = EXAMPLES / "small.jsonl"
+    # When it runs through the four queues
+    job_id = _run_job(pipeline, source)
+    results, errors = export_job(pipeline.settings, job_id, tmp_path / "out")  # type: ignore[arg-type]
+    # Then every input line appears exactly once in the two output files
+    out_lines = [json.loads(x) for p in (results, errors) for x in p.read_text().splitlines()]
+    input_lines = [x for x in source.read_text().splitlines() if x.strip()]
+    assert len(out_lines) == len(input_lines)
+    ids = [x["custom_id"] for x in out_lines if x["custom_id"]]
+    assert len(ids) == len(set(ids))
+    assert sum(1 for x in out_lines if x["status"] == "malformed") == 1
+    by_status = Counter(x["status"] for x in out_lines)
+    assert by_status["refused"] == 1
+    for line in out_lines:
+        if line["status"] == "succeeded":
+            assert line["citations"], "a success must cite retrieved chunks"
+            assert line["tokens"]["completion"] > 0
+            assert line["versions"]["index"].startswith("idx-")
+    # And the audit trail records route decisions, data reads, model calls and verdicts
+    requests = _requests(pipeline.settings, job_id)
+    assert all(Status(r.status).is_terminal for r in requests)
+    routed = _events(pipeline.settings, EventKind.ROUTE_DECISION)
+    reads = _events(pipeline.settings, EventKind.DATA_READ)
+    calls = _events(pipeline.settings, EventKind.MODEL_CALL)
+    verdicts = _events(pipeline.settings, EventKind.VALIDATOR_VERDICT)
+    for r in requests:
+        key = (r.id, 0)
+        assert routed[key] == 1
+        if r.status == Status.REFUSED:
+            assert reads[key] == 0 and calls[key] == 0
+        else:
+            assert reads[key] == calls[key] == verdicts[key] == 1
+    _assert_data_reads_name_chunks(pipeline, requests)
+
+
+def _assert_data_reads_name_chunks(pipeline: Pipeline, requests) -> None:  # type: ignore[no-untyped-def]
+    from workers.store.engine import session_scope
+    from workers.store.models import AuditEvent, Chunk
+
+    with session_scope(pipeline.settings.database_url) as session:  # type: ignore[attr-defined]
+        for event in session.scalars(select(AuditEvent).where(
+                AuditEvent.kind == EventKind.DATA_READ,
+                AuditEvent.request_id.in_([r.id for r in requests]))):
+            chunk_ids = event.payload["chunk_ids"]
+            assert chunk_ids and event.payload["index_id"].startswith("idx-")
+            tenants = set(session.scalars(select(Chunk.tenant_id).where(Chunk.id.in_(chunk_ids))))
+            assert tenants == {event.payload["tenant"]}
+
+
+def _admit_shard(pipeline: Pipeline, tag: str, count: int):  # type: ignore[no-untyped-def]
+    from workers.runtime import pinned_versions_now
+    from workers.store.admission import admit_job
+    from workers.store.engine import session_scope
+
+    lines = [RequestLine.model_validate(
+        {"custom_id": f"{tag}-{i}", "tenant": "acme", "grants": ["public"],
+         "request": {"kind": "answer", "question": QUESTIONS[i]}}) for i in range(count)]
+    settings = pipeline.settings
+    with session_scope(settings.database_url) as session:  # type: ignore[attr-defined]
+        admitted = admit_job(session, name=tag, content=tag.encode(), lines=lines, malformed=[],
+                             line_numbers=list(range(1, count + 1)),
+                             versions=pinned_versions_now(settings),  # type: ignore[arg-type]
+                             drift_policy=DriftPolicy.FOLLOW, shard_size=count)
+    return admitted.dispatches[0].hop.model_dump()
+
+
+def _router_rows(pipeline: Pipeline, shard_id: str):  # type: ignore[no-untyped-def]
+    from workers.store.engine import session_scope
+    from workers.store.models import StageRun
+
+    with session_scope(pipeline.settings.database_url) as session:  # type: ignore[attr-defined]
+        return session.execute(select(StageRun.request_id, StageRun.status, StageRun.deliveries,
+                                      StageRun.output).where(StageRun.shard_id == shard_id,
+                                                             StageRun.stage == Stage.ROUTER)).all()
+
+
+def test_a_stage_delivered_twice_commits_once(pipeline: Pipeline) -> None:
+    from tasks.queue_tasks import route_shard
+
+    # Given a shard admitted but not yet routed
+    hop = _admit_shard(pipeline, "twice", 3)
+    # When the router message is delivered twice, one after the other
+    route_shard.apply(args=(hop,))
+    route_shard.apply(args=(hop,))
+    # Then one output per request and one set of route decisions
+    rows = _router_rows(pipeline, hop["shard_id"])
+    assert len(rows) == 3 and all(r.status == StageRunStatus.DONE for r in rows)
+    assert all(r.deliveries == 1 for r in rows)
+    decisions = _events(pipeline.settings, EventKind.ROUTE_DECISION)
+    assert all(decisions[(r.request_id, 0)] == 1 for r in rows)
+
+
+def test_two_concurrent_deliveries_compute_once(pipeline: Pipeline) -> None:
+    from tasks.queue_tasks import route_shard
+
+    hop = _admit_shard(pipeline, "concurrent", 3)
+    barrier = threading.Barrier(2)
+
+    def deliver() -> None:
+        barrier.wait()
+        route_shard.apply(args=(hop,))
+
+    threads = [threading.Thread(target=deliver) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    rows = _router_rows(pipeline, hop["shard_id"])
+    decisions = _events(pipeline.settings, EventKind.ROUTE_DECISION)
+    assert len(rows) == 3
+    assert all(decisions[(r.request_id, 0)] == 1 for r in rows)
+    assert sum(r.deliveries for r in rows) == 3  # the losing delivery claimed nothing
+
+
+def _running_generation(pipeline: Pipeline, job_id: str) -> list[str]:
+    from workers.store.engine import session_scope
+    from workers.store.models import Request, StageRun
+
+    with session_scope(pipeline.settings.database_url) as session:  # type: ignore[attr-defined]
+        return list(session.scalars(
+            select(StageRun.lease_owner).join(Request, Request.id == StageRun.request_id)
+            .where(Request.job_id == job_id, StageRun.stage == Stage.GENERATION,
+                   StageRun.status == StageRunStatus.RUNNING)))
+
+
+def _claims_after(pipeline: Pipeline, job_id: str, moment: float) -> float | None:
+    """Seconds from `moment` to the first generation claim that started after it."""
+    from workers.store.engine import session_scope
+    from workers.store.models import Request, StageRun
+    from workers.store.timeutil import as_utc
+
+    with session_scope(pipeline.settings.database_url) as session:  # type: ignore[attr-defined]
+        starts = session.scalars(
+            select(StageRun.started_at).join(Request, Request.id == StageRun.request_id)
+            .where(Request.job_id == job_id, StageRun.stage == Stage.GENERATION)).all()
+    later = [as_utc(s).timestamp() for s in starts if s and as_utc(s).timestamp() > moment]  # type: ignore[union-attr]
+    return min(later) - moment if later else None
+
+
+def _assert_completed_exactly_once(pipeline: Pipeline, job_id: str) -> None:
+    from ops.jobs import wait_for_job
+
+    assert wait_for_job(pipeline.settings, job_id, lambda d, t: None, timeout_s=600)  # type: ignore[arg-type]
+    requests = _requests(pipeline.settings, job_id)
+    assert requests and all(Status(r.status).is_terminal for r in requests)
+    calls = _events(pipeline.settings, EventKind.MODEL_CALL)
+    verdicts = _events(pipeline.settings, EventKind.VALIDATOR_VERDICT)
+    for r in requests:
+        assert calls[(r.id, 0)] <= 1, f"{r.id} generated twice"
+        assert verdicts[(r.id, 0)] <= 1, f"{r.id} validated twice"
+
+
+def _submit(pipeline: Pipeline, path: Path) -> str:
+    from ops.jobs import submit_job
+
+    return submit_job(pipeline.settings, path).job_id  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_generation_worker_main_process_loses_nothing(
+        pipeline: Pipeline, tmp_path: Path) -> None:
+    # Given a job with several shards, generating
+    job_id = _submit(pipeline, _job_file(tmp_path, "kill-main.jsonl", 8, "kill-main"))
+    wait_until(lambda: _running_generation(pipeline, job_id), 300, what="generation to start")
+    # When the generation worker's main process is killed, and a supervisor starts another
+    victim = pipeline.fleet.processes[Stage.GENERATION]  # type: ignore[attr-defined]
+    killed_at = time.time()
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    pipeline.restart(Stage.GENERATION)
+    # Then the job completes, every request terminal once, nothing committed twice
+    _assert_completed_exactly_once(pipeline, job_id)
+    recovery = _claims_after(pipeline, job_id, killed_at)
+    print(f"\nrecovery after SIGKILL of the generation main process: {recovery:.1f}s")
+    assert recovery is not None and recovery < 30
+
+
+def _pool_children(pid: int) -> list[int]:
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        children.extend(int(c) for c in text)
+    return children
+
+
+@pytest.mark.slow
+def test_sigkill_of_a_generation_pool_child_loses_nothing(
+        pipeline: Pipeline, tmp_path: Path) -> None:
+    job_id = _submit(pipeline, _job_file(tmp_path, "kill-child.jsonl", 8, "kill-child"))
+    owners = wait_until(lambda: _running_generation(pipeline, job_id), 300,
+                        what="generation to start")
+    # When the pool child computing the shard is killed
+    child_pid = int(str(list(owners)[0]).split(":")[1])  # type: ignore[call-overload]
+    main_pid = pipeline.fleet.processes[Stage.GENERATION].pid  # type: ignore[attr-defined]
+    assert child_pid in _pool_children(main_pid)
+    killed_at = time.time()
+    os.kill(child_pid, signal.SIGKILL)
+    # Then the main process replaces it, the message comes back, the work completes once
+    _assert_completed_exactly_once(pipeline, job_id)
+    recovery = _claims_after(pipeline, job_id, killed_at)
+    print(f"\nrecovery after SIGKILL of a generation pool child: {recovery:.1f}s")
+    assert recovery is not None and recovery < 30
+
+
+@pytest.mark.slow
+def test_an_online_request_overtakes_a_running_batch(pipeline: Pipeline, tmp_path: Path) -> None:
+    from ops.client import SluiceClient
+
+    # Given a batch of single-request shards, already generating
+    settings = pipeline.settings.model_copy(update={"shard_size": 1})  # type: ignore[attr-defined]
+    from ops.jobs import submit_job, wait_for_job
+
+    job_id = submit_job(settings, _job_file(tmp_path, "batch.jsonl", 8, "batch")).job_id
+    wait_until(lambda: _running_generation(pipeline, job_id), 300, what="the batch to generate")
+    # When an upstream system submits one online request
+    client = SluiceClient(settings)
+    request_id = client.submit({"custom_id": "online-1", "tenant": "acme", "grants": ["public"],
+                                "request": {"kind": "answer", "question": QUESTIONS[0]}})
+    online = client.wait(request_id, timeout_s=600)
+    assert wait_for_job(settings, job_id, lambda d, t: None, timeout_s=600)
+    # Then it finished before the batch did
+    batch = _requests(settings, job_id)
+    online_row = _request_row(settings, request_id)
+    assert Status(online["status"]).is_terminal
+    assert online_row.finished_at < max(r.finished_at for r in batch)
+
+
+def _request_row(settings, request_id: str):  # type: ignore[no-untyped-def]
+    from workers.store.engine import session_scope
+    from workers.store.models import Request
+
+    with session_scope(settings.database_url) as session:
+        return session.get(Request, request_id)
+
+
+def _admit_pinned(pipeline: Pipeline, custom_id: str, question: str, policy: DriftPolicy,
+                  **pin_changes: str) -> str:
+    from workers.dispatch import enqueue_all
+    from workers.runtime import pinned_versions_now
+    from workers.store.admission import admit_one
+    from workers.store.engine import session_scope
+
+    settings = pipeline.settings
+    pin = pinned_versions_now(settings).model_copy(update=pin_changes)  # type: ignore[arg-type]
+    line = RequestLine.model_validate({"custom_id": custom_id, "tenant": "acme",
+                                       "grants": ["public"],
+                                       "request": {"kind": "answer", "question": question}})
+    with session_scope(settings.database_url) as session:  # type: ignore[attr-defined]
+        request_id, dispatches = admit_one(session, line, pin, policy, Lane.ONLINE)
+    enqueue_all(dispatches)
+    return request_id
+
+
+def test_version_drift_is_refused_under_strict_and_recorded_under_follow(
+        pipeline: Pipeline) -> None:
+    from ops.client import SluiceClient
+
+    client = SluiceClient(pipeline.settings)  # type: ignore[arg-type]
+    strict = _admit_pinned(pipeline, "drift-strict", QUESTIONS[0], DriftPolicy.STRICT,
+                           prompt="prompt-retired")
+    follow = _admit_pinned(pipeline, "drift-follow", QUESTIONS[0], DriftPolicy.FOLLOW,
+                           prompt="prompt-retired")
+    strict_result = client.wait(strict, timeout_s=300)
+    follow_result = client.wait(follow, timeout_s=300)
+    assert strict_result["status"] == Status.FAILED
+    assert strict_result["error_class"] == "VersionDrift"
+    assert strict_result["error_stage"] == Stage.GENERATION
+    assert follow_result["error_class"] != "VersionDrift"
+    drift = _events(pipeline.settings, EventKind.DRIFT)
+    assert drift[(follow, 0)] == 1 and drift[(strict, 0)] == 1
+    assert _events(pipeline.settings, EventKind.MODEL_CALL)[(follow, 0)] == 1
+    assert _events(pipeline.settings, EventKind.MODEL_CALL)[(strict, 0)] == 0
+
+
+def test_replay_of_a_failed_request_succeeds_and_is_audited(pipeline: Pipeline) -> None:
+    from ops.client import SluiceClient
+    from workers.dispatch import enqueue
+    from workers.runtime import pinned_versions_now
+    from workers.store.engine import session_scope
+    from workers.store.operators import replay
+
+    settings = pipeline.settings
+    client = SluiceClient(settings)  # type: ignore[arg-type]
+    # Given a request that failed on a retired router version under a strict pin
+    request_id = _admit_pinned(pipeline, "replay-me", "What is the root password of the vault?",
+                               DriftPolicy.STRICT, router="router-retired")
+    assert client.wait(request_id, timeout_s=300)["error_class"] == "VersionDrift"
+    # When an operator replays it strictly, it fails the same way
+    with session_scope(settings.database_url) as session:  # type: ignore[attr-defined]
+        enqueue(replay(session, request_id, Stage.ROUTER, pinned_versions_now(settings), False))  # type: ignore[arg-type]
+    again = wait_until(lambda: _finished_run(client, request_id, 1), 300, what="strict replay")
+    assert again["status"] == Status.FAILED and again["error_class"] == "VersionDrift"  # type: ignore[index]
+    # And replayed following the current versions, it reaches the right outcome
+    with session_scope(settings.database_url) as session:  # type: ignore[attr-defined]
+        enqueue(replay(session, request_id, Stage.ROUTER, pinned_versions_now(settings), True))  # type: ignore[arg-type]
+    final = wait_until(lambda: _finished_run(client, request_id, 2), 300, what="replay")
+    assert final["status"] == Status.REFUSED  # type: ignore[index]
+    replays = _events(settings, EventKind.REPLAY)
+    assert replays[(request_id, 1)] == 1 and replays[(request_id, 2)] == 1
+    routed = _events(settings, EventKind.ROUTE_DECISION)
+    assert routed[(request_id, 2)] == 1
+
+
+def _finished_run(client, request_id: str, run: int):  # type: ignore[no-untyped-def]
+    result = client.result(request_id)
+    if result and result["run"] == run and Status(result["status"]).is_terminal:
+        return result
+    return None
+
+
+def test_cancel_stops_a_jobs_remaining_work(pipeline: Pipeline, tmp_path: Path) -> None:
+    from workers.store.engine import session_scope
+    from workers.store.models import Request
+    from workers.store.operators import cancel_job
+
+    settings = pipeline.settings
+    job_id = _submit(pipeline, _job_file(tmp_path, "cancel.jsonl", 8, "cancel"))
+    with session_scope(settings.database_url) as session:  # type: ignore[attr-defined]
+        cancelled = cancel_job(session, job_id)
+    assert cancelled > 0
+    with session_scope(settings.database_url) as session:  # type: ignore[attr-defined]
+        counts = dict(session.execute(select(Request.error_class, func.count())
+                                      .where(Request.job_id == job_id)
+                                      .group_by(Request.error_class)).all())
+    assert counts.get("Cancelled") == cancelled
+    wait_until(lambda: not _running_generation(pipeline, job_id), 300, what="workers to drain")
+    requests = _requests(settings, job_id)
+    assert sum(1 for r in requests if r.error_class == "Cancelled") == cancelled
