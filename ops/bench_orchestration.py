@@ -229,11 +229,11 @@ class Bench:
         path = write_job_file(self.jobs_dir, self._tag(label, shard_size), items)
         started = time.perf_counter()
         admitted = submit_job(settings, path)
+        if not admitted.created:
+            raise BenchError(f"{label}: job {admitted.job_id} already existed")
         done = wait_for_job(settings, admitted.job_id, self._check_workers,
                             timeout_s=timeout_s or self.args.timeout_s, poll_s=self.args.poll_s)
         seconds = time.perf_counter() - started
-        if not admitted.created:
-            raise BenchError(f"{label}: job {admitted.job_id} already existed")
         if not done:
             raise BenchError(f"{label}: not every request terminal after "
                              f"{timeout_s or self.args.timeout_s:.0f}s: "

@@ -82,7 +82,9 @@ class HFGenerator:
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        model = AutoModelForCausalLM.from_pretrained(self.model_path)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype).to(device)
         model.eval()
         self._tokenizer, self._model = tokenizer, model
 
@@ -101,7 +103,8 @@ class HFGenerator:
         prompts, labels = zip(*(self.prompts.messages(item) for item in items))
         texts = [self._tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
                  for m in prompts]
-        encoded = self._tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        encoded = self._tokenizer(texts, return_tensors="pt", padding=True,
+                                  add_special_tokens=False).to(self._model.device)
         kwargs: dict[str, Any] = {"max_new_tokens": self.policy.max_new_tokens,
                                   "do_sample": self.policy.do_sample,
                                   "pad_token_id": self._tokenizer.pad_token_id}

@@ -1,0 +1,147 @@
+"""The request contract: one JSONL line in, a RequestLine or a precise MalformedLine out."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from schemas.requests import (
+    AnswerRequest,
+    DocumentRequest,
+    MalformedLine,
+    RequestLine,
+    parse_request_line,
+)
+
+pytestmark = [pytest.mark.unit]
+
+
+def _line(**overrides: object) -> str:
+    data: dict[str, object] = {
+        "custom_id": "req-1",
+        "tenant": "acme",
+        "grants": ["staff"],
+        "request": {"kind": "answer", "question": "How do I rotate the VPN certificate?"},
+    }
+    data.update(overrides)
+    return json.dumps(data)
+
+
+def test_valid_answer_line_parses_to_request_line() -> None:
+    parsed = parse_request_line(_line(deadline_s=30), line_no=1)
+
+    assert isinstance(parsed, RequestLine)
+    assert parsed.custom_id == "req-1"
+    assert parsed.tenant == "acme"
+    assert parsed.grants == ["staff"]
+    assert parsed.deadline_s == 30
+    assert isinstance(parsed.request, AnswerRequest)
+    assert parsed.request.question == "How do I rotate the VPN certificate?"
+    assert parsed.query_text == "How do I rotate the VPN certificate?"
+
+
+def test_valid_document_line_parses_to_document_request() -> None:
+    body = {"kind": "document", "template": "runbook_brief", "topic": "disk full alerts",
+            "inputs": {"service": "billing-api", "priority": 2}}
+    parsed = parse_request_line(_line(request=body), line_no=4)
+
+    assert isinstance(parsed, RequestLine)
+    assert isinstance(parsed.request, DocumentRequest)
+    assert parsed.request.template == "runbook_brief"
+    assert parsed.request.inputs == {"service": "billing-api", "priority": 2}
+    # Retrieval searches a document request by its topic.
+    assert parsed.query_text == "disk full alerts"
+
+
+def test_invalid_json_is_malformed_with_reason() -> None:
+    parsed = parse_request_line('{"custom_id": "req-1", ', line_no=7)
+
+    assert isinstance(parsed, MalformedLine)
+    assert parsed.line_no == 7
+    assert parsed.reason.startswith("not valid JSON")
+    assert parsed.custom_id is None
+
+
+def test_non_object_json_is_malformed() -> None:
+    parsed = parse_request_line("[1, 2, 3]", line_no=2)
+
+    assert isinstance(parsed, MalformedLine)
+    assert "JSON object" in parsed.reason
+    assert "list" in parsed.reason
+
+
+def test_missing_tenant_is_malformed_and_names_the_field() -> None:
+    data = json.loads(_line())
+    del data["tenant"]
+
+    parsed = parse_request_line(json.dumps(data), line_no=3)
+
+    assert isinstance(parsed, MalformedLine)
+    assert "tenant" in parsed.reason
+
+
+def test_unknown_kind_is_malformed() -> None:
+    parsed = parse_request_line(_line(request={"kind": "poem", "question": "hi"}), line_no=1)
+
+    assert isinstance(parsed, MalformedLine)
+    assert "request" in parsed.reason
+
+
+def test_extra_unknown_field_is_malformed() -> None:
+    parsed = parse_request_line(_line(priority="urgent"), line_no=1)
+
+    assert isinstance(parsed, MalformedLine)
+    assert "priority" in parsed.reason
+
+
+def test_extra_field_inside_request_body_is_malformed() -> None:
+    body = {"kind": "answer", "question": "q?", "temperature": 2}
+    parsed = parse_request_line(_line(request=body), line_no=1)
+
+    assert isinstance(parsed, MalformedLine)
+    assert "temperature" in parsed.reason
+
+
+def test_bad_grant_label_is_malformed_and_quotes_the_label() -> None:
+    parsed = parse_request_line(_line(grants=["staff", "ops team!"]), line_no=5)
+
+    assert isinstance(parsed, MalformedLine)
+    assert "grants" in parsed.reason
+    assert "ops team!" in parsed.reason
+
+
+@pytest.mark.parametrize("deadline", [0, -1, -0.5])
+def test_non_positive_deadline_is_malformed(deadline: float) -> None:
+    parsed = parse_request_line(_line(deadline_s=deadline), line_no=1)
+
+    assert isinstance(parsed, MalformedLine)
+    assert "deadline_s" in parsed.reason
+
+
+def test_grants_are_deduplicated_and_sorted() -> None:
+    parsed = parse_request_line(_line(grants=["staff", "eng", "staff", "admin_ro"]), line_no=1)
+
+    assert isinstance(parsed, RequestLine)
+    assert parsed.grants == ["admin_ro", "eng", "staff"]
+
+
+def test_custom_id_is_carried_into_malformed_line() -> None:
+    # Given a line that names itself but breaks the contract
+    raw = _line(custom_id="job-42", deadline_s=-5)
+
+    # When it is parsed
+    parsed = parse_request_line(raw, line_no=9)
+
+    # Then the report still says which request it was
+    assert isinstance(parsed, MalformedLine)
+    assert parsed.custom_id == "job-42"
+    assert parsed.line_no == 9
+
+
+def test_non_string_custom_id_is_not_carried() -> None:
+    parsed = parse_request_line(_line(custom_id=42), line_no=1)
+
+    assert isinstance(parsed, MalformedLine)
+    assert parsed.custom_id is None
+    assert "custom_id" in parsed.reason

@@ -1,0 +1,108 @@
+"""The validation stage: the answer contract, citations and abstention."""
+
+from __future__ import annotations
+
+import pytest
+
+from schemas.stages import ValidationInput, ValidationItem, Verdict
+from schemas.status import AnswerClass, Status
+from tasks.validation import VALIDATOR_VERSION, validate
+
+pytestmark = [pytest.mark.unit]
+
+CHUNK_A = "a1b2c3d4e5f60718"
+CHUNK_B = "0f1e2d3c4b5a6978"
+
+
+def _judge(draft: str, labels: dict[str, str] | None = None,
+           retrieved: list[str] | None = None) -> Verdict:
+    item = ValidationItem(
+        request_id="r1", answer_class=AnswerClass.GROUNDED_ANSWER, draft=draft,
+        source_labels={"S1": CHUNK_A, "S2": CHUNK_B} if labels is None else labels,
+        retrieved_chunk_ids=[CHUNK_A, CHUNK_B] if retrieved is None else retrieved,
+    )
+    verdicts = validate(ValidationInput(items=[item])).verdicts
+    assert len(verdicts) == 1
+    assert verdicts[0].request_id == "r1"
+    assert verdicts[0].validator_version == VALIDATOR_VERSION
+    return verdicts[0]
+
+
+def test_draft_citing_a_retrieved_source_succeeds() -> None:
+    verdict = _judge("Laptops are requested through the IT portal [S1].")
+
+    assert verdict.outcome.status == Status.SUCCEEDED
+    assert verdict.citations == [CHUNK_A]
+    assert verdict.reasons == []
+    assert verdict.output == "Laptops are requested through the IT portal [S1]."
+
+
+def test_repeated_citations_are_listed_once_in_order() -> None:
+    verdict = _judge("First [S2]. Second [S1]. Third [S2].")
+
+    assert verdict.outcome.status == Status.SUCCEEDED
+    assert verdict.citations == [CHUNK_B, CHUNK_A]
+
+
+def test_citation_of_an_unknown_label_fails() -> None:
+    verdict = _judge("The answer is in the handbook [S9].")
+
+    assert verdict.outcome.status == Status.FAILED
+    assert verdict.outcome.error_class == "UnknownCitation"
+    assert "S9" in verdict.outcome.message
+    assert verdict.citations == []
+    assert verdict.reasons == [verdict.outcome.message]
+
+
+def test_label_mapping_to_a_chunk_that_was_not_retrieved_fails() -> None:
+    verdict = _judge("Claim [S1].", labels={"S1": "ffffffffffffffff"})
+
+    assert verdict.outcome.status == Status.FAILED
+    assert verdict.outcome.error_class == "UnknownCitation"
+
+
+def test_draft_without_citation_fails() -> None:
+    verdict = _judge("Laptops are requested through the IT portal.")
+
+    assert verdict.outcome.status == Status.FAILED
+    assert verdict.outcome.error_class == "MissingCitation"
+    assert verdict.citations == []
+
+
+@pytest.mark.parametrize("draft", ["I don't know.", "i do not know", "  I dont know the answer."])
+def test_model_abstention_is_abstained(draft: str) -> None:
+    verdict = _judge(draft)
+
+    assert verdict.outcome.status == Status.ABSTAINED
+    assert verdict.outcome.error_class == "ModelAbstained"
+
+
+def test_no_retrieved_chunks_is_abstained_no_evidence() -> None:
+    # Given a draft that even cites a source, but nothing was retrieved
+    verdict = _judge("Something plausible [S1].", labels={}, retrieved=[])
+
+    # Then there is no evidence to ground it on
+    assert verdict.outcome.status == Status.ABSTAINED
+    assert verdict.outcome.error_class == "NoEvidence"
+
+
+@pytest.mark.parametrize("draft", ["", "   ", "x"])
+def test_empty_draft_is_a_contract_violation(draft: str) -> None:
+    verdict = _judge(draft)
+
+    assert verdict.outcome.status == Status.FAILED
+    assert verdict.outcome.error_class == "ContractViolation"
+
+
+def test_each_item_gets_its_own_verdict() -> None:
+    items = [
+        ValidationItem(request_id=f"r{i}", answer_class=AnswerClass.GROUNDED_ANSWER, draft=draft,
+                       source_labels={"S1": CHUNK_A}, retrieved_chunk_ids=[CHUNK_A])
+        for i, draft in enumerate(["Good [S1].", "", "Bad [S4].", "I don't know."])
+    ]
+
+    verdicts = validate(ValidationInput(items=items)).verdicts
+
+    assert [v.request_id for v in verdicts] == ["r0", "r1", "r2", "r3"]
+    assert [v.outcome.status for v in verdicts] == [
+        Status.SUCCEEDED, Status.FAILED, Status.FAILED, Status.ABSTAINED]
