@@ -82,7 +82,8 @@ def parse_request_line(raw: str, line_no: int) -> RequestLine | MalformedLine:
     except json.JSONDecodeError as exc:
         return MalformedLine(line_no=line_no, reason=f"not valid JSON: {exc.msg} at column {exc.colno}")
     if not isinstance(data, dict):
-        return MalformedLine(line_no=line_no, reason=f"a line must be a JSON object, got {type(data).__name__}")
+        return MalformedLine(line_no=line_no,
+                             reason=f"a line must be a JSON object, got {type(data).__name__}")
     custom_id = data.get("custom_id") if isinstance(data.get("custom_id"), str) else None
     try:
         return RequestLine.model_validate(data)

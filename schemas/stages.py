@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from schemas.status import AnswerClass, RiskClass, Stage, Status
+from schemas.status import AnswerClass, RiskClass, Status
 
 
 class Hop(BaseModel):

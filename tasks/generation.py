@@ -100,7 +100,7 @@ class HFGenerator:
     def _generate_group(self, items: list[GenerationItem], budget_s: float | None) -> list[Draft]:
         import torch
 
-        prompts, labels = zip(*(self.prompts.messages(item) for item in items))
+        prompts, labels = zip(*(self.prompts.messages(item) for item in items), strict=True)
         texts = [self._tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
                  for m in prompts]
         encoded = self._tokenizer(texts, return_tensors="pt", padding=True,
@@ -114,7 +114,7 @@ class HFGenerator:
             output = self._model.generate(**encoded, **kwargs)
         new_tokens = output[:, encoded["input_ids"].shape[1]:]
         return [self._draft(item, label, encoded["attention_mask"][row], new_tokens[row])
-                for row, (item, label) in enumerate(zip(items, labels))]
+                for row, (item, label) in enumerate(zip(items, labels, strict=True))]
 
     def _draft(self, item: GenerationItem, labels: dict[str, str], mask: Any, tokens: Any) -> Draft:
         eos_ids = self._eos_ids()

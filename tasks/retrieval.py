@@ -41,7 +41,7 @@ class Retriever:
         self.warm_up()
         vectors = self.embedder.encode([item.query for item in batch.items])
         return RetrievalOutput(results=[
-            self._search(item, vector, batch.top_k) for item, vector in zip(batch.items, vectors)
+            self._search(item, vector, batch.top_k) for item, vector in zip(batch.items, vectors, strict=True)
         ])
 
     def _search(self, item: RetrievalItem, vector: np.ndarray, top_k: int) -> RetrievalResult:
@@ -55,7 +55,7 @@ class Retriever:
         assert self._index is not None
         scores, ids = self._index.search(vector.reshape(1, -1), min(top_k, allowed.size),
                                          params=params)
-        chunks = [self._retrieved(int(i), float(s)) for s, i in zip(scores[0], ids[0]) if i >= 0]
+        chunks = [self._retrieved(int(i), float(s)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
         return result.model_copy(update={"chunks": chunks})
 
     def _allowed_ids(self, tenant: str, grants: list[str]) -> np.ndarray:

@@ -6,6 +6,7 @@ which Celery kills when it blocks for more than a few seconds.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
@@ -40,6 +41,7 @@ class Runtime:
         self._generator: Generator | None = None
         self._embedder: Embedder | None = None
         self._versions: dict[str, VersionTuple] = {}
+        self._active = ActiveIndexCache(settings)
 
     def rules(self) -> RouterRules:
         if self._rules is None:
@@ -61,7 +63,7 @@ class Runtime:
 
     def retriever(self) -> Retriever:
         """The retriever over the active index; a newly activated index is picked up here."""
-        active = active_index(self.settings)
+        active = self._active.get()
         if active is None:
             raise NoActiveIndex("no active index: run `sluice index build` first")
         if self._retriever is None or self._retriever.index_id != active.id:
@@ -87,7 +89,7 @@ class Runtime:
         if stage == Stage.RETRIEVAL:
             index_id = self.retriever().index_id
         else:
-            active = active_index(self.settings)
+            active = self._active.get()
             index_id = active.id if active else NO_INDEX
         if index_id not in self._versions:
             self._versions[index_id] = current_versions(self.settings, index_id)
@@ -97,6 +99,23 @@ class Runtime:
 def active_index(settings: Settings) -> IndexVersion | None:
     with session_scope(settings.database_url) as session:
         return session.scalar(select(IndexVersion).where(IndexVersion.active.is_(True)))
+
+
+class ActiveIndexCache:
+    """The active index, re-read at most every `ttl_s`: an activation reaches workers
+    within that time without a query on every hop."""
+
+    def __init__(self, settings: Settings, ttl_s: float = 2.0) -> None:
+        self.settings = settings
+        self.ttl_s = ttl_s
+        self._value: IndexVersion | None = None
+        self._read_at = float("-inf")
+
+    def get(self) -> IndexVersion | None:
+        now = time.monotonic()
+        if now - self._read_at > self.ttl_s:
+            self._value, self._read_at = active_index(self.settings), now
+        return self._value
 
 
 def pinned_versions_now(settings: Settings) -> VersionTuple:

@@ -32,6 +32,28 @@ def test_split_markdown_keeps_every_chunk_within_the_word_limit() -> None:
     assert sum(len(c.split()) for c in chunks) == len(text.split())
 
 
+def test_split_markdown_keeps_the_words_in_document_order() -> None:
+    # Given a short paragraph followed by one longer than the limit
+    text = "intro words here\n\n" + " ".join(f"w{i}" for i in range(7))
+
+    # When it is split with a limit of three words
+    chunks = split_markdown(text, max_words=3)
+
+    # Then reading the chunks in order reads the document in order
+    assert all(len(c.split()) <= 3 for c in chunks)
+    assert [w for c in chunks for w in c.split()] == text.split()
+    assert chunks[0] == "intro words here"
+
+
+def test_split_markdown_keeps_a_heading_before_its_long_body() -> None:
+    text = "# Title\n\n" + _words(2 * MAX_CHUNK_WORDS + 5, "body")
+
+    chunks = split_markdown(text)
+
+    assert chunks[0].startswith("# Title")
+    assert [w for c in chunks for w in c.split()] == text.split()
+
+
 def test_split_markdown_respects_a_smaller_limit() -> None:
     chunks = split_markdown(_words(100), max_words=30)
 

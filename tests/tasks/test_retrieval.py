@@ -53,7 +53,7 @@ def _record(doc: Doc) -> ChunkRecord:
 
 
 RECORDS = [_record(d) for d in DOCS]
-BY_KEY = {(d.tenant, d.path): r for d, r in zip(DOCS, RECORDS)}
+BY_KEY = {(d.tenant, d.path): r for d, r in zip(DOCS, RECORDS, strict=True)}
 
 
 @pytest.fixture(scope="module")

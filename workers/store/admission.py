@@ -61,7 +61,7 @@ def admit_job(session: Session, *, name: str, content: bytes, lines: list[Reques
     session.flush()
     requests = [_new_request(line, request_id_for(job_id, line.custom_id), versions,
                              drift_policy, lane, job_id, line_no)
-                for line, line_no in zip(lines, line_numbers)]
+                for line, line_no in zip(lines, line_numbers, strict=True)]
     dispatches = _persist(session, requests, job_id, lane, shard_size)
     return AdmittedJob(job_id, True, dispatches, malformed)
 

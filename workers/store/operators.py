@@ -9,12 +9,12 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from schemas.events import EventKind
+from schemas.stages import Hop
 from schemas.status import DriftPolicy, Lane, Stage, StageRunStatus, Status
 from schemas.versions import VersionTuple
 from workers.store.admission import AdmissionError, Dispatch, new_shard
 from workers.store.models import AuditEvent, Job, Request, StageRun
 from workers.store.timeutil import as_utc, utcnow
-from schemas.stages import Hop
 
 ACTIVE = (Status.QUEUED.value, Status.RUNNING.value)
 

@@ -86,20 +86,17 @@ def process_is_gone(pid: int) -> bool:
 
 
 def claim(session: Session, key: StageKey, owner: LeaseOwner, lease_s: float) -> Claim:
-    """Take the shard's rows for this stage under a lease, in one statement."""
+    """Take the shard's rows for this stage under a lease, in one statement. Rows leased by
+    a process of this host that no longer exists are taken over without waiting."""
     now = utcnow()
     claimable = (StageRun.status == PENDING) | (
         (StageRun.status == RUNNING) & (StageRun.lease_expires_at < now))
-    dead = _dead_owners(session, key, owner.host)
-    if dead:
-        claimable = claimable | ((StageRun.status == RUNNING) & StageRun.lease_owner.in_(dead))
-    rows = session.execute(
-        update(StageRun).where(*key.where(), claimable)
-        .values(status=RUNNING, lease_owner=str(owner),
-                lease_expires_at=now + timedelta(seconds=lease_s),
-                deliveries=StageRun.deliveries + 1, started_at=now)
-        .returning(StageRun.id, StageRun.request_id, StageRun.deliveries)
-        .execution_options(synchronize_session=False)).all()
+    rows = _take(session, key, owner, lease_s, claimable, now)
+    if not rows:
+        dead = _dead_owners(session, key, owner.host)
+        if dead:
+            rows = _take(session, key, owner, lease_s,
+                         (StageRun.status == RUNNING) & StageRun.lease_owner.in_(dead), now)
     if rows:
         return Claim(ClaimState.CLAIMED, {r.request_id: r.id for r in rows},
                      {r.request_id: r.deliveries for r in rows})
@@ -107,6 +104,17 @@ def claim(session: Session, key: StageKey, owner: LeaseOwner, lease_s: float) ->
     if not statuses:
         return Claim(ClaimState.EMPTY)
     return Claim(ClaimState.BUSY if RUNNING in statuses else ClaimState.DONE)
+
+
+def _take(session: Session, key: StageKey, owner: LeaseOwner, lease_s: float, claimable: Any,
+          now: datetime) -> list[Any]:
+    return list(session.execute(
+        update(StageRun).where(*key.where(), claimable)
+        .values(status=RUNNING, lease_owner=str(owner),
+                lease_expires_at=now + timedelta(seconds=lease_s),
+                deliveries=StageRun.deliveries + 1, started_at=now)
+        .returning(StageRun.id, StageRun.request_id, StageRun.deliveries)
+        .execution_options(synchronize_session=False)).all())
 
 
 def _dead_owners(session: Session, key: StageKey, host: str) -> list[str]:
@@ -191,9 +199,7 @@ def commit(session: Session, work: StageCommit) -> list[str]:
     _assert_lease(session, work)
     now = utcnow()
     session.execute(update(StageRun), [_finished_row(work, r, now) for r in work.results])
-    touched = [_request_row(work, r, now) for r in work.results if not r.untouched]
-    if touched:
-        session.execute(update(Request), touched)
+    _update_requests(session, work, now)
     if work.events:
         session.execute(insert(AuditEvent), [
             {"request_id": e.request_id, "stage": work.key.stage.value, "run": work.key.hop.run,
@@ -229,19 +235,29 @@ def _finished_row(work: StageCommit, result: ItemResult, now: datetime) -> dict[
             "error_message": outcome.message if outcome and outcome.error_class else None}
 
 
-def _request_row(work: StageCommit, result: ItemResult, now: datetime) -> dict[str, Any]:
-    row: dict[str, Any] = {"id": result.request_id, "status": Status.RUNNING.value}
-    if result.prompt_tokens or result.completion_tokens:
-        row |= {"prompt_tokens": result.prompt_tokens,
-                "completion_tokens": result.completion_tokens}
+def _update_requests(session: Session, work: StageCommit, now: datetime) -> None:
+    """Decided requests get their outcome row by row; the first stage marks the rest running
+    in one statement; later stages leave undecided requests as they are."""
+    ended = [_ended_row(work, r, now) for r in work.results if r.outcome and not r.untouched]
+    if ended:
+        session.execute(update(Request), ended)
+    if work.key.stage == Stage.ROUTER:
+        onward = [r.request_id for r in work.results if r.outcome is None and not r.untouched]
+        if onward:
+            session.execute(update(Request).where(Request.id.in_(onward))
+                            .values(status=Status.RUNNING.value)
+                            .execution_options(synchronize_session=False))
+
+
+def _ended_row(work: StageCommit, result: ItemResult, now: datetime) -> dict[str, Any]:
     outcome = result.outcome
-    if outcome is None:
-        return row
-    return row | {"status": outcome.status.value, "finished_at": now,
-                  "error_class": outcome.error_class,
-                  "error_stage": work.key.stage.value if outcome.error_class else None,
-                  "error_message": outcome.message or None,
-                  "output": result.final_text, "citations": result.citations}
+    assert outcome is not None
+    return {"id": result.request_id, "status": outcome.status.value, "finished_at": now,
+            "error_class": outcome.error_class,
+            "error_stage": work.key.stage.value if outcome.error_class else None,
+            "error_message": outcome.message or None, "output": result.final_text,
+            "citations": result.citations, "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens}
 
 
 def next_stage_waiting(session: Session, key: StageKey) -> bool:

@@ -1,0 +1,143 @@
+"""The version tuple is computed from settings and file hashes, never by loading a model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tasks.generation import NullGenerator
+from tasks.validation import VALIDATOR_VERSION
+from workers.settings import Settings
+from workers.versions import NO_TOOLS, current_versions, model_version, weights_hash
+
+pytestmark = [pytest.mark.unit]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_current_versions_imports_no_model_library(tmp_path: Path) -> None:
+    # Given a fresh interpreter that has imported nothing yet
+    script = textwrap.dedent(f"""
+        import json, sys
+        from workers.settings import Settings
+        from workers.versions import current_versions
+        settings = Settings(generator_backend="null", data_dir={str(tmp_path)!r},
+                            max_new_tokens=7)
+        versions = current_versions(settings, "idx-x")
+        print(json.dumps({{
+            "versions": versions.model_dump(),
+            "torch": "torch" in sys.modules,
+            "transformers": "transformers" in sys.modules,
+        }}))
+    """)
+
+    # When it computes the version tuple
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+    # Then the tuple is complete and neither torch nor transformers was imported
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["torch"] is False
+    assert report["transformers"] is False
+    versions = report["versions"]
+    assert versions["model"] == NullGenerator.name
+    assert versions["index"] == "idx-x"
+    assert versions["decoding"] == "greedy-max7"
+    assert versions["validators"] == VALIDATOR_VERSION
+    assert versions["tool_schemas"] == NO_TOOLS
+    assert versions["router"].startswith("router-")
+    assert versions["prompt"].startswith("prompt-")
+    assert "torch=" in versions["runtime"]
+
+
+def test_current_versions_in_process_matches_settings(tmp_path: Path) -> None:
+    settings = Settings(generator_backend="null", data_dir=tmp_path, max_new_tokens=9)
+
+    first = current_versions(settings, "idx-a")
+    second = current_versions(settings, "idx-b")
+
+    assert first.decoding == "greedy-max9"
+    assert first.index == "idx-a" and second.index == "idx-b"
+    assert first.model_copy(update={"index": "idx-b"}) == second
+
+
+def _fake_model(folder: Path, content: bytes) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(content)
+    (folder / "config.json").write_text("{}")  # not a weight file: ignored by the hash
+    return weights
+
+
+def test_weights_hash_is_the_sha256_of_the_weights_and_stable(tmp_path: Path) -> None:
+    folder, cache = tmp_path / "FakeModel", tmp_path / "data" / "weights-hashes.json"
+    _fake_model(folder, b"weights-v1" * 1000)
+
+    first = weights_hash(folder, cache)
+    second = weights_hash(folder, cache)
+
+    assert first == hashlib.sha256(b"weights-v1" * 1000).hexdigest()[:16]
+    assert second == first
+    assert cache.exists()
+    assert list(json.loads(cache.read_text()).values()) == [first]
+
+
+def test_weights_hash_uses_the_cache_file(tmp_path: Path) -> None:
+    # Given a hash already computed and cached
+    folder, cache = tmp_path / "FakeModel", tmp_path / "weights-hashes.json"
+    _fake_model(folder, b"weights-v1")
+    weights_hash(folder, cache)
+
+    # When the cached value is replaced behind its back
+    data = json.loads(cache.read_text())
+    (key,) = data
+    cache.write_text(json.dumps({key: "from-the-cache"}))
+
+    # Then the next call answers from the cache instead of re-reading the weights
+    assert weights_hash(folder, cache) == "from-the-cache"
+
+
+def test_weights_hash_changes_when_the_weights_change(tmp_path: Path) -> None:
+    folder, cache = tmp_path / "FakeModel", tmp_path / "weights-hashes.json"
+    weights = _fake_model(folder, b"weights-v1")
+    before = weights_hash(folder, cache)
+    old_mtime = weights.stat().st_mtime_ns
+
+    # Same size, different bytes, and a newer mtime (as a real rewrite would leave)
+    weights.write_bytes(b"weights-v2")
+    os.utime(weights, ns=(old_mtime + 5_000_000_000, old_mtime + 5_000_000_000))
+    after = weights_hash(folder, cache)
+
+    assert after != before
+    assert after == hashlib.sha256(b"weights-v2").hexdigest()[:16]
+    assert len(json.loads(cache.read_text())) == 2
+
+
+def test_weights_hash_of_a_folder_without_weights_is_missing(tmp_path: Path) -> None:
+    (tmp_path / "Empty").mkdir()
+
+    assert weights_hash(tmp_path / "Empty", tmp_path / "c.json") == "missing"
+    assert weights_hash(tmp_path / "Absent", tmp_path / "c.json") == "missing"
+    assert not (tmp_path / "c.json").exists()
+
+
+def test_hf_model_version_is_folder_name_at_weights_hash(tmp_path: Path) -> None:
+    folder = tmp_path / "models" / "TinyLM-Instruct"
+    _fake_model(folder, b"tiny weights")
+    settings = Settings(generator_backend="hf", generator_model=str(folder),
+                        data_dir=tmp_path / "data")
+
+    version = model_version(settings)
+
+    expected_hash = hashlib.sha256(b"tiny weights").hexdigest()[:16]
+    assert version == f"TinyLM-Instruct@{expected_hash}"
+    assert version == f"{folder.name}@{weights_hash(folder, settings.data_dir / 'weights-hashes.json')}"
+    assert (settings.data_dir / "weights-hashes.json").exists()
