@@ -117,14 +117,17 @@ class HFGenerator:
                 for row, (item, label) in enumerate(zip(items, labels, strict=True))]
 
     def _draft(self, item: GenerationItem, labels: dict[str, str], mask: Any, tokens: Any) -> Draft:
+        # The pad token is often the EOS token: find the first EOS before dropping padding.
         eos_ids = self._eos_ids()
-        produced = [int(t) for t in tokens if int(t) != self._tokenizer.pad_token_id]
-        finished = any(t in eos_ids for t in produced)
-        cut = next((i for i, t in enumerate(produced) if t in eos_ids), len(produced))
-        text = self._tokenizer.decode(produced[:cut], skip_special_tokens=True).strip()
+        raw = [int(t) for t in tokens]
+        stop = next((i for i, t in enumerate(raw) if t in eos_ids), None)
+        produced = raw[:stop] if stop is not None else [t for t in raw
+                                                        if t != self._tokenizer.pad_token_id]
+        text = self._tokenizer.decode(produced, skip_special_tokens=True).strip()
         return Draft(request_id=item.request_id, text=text, source_labels=labels,
-                     prompt_tokens=int(mask.sum()), completion_tokens=cut + int(finished),
-                     finish_reason="stop" if finished else "length", model=self.name)
+                     prompt_tokens=int(mask.sum()),
+                     completion_tokens=len(produced) + (1 if stop is not None else 0),
+                     finish_reason="stop" if stop is not None else "length", model=self.name)
 
     def _eos_ids(self) -> set[int]:
         eos = self._model.generation_config.eos_token_id

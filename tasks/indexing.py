@@ -49,12 +49,12 @@ def _pack_paragraphs(section: str, max_words: int) -> list[str]:
     current: list[str] = []
     for paragraph in (p.strip() for p in section.split("\n\n")):
         words = paragraph.split()
-        while len(words) > max_words:
-            packed.append(" ".join(words[:max_words]))
-            words = words[max_words:]
         if current and len(" ".join(current).split()) + len(words) > max_words:
             packed.append("\n\n".join(current))
             current = []
+        while len(words) > max_words:
+            packed.append(" ".join(words[:max_words]))
+            words = words[max_words:]
         if words:
             current.append(" ".join(words) if len(words) != len(paragraph.split()) else paragraph)
     if current:
