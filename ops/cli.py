@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -35,7 +35,7 @@ def _settings() -> Settings:
         raise typer.Exit(2) from None
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     console.print(f"[red]error:[/red] {message}")
     raise typer.Exit(1)
 
@@ -107,15 +107,15 @@ def _progress() -> Progress:
 def run(
     job_file: Annotated[Path, typer.Argument(help="JSONL file, one request per line")],
     out_dir: Annotated[Path | None, typer.Option("--out", help="where results go")] = None,
-    workers: Annotated[bool, typer.Option(help="start one worker per queue (default: "
-                                                "only in the embedded mode)")] = None,  # type: ignore[assignment]
+    workers: Annotated[bool | None, typer.Option(help="start one worker per queue (default: "
+                                                       "only in the embedded mode)")] = None,
     timeout_s: Annotated[float | None, typer.Option(help="give up waiting after this")] = None,
 ) -> None:
     """Run a job file to the end and write results.jsonl and errors.jsonl.
 
     Re-running the same file resumes it: requests already terminal are not redone."""
     from ops.corpus import ensure_example_index
-    from ops.embedded import WorkerFleet
+    from ops.embedded import WorkerDied, WorkerFleet
     from ops.jobs import export_job, submit_job, wait_for_job
     from workers.reconciler import ReconcilerThread
 
@@ -137,9 +137,15 @@ def run(
         reconciler.start()
         with _progress() as progress:
             task = progress.add_task("requests", total=None)
-            done = wait_for_job(settings, admitted.job_id,
-                                lambda d, t: progress.update(task, completed=d, total=t),
-                                timeout_s=timeout_s)
+
+            def tick(done: int, total: int) -> None:
+                progress.update(task, completed=done, total=total)
+                if fleet:
+                    fleet.raise_if_dead()
+
+            done = wait_for_job(settings, admitted.job_id, tick, timeout_s=timeout_s)
+    except WorkerDied as exc:
+        _fail(f"{exc}; run the same command again to resume")
     finally:
         reconciler.stop()
         if fleet:
@@ -339,7 +345,7 @@ def replay(request_id: str,
                                       pinned_versions_now(settings), follow_current_versions)
     except AdmissionError as exc:
         _fail(str(exc))
-    enqueue(dispatch)
+    enqueue(dispatch, settings)
     out.print(f"replaying {request_id} from {from_stage.value} as run {dispatch.hop.run}")
     if wait:
         from ops.client import SluiceClient

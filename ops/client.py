@@ -41,7 +41,7 @@ class SluiceClient:
         with session_scope(self.settings.database_url) as session:
             request_id, dispatches = admit_one(session, line, pinned_versions_now(self.settings),
                                                self.settings.drift_policy, lane)
-        enqueue_all(dispatches)
+        enqueue_all(dispatches, self.settings)
         return request_id
 
     @staticmethod

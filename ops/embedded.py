@@ -14,6 +14,10 @@ from workers.app import stage_queues
 from workers.settings import Settings
 
 
+class WorkerDied(RuntimeError):
+    """A worker the command started exited; its log says why."""
+
+
 class WorkerFleet:
     """`sluice worker` processes, one per stage, sharing this process's settings."""
 
@@ -28,6 +32,13 @@ class WorkerFleet:
         for stage in stages or list(Stage):
             self.processes[stage] = start_worker(self.settings, stage, self.log_dir,
                                                  self.concurrency)
+
+    def raise_if_dead(self) -> None:
+        for stage, process in self.processes.items():
+            if process.poll() is not None:
+                log = self.log_dir / f"worker-{stage.value}.log"
+                raise WorkerDied(f"the {stage.value} worker exited with code "
+                                 f"{process.returncode}; see {log}")
 
     def stop(self, timeout_s: float = 20) -> None:
         for process in self.processes.values():

@@ -60,7 +60,7 @@ def submit_job(settings: Settings, path: Path, lane: Lane = Lane.BATCH) -> Admit
                              malformed=parsed.malformed, line_numbers=parsed.line_numbers,
                              versions=versions, drift_policy=settings.drift_policy,
                              shard_size=settings.shard_size, lane=lane)
-    enqueue_all(admitted.dispatches)
+    enqueue_all(admitted.dispatches, settings)
     return admitted
 
 

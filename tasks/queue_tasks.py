@@ -11,7 +11,7 @@ from tasks.retrieval import Retriever
 from tasks.router import route
 from tasks.validation import validate
 from workers.app import TASK_NAMES, app
-from workers.base import Results, StageTask
+from workers.base import Results, StageTask, TransientError
 from workers.runtime import Runtime
 from workers.versions import decoding_policy
 
@@ -31,7 +31,13 @@ def compute_retrieval(runtime: Runtime, records: list[ItemRecord],
 
 def compute_generation(runtime: Runtime, records: list[ItemRecord],
                        budget: float | None) -> Results:
-    output = runtime.generator().generate(adapters.generation_input(records, budget))
+    import torch
+
+    try:
+        output = runtime.generator().generate(adapters.generation_input(records, budget))
+    except torch.OutOfMemoryError as exc:  # a smaller co-scheduled batch may fit next time
+        torch.cuda.empty_cache()
+        raise TransientError(f"accelerator out of memory: {exc}") from exc
     return adapters.generation_results(output, decoding_policy(runtime.settings).version)
 
 

@@ -42,7 +42,7 @@ Compute = Callable[[Runtime, list[ItemRecord], float | None], Results]
 
 
 class TransientError(RuntimeError):
-    """Trouble that a later attempt may not meet (GPU out of memory, a busy dependency)."""
+    """Trouble that a later attempt may not meet (accelerator out of memory, a busy dependency)."""
 
 
 # Retried with backoff. Everything else is permanent and ends the claimed items as failed.
@@ -65,10 +65,14 @@ class StageTask(Task):  # type: ignore[misc]
         runtime = get_runtime()
         key = runs.StageKey(Hop.model_validate(hop_data), stage)
         owner = runs.LeaseOwner(socket.gethostname(), os.getpid(), self.request.id or "direct")
-        with session_scope(runtime.settings.database_url) as session:
-            claim = runs.claim(session, key, owner, runtime.settings.lease_s)
-        if claim.state == runs.ClaimState.DONE:
-            return self._forward(runtime, key, hop_data)
+        try:
+            with session_scope(runtime.settings.database_url) as session:
+                claim = runs.claim(session, key, owner, runtime.settings.lease_s)
+            if claim.state == runs.ClaimState.DONE:
+                return self._forward(runtime, key, hop_data)
+        except TRANSIENT_ERRORS as exc:  # nothing claimed yet: just try the message again
+            raise self.retry(exc=exc, countdown=self._backoff_s(runtime),
+                             max_retries=runtime.settings.max_retries) from exc
         if claim.state != runs.ClaimState.CLAIMED:
             raise Ignore()  # another live delivery computes, or nothing is left
         try:
@@ -83,6 +87,11 @@ class StageTask(Task):  # type: ignore[misc]
             self._fail_claimed(runtime, key, owner, claim, exc)
         return hop_data
 
+    def _backoff_s(self, runtime: Runtime) -> float:
+        """Capped exponential backoff with full jitter."""
+        ceiling = min(runtime.settings.retry_backoff_max_s, 2.0 ** self.request.retries)
+        return random.uniform(0, ceiling)
+
     def _forward(self, runtime: Runtime, key: runs.StageKey, hop_data: dict[str, Any]) -> dict[str, Any]:
         """A redelivery of a committed stage: pass the recorded output on, compute nothing."""
         with session_scope(runtime.settings.database_url) as session:
@@ -95,25 +104,27 @@ class StageTask(Task):  # type: ignore[misc]
                      claim: runs.Claim, compute: Compute) -> None:
         settings = runtime.settings
         ids = list(claim.row_ids)
-        with session_scope(settings.database_url) as session:
-            states = runs.request_states(session, ids)
-            records = runs.load_records(session, ids, key)
-        served = runtime.served_versions(key.stage)
-        decided, events = _decide_before_stage(key.stage, states, claim.deliveries, served,
-                                               settings.max_deliveries)
-        active = [r for r in records if r.request_id not in decided]
         started = time.monotonic()
-        results: list[ItemResult] = []
-        if active:
-            budget = _budget_s([states[r.request_id].deadline_at for r in active])
-            with _lease_heartbeat(settings.database_url, list(claim.row_ids.values()), owner,
-                                  settings.lease_s):
+        # The lease is renewed from the claim on: warm-up and hashing count as work too.
+        with _lease_heartbeat(settings.database_url, list(claim.row_ids.values()), owner,
+                              settings.lease_s):
+            with session_scope(settings.database_url) as session:
+                states = runs.request_states(session, ids)
+                records = runs.load_records(session, ids, key)
+            served = runtime.served_versions(key.stage)
+            decided, events = _decide_before_stage(key.stage, key.hop.run, states,
+                                                   claim.deliveries, served,
+                                                   settings.max_deliveries)
+            active = [r for r in records if r.request_id not in decided]
+            results: list[ItemResult] = []
+            if active:
+                budget = _budget_s([states[r.request_id].deadline_at for r in active])
                 results, stage_events = compute(runtime, active, budget)
-            events += stage_events
-        work = runs.StageCommit(key, owner, claim.row_ids, list(decided.values()) + results,
-                                events, served.model_dump(), time.monotonic() - started)
-        with session_scope(settings.database_url) as session:
-            runs.commit(session, work)
+                events += stage_events
+            work = runs.StageCommit(key, owner, claim.row_ids, list(decided.values()) + results,
+                                    events, served.model_dump(), time.monotonic() - started)
+            with session_scope(settings.database_url) as session:
+                runs.commit(session, work)
 
     def _retry_or_fail(self, runtime: Runtime, key: runs.StageKey, owner: runs.LeaseOwner,
                        claim: runs.Claim, exc: BaseException) -> None:
@@ -123,8 +134,7 @@ class StageTask(Task):  # type: ignore[misc]
             return
         with session_scope(settings.database_url) as session:
             runs.release(session, list(claim.row_ids.values()), owner)
-        ceiling = min(settings.retry_backoff_max_s, 2.0 ** self.request.retries)
-        raise self.retry(exc=exc, countdown=random.uniform(0, ceiling),
+        raise self.retry(exc=exc, countdown=self._backoff_s(runtime),
                          max_retries=settings.max_retries)
 
     def _fail_claimed(self, runtime: Runtime, key: runs.StageKey, owner: runs.LeaseOwner,
@@ -141,7 +151,7 @@ class StageTask(Task):  # type: ignore[misc]
             runs.commit(session, work)
 
 
-def _decide_before_stage(stage: Stage, states: dict[str, runs.RequestState],
+def _decide_before_stage(stage: Stage, run: int, states: dict[str, runs.RequestState],
                          deliveries: dict[str, int], served: VersionTuple,
                          max_deliveries: int) -> tuple[dict[str, ItemResult], list[AuditRecord]]:
     """Outcomes settled without running the stage, and the drift events of `follow`."""
@@ -149,7 +159,8 @@ def _decide_before_stage(stage: Stage, states: dict[str, runs.RequestState],
     events: list[AuditRecord] = []
     now = utcnow()
     for rid, state in states.items():
-        result, event = _gate_one(stage, rid, state, deliveries[rid], served, max_deliveries, now)
+        result, event = _gate_one(stage, run, rid, state, deliveries[rid], served,
+                                  max_deliveries, now)
         if result is not None:
             decided[rid] = result
         if event is not None:
@@ -157,11 +168,13 @@ def _decide_before_stage(stage: Stage, states: dict[str, runs.RequestState],
     return decided, events
 
 
-def _gate_one(stage: Stage, rid: str, state: runs.RequestState, deliveries: int,
+def _gate_one(stage: Stage, run: int, rid: str, state: runs.RequestState, deliveries: int,
               served: VersionTuple, max_deliveries: int,
               now: datetime) -> tuple[ItemResult | None, AuditRecord | None]:
-    if state.status.is_terminal:
-        return ItemResult(request_id=rid, output={"skipped": state.status.value},
+    if state.status.is_terminal or state.run != run:
+        # Ended earlier (cancelled, refused...) or superseded by a replay: ride along.
+        return ItemResult(request_id=rid, output={"skipped": state.status.value,
+                                                  "request_run": state.run},
                           untouched=True), None
     if deliveries > max_deliveries:
         return _ended(rid, Status.FAILED, "PoisonMessage",

@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
-from celery import chain
+from functools import lru_cache
+
+from celery import Celery, chain
 
 from schemas.status import Stage
-from workers.app import TASK_NAMES, app, queue_name
+from workers.app import TASK_NAMES, create_app, queue_name
+from workers.settings import Settings
 from workers.store.admission import Dispatch
 
 
-def enqueue(dispatch: Dispatch) -> None:
+@lru_cache(maxsize=4)
+def _sender(broker_url: str, key_prefix: str) -> Celery:
+    return create_app(Settings(broker_url=broker_url, broker_key_prefix=key_prefix))
+
+
+def sender_for(settings: Settings) -> Celery:
+    """A producer-side app on the settings' broker (not necessarily the environment's)."""
+    return _sender(settings.broker_url, settings.broker_key_prefix)
+
+
+def enqueue(dispatch: Dispatch, settings: Settings) -> None:
     """One chain per shard; the message carries the hop's ids only."""
+    app = sender_for(settings)
     stages = list(Stage)[list(Stage).index(dispatch.stage):]
     signatures = [app.signature(TASK_NAMES[s], queue=queue_name(s, dispatch.lane))
                   for s in stages]
@@ -18,6 +32,6 @@ def enqueue(dispatch: Dispatch) -> None:
     chain(first, *signatures[1:]).apply_async()
 
 
-def enqueue_all(dispatches: list[Dispatch]) -> None:
+def enqueue_all(dispatches: list[Dispatch], settings: Settings) -> None:
     for dispatch in dispatches:
-        enqueue(dispatch)
+        enqueue(dispatch, settings)

@@ -33,28 +33,26 @@ class Redrive:
 
 
 def find_and_reset(session: Session, stall_s: float) -> list[Redrive]:
-    """Stalled stage runs, reset to pending with a fresh clock, one re-drive per shard stage."""
+    """Stalled stage runs, reset to pending with a fresh clock, one re-drive per shard stage.
+    The reset re-checks its condition, so a row a worker claims meanwhile is left alone."""
     now = utcnow()
     expired = (StageRun.status == StageRunStatus.RUNNING.value) & (StageRun.lease_expires_at < now)
     stalled = (StageRun.status == StageRunStatus.PENDING.value) & (
         StageRun.created_at < now - timedelta(seconds=stall_s))
     rows = session.execute(
-        select(StageRun.id, StageRun.shard_id, StageRun.stage, StageRun.run, StageRun.round,
-               StageRun.status, Shard.lane)
-        .join(Shard, Shard.id == StageRun.shard_id).where(expired | stalled)).all()
+        update(StageRun).where(expired | stalled)
+        .values(status=StageRunStatus.PENDING.value, lease_owner=None, lease_expires_at=None,
+                created_at=now)
+        .returning(StageRun.shard_id, StageRun.stage, StageRun.run, StageRun.round)
+        .execution_options(synchronize_session=False)).all()
     if not rows:
         return []
-    session.execute(update(StageRun).where(StageRun.id.in_([r.id for r in rows]))
-                    .values(status=StageRunStatus.PENDING.value, lease_owner=None,
-                            lease_expires_at=None, created_at=now)
-                    .execution_options(synchronize_session=False))
-    seen: dict[tuple[str, str, int, int], Redrive] = {}
-    for r in rows:
-        reason = "lease expired" if r.status == StageRunStatus.RUNNING.value else "stalled"
-        hop = Hop(shard_id=r.shard_id, run=r.run, round=r.round)
-        seen.setdefault((r.shard_id, r.stage, r.run, r.round),
-                        Redrive(Dispatch(hop, Stage(r.stage), Lane(r.lane)), reason))
-    return list(seen.values())
+    lanes = dict(session.execute(select(Shard.id, Shard.lane)
+                                 .where(Shard.id.in_({r.shard_id for r in rows}))).all())
+    keys = {(r.shard_id, r.stage, r.run, r.round) for r in rows}
+    return [Redrive(Dispatch(Hop(shard_id=shard, run=run, round=round_), Stage(stage),
+                             Lane(lanes[shard])), "lease expired or stalled")
+            for shard, stage, run, round_ in sorted(keys)]
 
 
 def reconcile_once(settings: Settings) -> list[Redrive]:
@@ -65,7 +63,7 @@ def reconcile_once(settings: Settings) -> list[Redrive]:
     for redrive in redrives:
         log.warning("re-driving %s of shard %s (%s)", redrive.dispatch.stage,
                     redrive.dispatch.hop.shard_id, redrive.reason)
-        enqueue(redrive.dispatch)
+        enqueue(redrive.dispatch, settings)
     return redrives
 
 
@@ -88,4 +86,5 @@ class ReconcilerThread(threading.Thread):
 
     def stop(self) -> None:
         self.stopped.set()
-        self.join(timeout=10)
+        if self.is_alive():
+            self.join(timeout=10)

@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(default=128, gt=0, le=4096)
     max_input_tokens: int = Field(default=2048, gt=0)
     lease_s: float = Field(default=15.0, gt=0)
-    max_deliveries: int = Field(default=5, gt=0)
+    max_deliveries: int = Field(default=8, gt=0)
     max_retries: int = Field(default=5, ge=0)
     retry_backoff_max_s: float = Field(default=60.0, gt=0)
     reconcile_interval_s: float = Field(default=5.0, gt=0)
@@ -71,6 +71,9 @@ class Settings(BaseSettings):
             self.embedder_model = _packaged_embedder_path()
         if self.environment == "production" and self.database_url.startswith("sqlite"):
             raise ValueError("production needs SLUICE_DATABASE_URL set to Postgres, got SQLite")
+        if self.max_deliveries <= self.max_retries + 1:
+            raise ValueError(f"max_deliveries must exceed max_retries + 1 (each retry is a "
+                             f"delivery), got {self.max_deliveries} and {self.max_retries}")
         if self.generator_backend == "null" and self.environment == "production":
             raise ValueError("the null generator is for the orchestration benchmark only")
         return self

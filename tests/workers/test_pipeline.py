@@ -324,7 +324,7 @@ def _admit_pinned(pipeline: Pipeline, custom_id: str, question: str, policy: Dri
                                        "request": {"kind": "answer", "question": question}})
     with session_scope(settings.database_url) as session:  # type: ignore[attr-defined]
         request_id, dispatches = admit_one(session, line, pin, policy, Lane.ONLINE)
-    enqueue_all(dispatches)
+    enqueue_all(dispatches, settings)  # type: ignore[arg-type]
     return request_id
 
 
@@ -364,18 +364,24 @@ def test_replay_of_a_failed_request_succeeds_and_is_audited(pipeline: Pipeline) 
     assert client.wait(request_id, timeout_s=300)["error_class"] == "VersionDrift"
     # When an operator replays it strictly, it fails the same way
     with session_scope(settings.database_url) as session:  # type: ignore[attr-defined]
-        enqueue(replay(session, request_id, Stage.ROUTER, pinned_versions_now(settings), False))  # type: ignore[arg-type]
+        enqueue(replay(session, request_id, Stage.ROUTER, pinned_versions_now(settings), False), settings)  # type: ignore[arg-type]
     again = wait_until(lambda: _finished_run(client, request_id, 1), 300, what="strict replay")
     assert again["status"] == Status.FAILED and again["error_class"] == "VersionDrift"  # type: ignore[index]
     # And replayed following the current versions, it reaches the right outcome
     with session_scope(settings.database_url) as session:  # type: ignore[attr-defined]
-        enqueue(replay(session, request_id, Stage.ROUTER, pinned_versions_now(settings), True))  # type: ignore[arg-type]
+        enqueue(replay(session, request_id, Stage.ROUTER, pinned_versions_now(settings), True), settings)  # type: ignore[arg-type]
     final = wait_until(lambda: _finished_run(client, request_id, 2), 300, what="replay")
     assert final["status"] == Status.REFUSED  # type: ignore[index]
     replays = _events(settings, EventKind.REPLAY)
     assert replays[(request_id, 1)] == 1 and replays[(request_id, 2)] == 1
     routed = _events(settings, EventKind.ROUTE_DECISION)
     assert routed[(request_id, 2)] == 1
+    # And a replay cannot skip the router's refusal by starting after it
+    from workers.store.admission import AdmissionError
+
+    with pytest.raises(AdmissionError, match="never reached retrieval"):
+        with session_scope(settings.database_url) as session:  # type: ignore[attr-defined]
+            replay(session, request_id, Stage.RETRIEVAL, pinned_versions_now(settings), True)  # type: ignore[arg-type]
 
 
 def _finished_run(client, request_id: str, run: int):  # type: ignore[no-untyped-def]

@@ -69,6 +69,7 @@ def replay(session: Session, request_id: str, from_stage: Stage, current: Versio
     if request.status in ACTIVE:
         raise AdmissionError(f"request {request_id} is still {request.status}; replay ends work")
     previous_run, run = request.run, request.run + 1
+    _require_stage_reached(session, request_id, previous_run, from_stage)
     _copy_earlier_stages(session, request_id, previous_run, run, from_stage)
     policy = DriftPolicy.FOLLOW if follow_current_versions else DriftPolicy.STRICT
     if follow_current_versions:
@@ -94,6 +95,18 @@ def _replay_shard(session: Session, request: Request, run: int, from_stage: Stag
                                            StageRun.run == run)
                     .values(shard_id=shard_id).execution_options(synchronize_session=False))
     return shard_id
+
+
+def _require_stage_reached(session: Session, request_id: str, run: int, stage: Stage) -> None:
+    """Replaying from a stage reuses earlier decisions only if they passed the request on:
+    a refusal by the router is never skipped by replaying from retrieval."""
+    if stage == Stage.ROUTER:
+        return
+    reached = session.scalar(select(StageRun.id).where(
+        StageRun.request_id == request_id, StageRun.run == run, StageRun.stage == stage.value))
+    if reached is None:
+        raise AdmissionError(f"request {request_id} never reached {stage} in run {run}; "
+                             f"replay it from an earlier stage")
 
 
 def _copy_earlier_stages(session: Session, request_id: str, previous_run: int, run: int,

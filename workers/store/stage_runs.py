@@ -9,17 +9,18 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from schemas.stages import AuditRecord, Hop, ItemRecord, ItemResult
 from schemas.status import Stage, StageRunStatus, Status
-from workers.store.models import AuditEvent, Job, Request, StageRun
+from workers.store.models import AuditEvent, Request, StageRun
 from workers.store.timeutil import utcnow
 
 RUNNING = StageRunStatus.RUNNING.value
 PENDING = StageRunStatus.PENDING.value
 DONE = StageRunStatus.DONE.value
+ACTIVE = (Status.QUEUED.value, Status.RUNNING.value)
 
 
 class LeaseLost(RuntimeError):
@@ -165,19 +166,19 @@ def load_records(session: Session, request_ids: list[str], key: StageKey) -> lis
 @dataclass(frozen=True)
 class RequestState:
     status: Status
+    run: int
     pinned_versions: dict[str, Any]
     drift_policy: str
     deadline_at: datetime | None
-    cancelled: bool
 
 
 def request_states(session: Session, request_ids: list[str]) -> dict[str, RequestState]:
     rows = session.execute(
-        select(Request.id, Request.status, Request.pinned_versions, Request.drift_policy,
-               Request.deadline_at, Job.cancelled_at)
-        .outerjoin(Job, Job.id == Request.job_id).where(Request.id.in_(request_ids))).all()
-    return {r.id: RequestState(Status(r.status), r.pinned_versions, r.drift_policy,
-                               r.deadline_at, r.cancelled_at is not None) for r in rows}
+        select(Request.id, Request.status, Request.run, Request.pinned_versions,
+               Request.drift_policy, Request.deadline_at)
+        .where(Request.id.in_(request_ids))).all()
+    return {r.id: RequestState(Status(r.status), r.run, r.pinned_versions, r.drift_policy,
+                               r.deadline_at) for r in rows}
 
 
 @dataclass
@@ -196,6 +197,10 @@ class StageCommit:
 def commit(session: Session, work: StageCommit) -> list[str]:
     """Finish the claimed rows, end decided requests, append events, open the next stage.
     Returns the request ids that go on to the next stage."""
+    covered = {r.request_id for r in work.results}
+    if covered != set(work.row_ids):
+        raise ValueError(f"{work.key.stage} returned results for {sorted(covered)}, "
+                         f"claimed {sorted(work.row_ids)}")
     _assert_lease(session, work)
     now = utcnow()
     session.execute(update(StageRun), [_finished_row(work, r, now) for r in work.results])
@@ -236,23 +241,25 @@ def _finished_row(work: StageCommit, result: ItemResult, now: datetime) -> dict[
 
 
 def _update_requests(session: Session, work: StageCommit, now: datetime) -> None:
-    """Decided requests get their outcome row by row; the first stage marks the rest running
-    in one statement; later stages leave undecided requests as they are."""
+    """Decided requests get their outcome; queued ones become running. Only a request still
+    active in this run is written, so a cancel or a newer run is never overwritten."""
+    live = (Request.id == bindparam("rid"), Request.run == work.key.hop.run,
+            Request.status.in_(ACTIVE))
     ended = [_ended_row(work, r, now) for r in work.results if r.outcome and not r.untouched]
     if ended:
-        session.execute(update(Request), ended)
-    if work.key.stage == Stage.ROUTER:
-        onward = [r.request_id for r in work.results if r.outcome is None and not r.untouched]
-        if onward:
-            session.execute(update(Request).where(Request.id.in_(onward))
-                            .values(status=Status.RUNNING.value)
-                            .execution_options(synchronize_session=False))
+        session.connection().execute(update(Request).where(*live), ended)
+    onward = [r.request_id for r in work.results if r.outcome is None and not r.untouched]
+    if onward:
+        session.execute(update(Request).where(Request.id.in_(onward),
+                                              Request.status == Status.QUEUED.value)
+                        .values(status=Status.RUNNING.value)
+                        .execution_options(synchronize_session=False))
 
 
 def _ended_row(work: StageCommit, result: ItemResult, now: datetime) -> dict[str, Any]:
     outcome = result.outcome
     assert outcome is not None
-    return {"id": result.request_id, "status": outcome.status.value, "finished_at": now,
+    return {"rid": result.request_id, "status": outcome.status.value, "finished_at": now,
             "error_class": outcome.error_class,
             "error_stage": work.key.stage.value if outcome.error_class else None,
             "error_message": outcome.message or None, "output": result.final_text,
