@@ -9,7 +9,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import bindparam, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from schemas.stages import AuditRecord, Hop, ItemRecord, ItemResult
@@ -243,8 +243,9 @@ def _finished_row(work: StageCommit, result: ItemResult, now: datetime) -> dict[
 def _update_requests(session: Session, work: StageCommit, now: datetime) -> None:
     """Decided requests get their outcome; queued ones become running. Only a request still
     active in this run is written, so a cancel or a newer run is never overwritten."""
+    # Plain comparisons, not IN: an executemany cannot expand a list parameter.
     live = (Request.id == bindparam("rid"), Request.run == work.key.hop.run,
-            Request.status.in_(ACTIVE))
+            or_(*(Request.status == status for status in ACTIVE)))
     ended = [_ended_row(work, r, now) for r in work.results if r.outcome and not r.untouched]
     if ended:
         session.connection().execute(update(Request).where(*live), ended)
