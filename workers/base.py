@@ -207,10 +207,13 @@ def _ended(rid: str, status: Status, error_class: str, message: str, kind: Event
 
 
 def _budget_s(deadlines: list[datetime | None]) -> float | None:
-    known = [as_utc(d) for d in deadlines if d is not None]
-    if not known:
+    """The time the engine may spend on the shard: the latest deadline, and only when every
+    item has one. One item's short deadline must not cut its neighbours' outputs short;
+    each item's own deadline is checked again at every stage boundary."""
+    if not deadlines or any(d is None for d in deadlines):
         return None
-    return max(0.0, (min(d for d in known if d) - utcnow()).total_seconds())
+    latest = max(as_utc(d) for d in deadlines if d is not None)
+    return max(0.0, (latest - utcnow()).total_seconds())
 
 
 @contextmanager
