@@ -56,14 +56,8 @@ def router_results(output: RouterOutput) -> Results:
 
 def retrieval_input(records: list[ItemRecord], top_k: int) -> RetrievalInput:
     return RetrievalInput(top_k=top_k, items=[RetrievalItem(
-        request_id=r.request_id, tenant=r.tenant, grants=r.grants, query=_query(r))
+        request_id=r.request_id, tenant=r.tenant, grants=r.grants, query=_request_text(r))
         for r in records])
-
-
-def _query(record: ItemRecord) -> str:
-    if record.kind == "document":
-        return _request_text(record)
-    return str(record.payload.get("question", ""))
 
 
 def retrieval_results(output: RetrievalOutput, records: list[ItemRecord]) -> Results:
