@@ -17,8 +17,9 @@ from sqlalchemy.orm import Session
 from tasks.embedding import Embedder, embedder_id
 from tasks.indexing import ChunkRecord, chunk_id, document_id, index_id, split_markdown, write_index
 from workers.settings import Settings
+from workers.store.admission import ensure_tenants
 from workers.store.engine import session_scope
-from workers.store.models import Chunk, Document, IndexVersion, Tenant
+from workers.store.models import Chunk, Document, IndexVersion
 
 SUFFIXES = {".md", ".markdown", ".txt"}
 Progress = Callable[[int, int], None]
@@ -36,17 +37,11 @@ def ingest_tree(settings: Settings, root: Path) -> IngestReport:
     report = IngestReport()
     with session_scope(settings.database_url) as session:
         for tenant_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-            _ensure_tenant(session, tenant_dir.name)
+            ensure_tenants(session, {tenant_dir.name})
             for path in sorted(tenant_dir.rglob("*")):
                 if path.is_file() and path.suffix.lower() in SUFFIXES:
                     _ingest_file(session, tenant_dir, path, report)
     return report
-
-
-def _ensure_tenant(session: Session, tenant: str) -> None:
-    if session.get(Tenant, tenant) is None:
-        session.add(Tenant(id=tenant))
-        session.flush()
 
 
 def _ingest_file(session: Session, tenant_dir: Path, path: Path, report: IngestReport) -> None:

@@ -1,8 +1,11 @@
 """The store, not the broker, is the source of truth: re-drive shards that stopped moving.
 
-A stage run whose lease expired (its worker was killed) or that has waited unclaimed for
-longer than `stall_s` is put back on its queue from that stage. Duplicate messages are
-harmless: claims let one delivery compute and the others forward or stop.
+A stage run whose lease expired (its worker was killed) is put back on its queue at once.
+One that has waited unclaimed for longer than `stall_s` (its message was lost, or is still
+queued behind a backlog) is re-driven too, backing off: each re-drive of a row doubles the
+wait before the next, up to 2**MAX_BACKOFF_DOUBLINGS x `stall_s`, so a long backlog is not
+flooded with copies. Duplicate messages are harmless: claims let one delivery compute and
+the others forward or stop.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import threading
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from schemas.stages import Hop
@@ -24,6 +27,7 @@ from workers.store.models import Shard, StageRun
 from workers.store.timeutil import utcnow
 
 log = logging.getLogger("sluice.reconciler")
+MAX_BACKOFF_DOUBLINGS = 5
 
 
 @dataclass(frozen=True)
@@ -37,22 +41,34 @@ def find_and_reset(session: Session, stall_s: float) -> list[Redrive]:
     The reset re-checks its condition, so a row a worker claims meanwhile is left alone."""
     now = utcnow()
     expired = (StageRun.status == StageRunStatus.RUNNING.value) & (StageRun.lease_expires_at < now)
-    stalled = (StageRun.status == StageRunStatus.PENDING.value) & (
+    first_stall = StageRun.redrive_after.is_(None) & (
         StageRun.created_at < now - timedelta(seconds=stall_s))
+    stalled = (StageRun.status == StageRunStatus.PENDING.value) & (
+        first_stall | (StageRun.redrive_after < now))
     rows = session.execute(
         update(StageRun).where(expired | stalled)
         .values(status=StageRunStatus.PENDING.value, lease_owner=None, lease_expires_at=None,
-                created_at=now)
-        .returning(StageRun.shard_id, StageRun.stage, StageRun.run, StageRun.round)
+                created_at=now, redrives=StageRun.redrives + 1)
+        .returning(StageRun.id, StageRun.shard_id, StageRun.stage, StageRun.run, StageRun.round,
+                   StageRun.redrives)
         .execution_options(synchronize_session=False)).all()
     if not rows:
         return []
+    session.connection().execute(
+        update(StageRun).where(StageRun.id == bindparam("row_id")),
+        [{"row_id": r.id, "redrive_after": now + timedelta(seconds=backoff_s(stall_s, r.redrives))}
+         for r in rows])
     lanes = dict(session.execute(select(Shard.id, Shard.lane)
                                  .where(Shard.id.in_({r.shard_id for r in rows}))).all())
     keys = {(r.shard_id, r.stage, r.run, r.round) for r in rows}
     return [Redrive(Dispatch(Hop(shard_id=shard, run=run, round=round_), Stage(stage),
                              Lane(lanes[shard])), "lease expired or stalled")
             for shard, stage, run, round_ in sorted(keys)]
+
+
+def backoff_s(stall_s: float, redrives: int) -> float:
+    """How long after its `redrives`-th re-drive a still-pending row waits for the next."""
+    return stall_s * 2 ** min(max(redrives, 0), MAX_BACKOFF_DOUBLINGS)
 
 
 def reconcile_once(settings: Settings) -> list[Redrive]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from sqlalchemy import func, insert, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from schemas.events import EventKind
@@ -55,10 +56,15 @@ def admit_job(session: Session, *, name: str, content: bytes, lines: list[Reques
     job_id = job_id_for(content)
     if session.get(Job, job_id) is not None:
         return AdmittedJob(job_id, False, resume_dispatches(session, job_id), malformed)
-    session.add(Job(id=job_id, name=name, input_sha256=job_id[4:], lane=lane.value,
-                    total_lines=len(lines) + len(malformed),
-                    malformed=[m.model_dump() for m in malformed]))
-    session.flush()
+    try:
+        with session.begin_nested():
+            session.add(Job(id=job_id, name=name, input_sha256=job_id[4:], lane=lane.value,
+                            total_lines=len(lines) + len(malformed),
+                            malformed=[m.model_dump() for m in malformed]))
+    except IntegrityError:
+        # A concurrent admission of the same file won; its insert waited for its commit,
+        # so everything it admitted is visible now: resume it.
+        return AdmittedJob(job_id, False, resume_dispatches(session, job_id), malformed)
     requests = [_new_request(line, request_id_for(job_id, line.custom_id), versions,
                              drift_policy, lane, job_id, line_no)
                 for line, line_no in zip(lines, line_numbers, strict=True)]
@@ -68,17 +74,48 @@ def admit_job(session: Session, *, name: str, content: bytes, lines: list[Reques
 
 def admit_one(session: Session, line: RequestLine, versions: VersionTuple,
               drift_policy: DriftPolicy, lane: Lane = Lane.ONLINE) -> tuple[str, list[Dispatch]]:
-    """Admit one upstream request as a shard of one; a repeated idempotency key returns the
-    first request's id and enqueues nothing."""
+    """Admit one upstream request as a shard of one. A repeated idempotency key returns the
+    first request's id, and enqueues again only a first stage that was never delivered (the
+    first submit's enqueue failed); a duplicate message is harmless, claims dedupe it."""
     if line.idempotency_key:
-        existing = session.scalar(select(Request.id).where(
-            Request.tenant_id == line.tenant, Request.idempotency_key == line.idempotency_key))
+        existing = _by_idempotency_key(session, line)
         if existing:
-            return existing, []
+            return existing, _undelivered(session, existing)
     scope = line.idempotency_key or uuid.uuid4().hex
     request = _new_request(line, request_id_for(f"{line.tenant}:{scope}", line.custom_id),
                            versions, drift_policy, lane, None, None)
-    return request.id, _persist(session, [request], None, lane, 1)
+    try:
+        with session.begin_nested():
+            dispatches = _persist(session, [request], None, lane, 1)
+    except IntegrityError:
+        # The same key admitted concurrently: the first admission stands.
+        existing = _by_idempotency_key(session, line) if line.idempotency_key else None
+        if existing is None:
+            raise
+        return existing, _undelivered(session, existing)
+    return request.id, dispatches
+
+
+def _by_idempotency_key(session: Session, line: RequestLine) -> str | None:
+    return session.scalar(select(Request.id).where(
+        Request.tenant_id == line.tenant, Request.idempotency_key == line.idempotency_key))
+
+
+def _undelivered(session: Session, request_id: str) -> list[Dispatch]:
+    """The request's first stage, if it is still pending and no worker ever received it."""
+    row = session.execute(
+        select(StageRun.shard_id, StageRun.stage, StageRun.run, StageRun.round, Shard.lane,
+               Shard.start_stage)
+        .join(Shard, Shard.id == StageRun.shard_id)
+        .join(Request, Request.id == StageRun.request_id)
+        .where(StageRun.request_id == request_id, StageRun.status == StageRunStatus.PENDING.value,
+               StageRun.deliveries == 0, StageRun.stage == Shard.start_stage,
+               Request.status == Status.QUEUED.value)
+        .limit(1)).first()
+    if row is None:
+        return []
+    return [Dispatch(Hop(shard_id=row.shard_id, run=row.run, round=row.round), Stage(row.stage),
+                     Lane(row.lane))]
 
 
 def _new_request(line: RequestLine, request_id: str, versions: VersionTuple,
@@ -96,7 +133,7 @@ def _new_request(line: RequestLine, request_id: str, versions: VersionTuple,
 
 def _persist(session: Session, requests: list[Request], job_id: str | None, lane: Lane,
              shard_size: int) -> list[Dispatch]:
-    _ensure_tenants(session, {r.tenant_id for r in requests})
+    ensure_tenants(session, {r.tenant_id for r in requests})
     session.add_all(requests)
     session.flush()
     session.execute(insert(AuditEvent), [
@@ -129,10 +166,17 @@ def new_shard(session: Session, request_ids: list[str], job_id: str | None, *, r
     return shard_id
 
 
-def _ensure_tenants(session: Session, tenants: set[str]) -> None:
-    known = set(session.scalars(select(Tenant.id).where(Tenant.id.in_(tenants))))
-    session.add_all(Tenant(id=t) for t in sorted(tenants - known))
-    session.flush()
+def ensure_tenants(session: Session, tenants: set[str]) -> None:
+    """Insert the tenants not yet known; concurrent admissions of a new tenant both succeed."""
+    if not tenants:
+        return
+    if session.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as upsert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as upsert
+    now = utcnow()
+    session.execute(upsert(Tenant).values([{"id": t, "created_at": now} for t in sorted(tenants)])
+                    .on_conflict_do_nothing(index_elements=["id"]))
 
 
 def resume_dispatches(session: Session, job_id: str) -> list[Dispatch]:

@@ -127,6 +127,9 @@ class StageRun(Base):
     round: Mapped[int] = mapped_column(Integer, default=0)
     status: Mapped[str] = mapped_column(String(16))
     deliveries: Mapped[int] = mapped_column(Integer, default=0)
+    # The reconciler's re-drives of a pending row back off: not again before redrive_after.
+    redrives: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    redrive_after: Mapped[datetime | None] = mapped_column(Timestamp)
     lease_owner: Mapped[str | None] = mapped_column(String(256))
     lease_expires_at: Mapped[datetime | None] = mapped_column(Timestamp)
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)

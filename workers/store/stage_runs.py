@@ -143,7 +143,8 @@ def release(session: Session, row_ids: list[int], owner: LeaseOwner) -> None:
     session.execute(
         update(StageRun).where(StageRun.id.in_(row_ids), StageRun.lease_owner == str(owner),
                                StageRun.status == RUNNING)
-        .values(status=PENDING, lease_owner=None, lease_expires_at=None, created_at=utcnow())
+        .values(status=PENDING, lease_owner=None, lease_expires_at=None, created_at=utcnow(),
+                redrive_after=None)
         .execution_options(synchronize_session=False))
 
 
