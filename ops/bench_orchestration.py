@@ -1,7 +1,7 @@
 """Orchestration benchmark, NULL generator (benchmark only): queues, leases, audit writes.
 
     .venv/bin/python ops/bench_orchestration.py [--items N] [--shard-sizes 1,32,64]
-                                                [--naive-items M]
+                                                [--naive-items M] [--retrieval-cache warm]
 
 It measures what the orchestration costs, not what a model costs: generation uses the
 `null` backend (a fixed cited sentence), while the router, retrieval (real embedder, real
@@ -12,6 +12,12 @@ write are the real ones. The numbers are items per second through:
 * the four stage queues at each other shard size (shard 32 and 64 by default);
 * the in-process limit: the same admission and the same four stage tasks with the same
   audit writes, called directly in this process in chain order, with no queue (shard 32).
+
+Query embedding is real compute that batching cannot remove (MiniLM on one CPU thread), so
+the run also measures it alone and prints the ceiling it puts on the shard/naive ratio.
+`--retrieval-cache warm` measures the orchestration without it: the Redis retrieval cache
+is on and warmed with every benchmark query before the first measurement, so every run,
+naive, batched and in-process alike, is served from it (default `off`: every query embeds).
 
 Everything it touches is its own and is removed at the end: a fresh Postgres database
 (sluice_bench_<random>), a unique Redis key prefix, a temporary data dir, four worker
@@ -99,7 +105,7 @@ class Measurement:
 # -- environment, database, redis -------------------------------------------------------------
 
 
-def prepare_environment(db_name: str, prefix: str, data_dir: Path) -> str:
+def prepare_environment(db_name: str, prefix: str, data_dir: Path, cache: str = "off") -> str:
     """SLUICE_* for this process and (through worker_env) its workers: before any import of
     workers.app, which builds the Celery app from the settings at import time."""
     url = PG_URL.format(name=db_name)
@@ -110,6 +116,7 @@ def prepare_environment(db_name: str, prefix: str, data_dir: Path) -> str:
         "SLUICE_DATABASE_URL": url,
         "SLUICE_BROKER_URL": REDIS_URL,
         "SLUICE_BROKER_KEY_PREFIX": prefix,
+        "SLUICE_RETRIEVAL_CACHE": "redis" if cache == "warm" else "off",
         # The same one thread per process the workers get from worker_env, so the in-process
         # limit is not flattered by a multi-threaded embedder.
         "OMP_NUM_THREADS": "1",
@@ -216,7 +223,29 @@ class Bench:
         started = time.perf_counter()
         self.through_queues("warm-up (queues)", 4, 8, timeout_s=self.args.warmup_timeout_s)
         self.in_process("warm-up (in-process)", 4, 4)
+        if self.args.retrieval_cache == "warm":  # every distinct benchmark query, once
+            self.through_queues("warm-up (cache)", 32, len(QUESTIONS) * len(PHRASINGS),
+                                timeout_s=self.args.warmup_timeout_s)
         say(f"warmed up ({time.perf_counter() - started:.1f}s)")
+
+    def embedding_cost(self) -> float:
+        """Seconds per query of batched query embedding alone (shard-sized batches)."""
+        from tasks.embedding import Embedder
+
+        embedder = Embedder(self.settings.embedder_model)
+        texts = [p.format(q=q) for p in PHRASINGS for q in QUESTIONS]
+        embedder.encode(texts[:IN_PROCESS_SHARD])
+        started = time.perf_counter()
+        for _ in range(2):
+            for start in range(0, len(texts), IN_PROCESS_SHARD):
+                embedder.encode(texts[start:start + IN_PROCESS_SHARD])
+        return (time.perf_counter() - started) / (2 * len(texts))
+
+    def cache_stats(self) -> str:
+        from workers.cache import retrieval_cache
+
+        stats = retrieval_cache(self.settings).stats()
+        return f"retrieval cache: {stats.hits} hits, {stats.misses} misses"
 
     # (a), (b): through the four queues
 
@@ -334,9 +363,10 @@ def fmt_counts(counts: dict[str, int]) -> str:
 
 
 def report(rows: list[Measurement], naive: Measurement, by_shard: dict[int, Measurement],
-           inproc: Measurement) -> None:
+           inproc: Measurement, embed_s: float | None, cache: str) -> None:
     print()
     print(TITLE)
+    print(f"retrieval cache: {cache}")
     print()
     header = (f"{'run':<24} {'items':>6} {'shards':>6} {'seconds':>8} {'items/s':>9} "
               f"{'runs/item':>9} {'events/item':>11}  statuses")
@@ -359,6 +389,12 @@ def report(rows: list[Measurement], naive: Measurement, by_shard: dict[int, Meas
         value = top.rate / base if base > 0 else float("inf")
         met = "yes" if value >= goal else "NO"
         print(f"{name:<24} {value:>7.2f}x {'>=' + f'{goal:g}x':>8}  {met}")
+    if embed_s is not None and naive.rate > 0:
+        naive_s = 1 / naive.rate
+        print(f"\nquery embedding alone, batched by {IN_PROCESS_SHARD}, one thread: "
+              f"{embed_s * 1000:.2f} ms/query; naive run: {naive_s * 1000:.2f} ms/item")
+        print(f"ceiling of any batched/naive ratio while every query embeds: "
+              f"{naive_s / embed_s:.1f}x")
     failed = sum(m.counts.get("failed", 0) for m in rows)
     if failed:
         print(f"\nnote: {failed} request(s) ended failed (terminal, but see the counts above)")
@@ -390,6 +426,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--timeout-s", type=float, default=1800.0,
                         help="give up on one measured job after this (default 1800)")
     parser.add_argument("--warmup-timeout-s", type=float, default=300.0)
+    parser.add_argument("--retrieval-cache", choices=("off", "warm"), default="off",
+                        help="off: every query embeds (default); warm: the Redis retrieval "
+                             "cache serves every run, measuring orchestration alone")
     parser.add_argument("--poll-s", type=float, default=0.05,
                         help="how often to poll the store for the end of a job (default 0.05)")
     args = parser.parse_args(argv)
@@ -412,7 +451,7 @@ def main(argv: list[str]) -> int:
     db_name = f"sluice_bench_{token}"
     prefix = f"sluice_bench_{token}:"
     data_dir = Path(tempfile.mkdtemp(prefix="sluice-bench-"))
-    url = prepare_environment(db_name, prefix, data_dir)
+    url = prepare_environment(db_name, prefix, data_dir, args.retrieval_cache)
     say(TITLE)
     say(f"database {db_name}, redis prefix {prefix!r}, data dir {data_dir}")
     bench: Bench | None = None
@@ -436,7 +475,10 @@ def main(argv: list[str]) -> int:
         inproc = bench.in_process(f"in-process limit ({IN_PROCESS_SHARD})", IN_PROCESS_SHARD,
                                   args.items)
         rows.append(inproc)
-        report(rows, naive, by_shard, inproc)
+        embed_s = bench.embedding_cost() if args.retrieval_cache == "off" else None
+        if args.retrieval_cache == "warm":
+            say(bench.cache_stats())
+        report(rows, naive, by_shard, inproc, embed_s, args.retrieval_cache)
     except BaseException as exc:  # noqa: BLE001 -- report, clean up, exit 1
         status = 130 if isinstance(exc, KeyboardInterrupt) else 1
         say(f"\nERROR: {type(exc).__name__}: {exc}")

@@ -9,6 +9,7 @@ class EventKind(StrEnum):
     ADMITTED = "admitted"
     ROUTE_DECISION = "route_decision"
     DATA_READ = "data_read"
+    INJECTION_SIGNAL = "injection_signal"
     MODEL_CALL = "model_call"
     VALIDATOR_VERDICT = "validator_verdict"
     DRIFT = "drift"

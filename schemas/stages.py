@@ -90,6 +90,7 @@ class RetrievalResult(BaseModel):
     index_id: str
     chunks: list[RetrievedChunk]
     outcome: Outcome | None = None
+    cached: bool = False  # served from the retrieval cache (same index, tenant, grants, query)
 
 
 class RetrievalOutput(BaseModel):

@@ -31,7 +31,7 @@ class VersionTuple(BaseModel):
 
 STAGE_COMPONENTS: dict[Stage, tuple[str, ...]] = {
     Stage.ROUTER: ("router",),
-    Stage.RETRIEVAL: ("index",),
+    Stage.RETRIEVAL: ("index", "validators"),  # validators: the sanitizer of retrieved text
     Stage.GENERATION: ("model", "prompt", "decoding"),
     Stage.VALIDATION: ("validators",),
 }

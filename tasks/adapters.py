@@ -27,6 +27,7 @@ from schemas.stages import (
 )
 from schemas.status import AnswerClass, Stage
 from tasks.files import TEMPLATES_PATH, load_yaml
+from tasks.sanitize import SanitizePolicy, sanitize_chunks
 
 Results = tuple[list[ItemResult], list[AuditRecord]]
 
@@ -60,18 +61,25 @@ def retrieval_input(records: list[ItemRecord], top_k: int) -> RetrievalInput:
         for r in records])
 
 
-def retrieval_results(output: RetrievalOutput, records: list[ItemRecord]) -> Results:
+def retrieval_results(output: RetrievalOutput, records: list[ItemRecord],
+                      policy: SanitizePolicy) -> Results:
+    """What was read is audited as read; what generation gets is what sanitization kept."""
     scope = {r.request_id: r for r in records}
     results, events = [], []
     for res in output.results:
-        results.append(ItemResult(request_id=res.request_id, output=res.model_dump(mode="json"),
-                                  outcome=res.outcome))
         record = scope[res.request_id]
         events.append(AuditRecord(request_id=res.request_id, kind=EventKind.DATA_READ, payload={
             "index_id": res.index_id, "tenant": record.tenant, "grants": record.grants,
             "chunk_ids": [c.chunk_id for c in res.chunks],
             "document_ids": sorted({c.document_id for c in res.chunks}),
-            "scores": [round(c.score, 4) for c in res.chunks]}))
+            "scores": [round(c.score, 4) for c in res.chunks], "cached": res.cached}))
+        kept, detections = sanitize_chunks(res.chunks, policy)
+        events.extend(AuditRecord(request_id=res.request_id, kind=EventKind.INJECTION_SIGNAL,
+                                  payload={**d.model_dump(mode="json"), "policy": policy.version})
+                      for d in detections)
+        clean = res.model_copy(update={"chunks": kept})
+        results.append(ItemResult(request_id=res.request_id, output=clean.model_dump(mode="json"),
+                                  outcome=res.outcome))
     return results, events
 
 

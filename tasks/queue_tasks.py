@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from schemas.stages import ItemRecord
+from schemas.stages import ItemRecord, RetrievalOutput, RetrievalResult
 from schemas.status import Stage
 from tasks import adapters
 from tasks.retrieval import Retriever
@@ -12,8 +12,9 @@ from tasks.router import route
 from tasks.validation import validate
 from workers.app import TASK_NAMES, app
 from workers.base import Results, StageTask, TransientError
+from workers.cache import cache_key
 from workers.runtime import Runtime
-from workers.versions import decoding_policy
+from workers.versions import decoding_policy, sanitize_policy
 
 
 def compute_route(runtime: Runtime, records: list[ItemRecord], _budget: float | None) -> Results:
@@ -24,9 +25,25 @@ def compute_route(runtime: Runtime, records: list[ItemRecord], _budget: float | 
 
 def compute_retrieval(runtime: Runtime, records: list[ItemRecord],
                       _budget: float | None) -> Results:
+    """Cached results first; one embedding call and search for the misses only."""
     retriever: Retriever = runtime.retriever()
-    output = retriever.retrieve(adapters.retrieval_input(records, runtime.settings.top_k))
-    return adapters.retrieval_results(output, records)
+    cache = runtime.retrieval_cache()
+    batch = adapters.retrieval_input(records, runtime.settings.top_k)
+    keys = {item.request_id: cache_key(retriever.index_id, item.tenant, item.grants, batch.top_k,
+                                       item.query) for item in batch.items}
+    found = cache.get_many(list(keys.values()))
+    misses = [item for item in batch.items if keys[item.request_id] not in found]
+    fresh = {r.request_id: r for r in retriever.retrieve(
+        batch.model_copy(update={"items": misses})).results} if misses else {}
+    cache.put_many({keys[rid]: r.model_dump(mode="json", exclude={"request_id", "cached"})
+                    for rid, r in fresh.items() if r.outcome is None})
+    cache.count(hits=len(batch.items) - len(misses), misses=len(misses))
+    output = RetrievalOutput(results=[
+        fresh.get(item.request_id) or RetrievalResult.model_validate(
+            {**found[keys[item.request_id]], "request_id": item.request_id, "cached": True})
+        for item in batch.items])
+    # The cache holds what the index returned; the policy of the day sanitizes it.
+    return adapters.retrieval_results(output, records, sanitize_policy(runtime.settings))
 
 
 def compute_generation(runtime: Runtime, records: list[ItemRecord],

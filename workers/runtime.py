@@ -20,6 +20,7 @@ from tasks.embedding import Embedder
 from tasks.generation import Generator, HFGenerator, NullGenerator, PromptSet
 from tasks.retrieval import Retriever
 from tasks.router import RouterRules
+from workers.cache import RetrievalCache, retrieval_cache
 from workers.settings import Settings
 from workers.store.engine import session_scope
 from workers.store.models import IndexVersion
@@ -42,6 +43,7 @@ class Runtime:
         self._embedder: Embedder | None = None
         self._versions: dict[str, VersionTuple] = {}
         self._active = ActiveIndexCache(settings)
+        self._retrieval_cache: RetrievalCache | None = None
 
     def rules(self) -> RouterRules:
         if self._rules is None:
@@ -72,6 +74,11 @@ class Runtime:
             self._retriever = Retriever(self._embedder, Path(active.path), active.id)
             self._retriever.warm_up()
         return self._retriever
+
+    def retrieval_cache(self) -> RetrievalCache:
+        if self._retrieval_cache is None:
+            self._retrieval_cache = retrieval_cache(self.settings)
+        return self._retrieval_cache
 
     def generator(self) -> Generator:
         if self._generator is None:

@@ -45,6 +45,11 @@ class Settings(BaseSettings):
     corpus_dir: Path = Path(__file__).resolve().parent.parent / "ops" / "examples" / "corpus"
     shard_size: int = Field(default=32, gt=0, le=1024)
     top_k: int = Field(default=4, gt=0, le=50)
+    retrieval_cache: Literal["auto", "memory", "redis", "off"] = "auto"
+    retrieval_cache_ttl_s: float = Field(default=600.0, gt=0)
+    cache_url: str = ""  # Redis for the retrieval cache; default: the broker, when it is Redis
+    sanitize_action: Literal["drop", "quote"] = "drop"  # for chunks that read like instructions
+    sanitize_threshold: float = Field(default=0.5, gt=0, le=1)
     max_new_tokens: int = Field(default=128, gt=0, le=4096)
     max_input_tokens: int = Field(default=2048, gt=0)
     lease_s: float = Field(default=15.0, gt=0)

@@ -10,6 +10,7 @@ from pathlib import Path
 from schemas.versions import VersionTuple
 from tasks.files import ROUTER_RULES_PATH, TEMPLATES_PATH, content_hash, prompt_paths
 from tasks.generation import DecodingPolicy, NullGenerator
+from tasks.sanitize import SanitizeAction, SanitizePolicy
 from tasks.validation import VALIDATOR_VERSION
 from workers.settings import Settings
 
@@ -23,6 +24,10 @@ def decoding_policy(settings: Settings) -> DecodingPolicy:
     return DecodingPolicy(max_new_tokens=settings.max_new_tokens)
 
 
+def sanitize_policy(settings: Settings) -> SanitizePolicy:
+    return SanitizePolicy(SanitizeAction(settings.sanitize_action), settings.sanitize_threshold)
+
+
 def current_versions(settings: Settings, index_id: str) -> VersionTuple:
     """Everything but the index is derived from settings and files; the index id is given."""
     return VersionTuple(
@@ -31,7 +36,7 @@ def current_versions(settings: Settings, index_id: str) -> VersionTuple:
         router=f"router-{content_hash(ROUTER_RULES_PATH, TEMPLATES_PATH)}",
         index=index_id,
         tool_schemas=NO_TOOLS,
-        validators=VALIDATOR_VERSION,
+        validators=f"{VALIDATOR_VERSION}+{sanitize_policy(settings).version}",
         decoding=decoding_policy(settings).version,
         runtime=runtime_version(),
     )
