@@ -13,6 +13,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ops.router_cli import router_app
+from ops.validators_cli import validators_app
 from schemas.status import Lane, Stage
 from workers.settings import Settings
 
@@ -23,6 +25,8 @@ index_app = typer.Typer(help="Retrieval indexes.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(models_app, name="models")
 app.add_typer(index_app, name="index")
+app.add_typer(router_app, name="router")
+app.add_typer(validators_app, name="validators")
 console = Console(stderr=True)
 out = Console()
 
@@ -62,31 +66,102 @@ def models_prepare() -> None:
 
 
 @app.command()
-def ingest(root: Annotated[Path, typer.Argument(help="folder of <tenant>/<acl>/<file>")]) -> None:
-    """Ingest a corpus folder into the audit store (then run `sluice index build`)."""
-    from ops.corpus import ingest_tree
+def ingest(
+    paths: Annotated[list[Path], typer.Argument(help="files and folders (searched recursively)")],
+    tenant: Annotated[str | None, typer.Option(
+        help="the tenant that owns these files; without it, each PATH is a tree "
+             "<tenant>/<acl label>/<files> (the example corpus layout)")] = None,
+    acl: Annotated[str, typer.Option(
+        help="comma-separated ACL labels: a request sees a chunk only if it holds all "
+             "of them as grants")] = "public",
+    prune: Annotated[bool, typer.Option(
+        help="retire documents an ingested folder held before and no longer does")] = False,
+) -> None:
+    """Ingest Markdown, text and HTML files into the audit store; then `sluice index build`.
 
-    if not root.is_dir():
-        _fail(f"corpus folder not found: {root}")
+    Re-ingesting replaces only files whose content or ACL changed. Bad files (unreadable,
+    empty, not UTF-8, unsupported type) are reported by name and skipped.
+    """
+    from ops.corpus import CorpusError, ingest_paths, ingest_tree
+
     settings = _prepared()
-    report = ingest_tree(settings, root)
-    for path, reason in report.skipped:
+    labels = [label.strip() for label in acl.split(",") if label.strip()]
+    try:
+        with _progress() as progress:
+            task = progress.add_task("ingesting files", total=None)
+
+            def tick(done: int, total: int) -> None:
+                progress.update(task, completed=done, total=total)
+
+            if tenant is None:
+                reports = [ingest_tree(settings, root, prune=prune, progress=tick) for root in paths]
+            else:
+                reports = [ingest_paths(settings, paths, tenant, labels, prune=prune,
+                                        progress=tick)]
+    except CorpusError as exc:
+        _fail(str(exc))
+    skipped = [item for report in reports for item in report.skipped]
+    for path, reason in skipped:
         console.print(f"[yellow]skipped[/yellow] {path}: {reason}")
-    console.print(f"ingested {report.added} documents, {report.unchanged} unchanged, "
-                  f"{len(report.skipped)} skipped")
+    totals = {name: sum(getattr(r, name) for r in reports)
+              for name in ("added", "updated", "unchanged", "restored", "retired", "chunks")}
+    console.print("documents: " + ", ".join(f"{n} {name}" for name, n in totals.items()
+                                            if name != "chunks")
+                  + f", {len(skipped)} skipped; {totals['chunks']} chunks written")
+    if any(r.changed for r in reports):
+        console.print("the corpus changed: run `sluice index build` to serve it")
 
 
 @index_app.command("build")
 def index_build() -> None:
-    """Embed the chunk table and activate the index named by its content hash."""
-    from ops.corpus import build_index
+    """Embed the live chunks and activate the index named by their content hash."""
+    from ops.corpus import CorpusError, build_index
 
     settings = _prepared()
-    with _progress() as progress:
-        task = progress.add_task("embedding chunks", total=None)
-        index_id, built = build_index(
-            settings, lambda done, total: progress.update(task, completed=done, total=total))
+    try:
+        with _progress() as progress:
+            task = progress.add_task("embedding chunks", total=None)
+            index_id, built = build_index(
+                settings, lambda done, total: progress.update(task, completed=done, total=total))
+    except CorpusError as exc:
+        _fail(str(exc))
     console.print(f"{'built' if built else 'reactivated'} and activated {index_id}")
+
+
+@index_app.command("list")
+def index_list() -> None:
+    """Every index built, its kind and size, and which one is active."""
+    from ops.corpus import list_indexes
+
+    table = Table("id", "kind", "chunks", "embedder", "created", "active", "files")
+    for row in list_indexes(_prepared()):
+        table.add_row(row.id, row.kind, str(row.chunks), row.embedder, row.created_at,
+                      "*" if row.active else "", "ok" if row.on_disk else "[red]missing[/red]")
+    out.print(table)
+
+
+@index_app.command("activate")
+def index_activate(index_id: Annotated[str, typer.Argument(help="an index id or unique prefix")]) -> None:
+    """Serve this index from now on; retrieval workers pick it up without a restart."""
+    from ops.corpus import CorpusError, activate_index
+
+    try:
+        previous = activate_index(_prepared(), index_id)
+    except CorpusError as exc:
+        _fail(str(exc))
+    console.print(f"activated {index_id} (was {previous or 'none'})")
+
+
+@index_app.command("rollback")
+def index_rollback() -> None:
+    """Re-activate the index that the active one replaced."""
+    from ops.corpus import CorpusError, rollback_index
+
+    try:
+        current, previous = rollback_index(_prepared())
+    except CorpusError as exc:
+        _fail(str(exc))
+    console.print(f"rolled back from {current} to {previous}")
 
 
 def _prepared() -> Settings:

@@ -1,7 +1,12 @@
-"""Ingesting a corpus folder into the store and building the FAISS index from the chunk table.
+"""Ingesting files into the store, and building, listing, activating and rolling back indexes.
 
-Layout: <root>/<tenant>/<acl label>/<file>.md|.txt. A document's id is
-sha256("<tenant>/<path relative to the tenant folder>")[:16] (see tasks.indexing.document_id).
+Document ids: sha256("<tenant>/<path>")[:16] (tasks.indexing.document_id), where <path> is
+the file's path relative to the folder given to `sluice ingest` (for a file given by itself,
+its name). In the tree layout of the example corpus (<root>/<tenant>/<acl>/<file>) it is
+relative to the tenant folder, e.g. "engineering/deploy-runbook.md".
+
+Each file is its own transaction: a bad file is reported by name and skipped, a crash loses
+at most the file in hand, and re-ingesting an unchanged file writes nothing.
 """
 
 from __future__ import annotations
@@ -14,73 +19,178 @@ from pathlib import Path
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
+from tasks.documents import SUFFIXES, BadDocument, CountTokens, read_document, split_text
 from tasks.embedding import Embedder, embedder_id
-from tasks.indexing import ChunkRecord, chunk_id, document_id, index_id, split_markdown, write_index
+from tasks.indexing import ChunkRecord, chunk_id, document_id, index_id, index_params, write_index
 from workers.settings import Settings
 from workers.store.admission import ensure_tenants
 from workers.store.engine import session_scope
-from workers.store.models import Chunk, Document, IndexVersion
+from workers.store.models import Chunk, Document, IndexActivation, IndexVersion
+from workers.store.timeutil import utcnow
 
-SUFFIXES = {".md", ".markdown", ".txt"}
 Progress = Callable[[int, int], None]
+
+
+class CorpusError(ValueError):
+    """A corpus or index command that cannot be carried out; the message says why."""
 
 
 @dataclass
 class IngestReport:
     added: int = 0
+    updated: int = 0
     unchanged: int = 0
+    restored: int = 0  # retired earlier, present again
+    retired: int = 0
+    chunks: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
+    @property
+    def changed(self) -> bool:
+        return bool(self.added or self.updated or self.restored or self.retired)
 
-def ingest_tree(settings: Settings, root: Path) -> IngestReport:
-    """Ingest every tenant folder under `root`; bad files are reported and skipped."""
-    report = IngestReport()
-    with session_scope(settings.database_url) as session:
-        for tenant_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-            ensure_tenants(session, {tenant_dir.name})
-            for path in sorted(tenant_dir.rglob("*")):
-                if path.is_file() and path.suffix.lower() in SUFFIXES:
-                    _ingest_file(session, tenant_dir, path, report)
+
+@dataclass(frozen=True)
+class SourceFile:
+    path: Path
+    relative: str  # the part of the document id after the tenant
+    acl: tuple[str, ...]
+
+
+def collect(paths: list[Path], acl: list[str]) -> tuple[dict[Path, list[SourceFile]], list[tuple[str, str]]]:
+    """Files to ingest, grouped by the folder they are relative to; missing paths reported."""
+    groups: dict[Path, list[SourceFile]] = {}
+    missing = []
+    labels = tuple(sorted(set(acl)))
+    for given in paths:
+        if given.is_file():
+            root = given.resolve().parent
+            groups.setdefault(root, []).append(SourceFile(given, given.name, labels))
+        elif given.is_dir():
+            root = given.resolve()
+            groups.setdefault(root, []).extend(
+                SourceFile(p, p.relative_to(given).as_posix(), labels)
+                for p in sorted(given.rglob("*"))
+                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(given).parts))
+        else:
+            missing.append((str(given), "no such file or folder"))
+    return groups, missing
+
+
+def ingest_paths(settings: Settings, paths: list[Path], tenant: str, acl: list[str], *,
+                 prune: bool = False, progress: Progress | None = None,
+                 count_tokens: CountTokens | None = None) -> IngestReport:
+    """`sluice ingest PATH... --tenant T --acl L,...`: each folder's files (recursively) and
+    each file given, under one tenant and ACL. `prune` retires documents that an ingested
+    folder held before and no longer does."""
+    if not acl:
+        raise CorpusError("at least one ACL label is needed (e.g. --acl public)")
+    groups, missing = collect(paths, acl)
+    report = IngestReport(skipped=list(missing))
+    _ingest_groups(settings, tenant, groups, report, prune, progress, count_tokens)
     return report
 
 
-def _ingest_file(session: Session, tenant_dir: Path, path: Path, report: IngestReport) -> None:
-    relative = path.relative_to(tenant_dir).as_posix()
+def ingest_tree(settings: Settings, root: Path, *, prune: bool = False,
+                progress: Progress | None = None,
+                count_tokens: CountTokens | None = None) -> IngestReport:
+    """The tree layout: <root>/<tenant>/<acl label>/<files>; ids relative to the tenant."""
+    if not root.is_dir():
+        raise CorpusError(f"corpus folder not found: {root}")
+    report = IngestReport()
+    for tenant_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = [SourceFile(p, p.relative_to(tenant_dir).as_posix(), (p.relative_to(tenant_dir).parts[0],))
+                 for p in sorted(tenant_dir.rglob("*"))
+                 if p.is_file() and len(p.relative_to(tenant_dir).parts) > 1
+                 and not any(part.startswith(".") for part in p.relative_to(tenant_dir).parts)]
+        _ingest_groups(settings, tenant_dir.name, {tenant_dir.resolve(): files}, report, prune,
+                       progress, count_tokens)
+    return report
+
+
+def _ingest_groups(settings: Settings, tenant: str, groups: dict[Path, list[SourceFile]],
+                   report: IngestReport, prune: bool, progress: Progress | None,
+                   count_tokens: CountTokens | None) -> None:
+    if count_tokens is None:
+        from tasks.documents import embedder_token_counter
+
+        count_tokens = embedder_token_counter(settings.embedder_model)
+    with session_scope(settings.database_url) as session:
+        ensure_tenants(session, {tenant})
+    total = sum(len(files) for files in groups.values())
+    done = 0
+    for root, files in groups.items():
+        seen = set()
+        for source in files:
+            seen.add(document_id(tenant, source.relative))
+            _ingest_one(settings, tenant, root, source, count_tokens, report)
+            done += 1
+            if progress:
+                progress(done, total)
+        if prune:
+            report.retired += _retire_missing(settings, tenant, root, seen)
+
+
+def _ingest_one(settings: Settings, tenant: str, root: Path, source: SourceFile,
+                count_tokens: CountTokens, report: IngestReport) -> None:
+    if source.path.suffix.lower() not in SUFFIXES:
+        report.skipped.append((str(source.path), f"unsupported file type "
+                               f"{source.path.suffix or '(none)'}"))
+        return
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        report.skipped.append((str(path), f"unreadable: {exc}"))
+        doc = read_document(source.path)
+    except BadDocument as exc:
+        report.skipped.append((str(source.path), str(exc)))
         return
-    if not text.strip():
-        report.skipped.append((str(path), "empty"))
-        return
-    tenant, acl = tenant_dir.name, [path.relative_to(tenant_dir).parts[0]]
-    doc_id = document_id(tenant, relative)
-    sha = hashlib.sha256(text.encode()).hexdigest()
-    existing = session.get(Document, doc_id)
-    if existing is not None and existing.sha256 == sha:
-        report.unchanged += 1
-        return
-    if existing is not None:
-        session.execute(delete(Chunk).where(Chunk.document_id == doc_id))
-        session.delete(existing)
+    doc_id = document_id(tenant, source.relative)
+    sha = hashlib.sha256(doc.raw).hexdigest()
+    acl = list(source.acl)
+    with session_scope(settings.database_url) as session:
+        existing = session.get(Document, doc_id)
+        if existing is not None and existing.sha256 == sha and list(existing.acl) == acl:
+            if existing.retired:
+                existing.retired, existing.retired_at, existing.updated_at = False, None, utcnow()
+                report.restored += 1
+            else:
+                report.unchanged += 1
+            return
+        pieces = split_text(doc.text, count_tokens)
+        if existing is None:
+            session.add(Document(id=doc_id, tenant_id=tenant, path=source.relative, title=doc.title,
+                                 acl=acl, sha256=sha, source=str(root), updated_at=utcnow()))
+            report.added += 1
+        else:
+            session.execute(delete(Chunk).where(Chunk.document_id == doc_id))
+            existing.title, existing.acl, existing.sha256 = doc.title, acl, sha
+            existing.source, existing.retired, existing.retired_at = str(root), False, None
+            existing.updated_at = utcnow()
+            report.updated += 1
         session.flush()
-    title = next((line.lstrip("# ").strip() for line in text.splitlines() if line.startswith("#")),
-                 path.stem)
-    session.add(Document(id=doc_id, tenant_id=tenant, path=relative, title=title, acl=acl,
-                         sha256=sha))
-    session.flush()
-    session.add_all(Chunk(id=chunk_id(doc_id, i, piece), document_id=doc_id, tenant_id=tenant,
-                          ordinal=i, text=piece, acl=acl)
-                    for i, piece in enumerate(split_markdown(text)))
-    report.added += 1
+        session.add_all(Chunk(id=chunk_id(doc_id, i, piece), document_id=doc_id, tenant_id=tenant,
+                              ordinal=i, text=piece, acl=acl) for i, piece in enumerate(pieces))
+        report.chunks += len(pieces)
+
+
+def _retire_missing(settings: Settings, tenant: str, root: Path, seen: set[str]) -> int:
+    """Documents this folder held that it holds no more: kept for the record, never served
+    again once the next index is built without them."""
+    with session_scope(settings.database_url) as session:
+        gone = [d for d in session.scalars(select(Document).where(
+            Document.tenant_id == tenant, Document.source == str(root),
+            Document.retired.is_(False))) if d.id not in seen]
+        now = utcnow()
+        for doc in gone:
+            doc.retired, doc.retired_at = True, now
+        return len(gone)
+
+
+# -- indexes -------------------------------------------------------------------------------------
 
 
 def build_index(settings: Settings, progress: Progress | None = None) -> tuple[str, bool]:
-    """Embed the live chunk table and activate the index named by its content hash.
-    Returns (index id, whether it was newly built)."""
+    """Embed the live (not retired) chunks and activate the index named by the hash of
+    (chunk set with tenants and ACLs, embedder, parameters). Returns (id, newly built)."""
     embedder_name = embedder_id(settings.embedder_model)
-    params = {"kind": "flat-ip", "normalised": True}
     with session_scope(settings.database_url) as session:
         rows = session.execute(select(Chunk, Document.title).join(Document)
                                .where(Document.retired.is_(False))
@@ -88,20 +198,23 @@ def build_index(settings: Settings, progress: Progress | None = None) -> tuple[s
         chunks = [ChunkRecord(c.id, c.document_id, c.tenant_id, list(c.acl), title, c.ordinal,
                               c.text) for c, title in rows]
     if not chunks:
-        raise ValueError("the chunk table is empty: ingest a corpus first")
-    new_id = index_id([c.chunk_id for c in chunks], embedder_name, params)
+        raise CorpusError("no live chunks: ingest a corpus first (`sluice ingest`)")
+    params = index_params(len(chunks))
+    # Tenant and ACL are part of what an index serves: a relabelled chunk is a new index.
+    members = [f"{c.chunk_id}:{c.tenant}:{','.join(sorted(c.acl))}" for c in chunks]
+    new_id = index_id(members, embedder_name, params)
     with session_scope(settings.database_url) as session:
         if session.get(IndexVersion, new_id) is not None:
-            _activate(session, new_id)
+            _activate(session, new_id, "build")
             return new_id, False
     vectors = _embed(settings, [c.text for c in chunks], progress)
     folder = settings.index_dir / new_id
-    write_index(folder, vectors, chunks)
+    spec = write_index(folder, vectors, chunks)
     with session_scope(settings.database_url) as session:
         session.add(IndexVersion(id=new_id, path=str(folder), embedder=embedder_name,
-                                 chunk_count=len(chunks), params=params))
+                                 chunk_count=len(chunks), params=spec.params()))
         session.flush()
-        _activate(session, new_id)
+        _activate(session, new_id, "build")
     return new_id, True
 
 
@@ -118,8 +231,65 @@ def _embed(settings: Settings, texts: list[str], progress: Progress | None):  # 
     return np.vstack(parts)
 
 
-def _activate(session: Session, new_id: str) -> None:
+def _activate(session: Session, new_id: str, reason: str) -> str | None:
+    """Make `new_id` the one active index and log the activation; returns the one replaced."""
+    previous = session.scalar(select(IndexVersion.id).where(IndexVersion.active.is_(True)))
+    if previous == new_id:
+        return previous
     session.execute(update(IndexVersion).values(active=IndexVersion.id == new_id))
+    session.add(IndexActivation(index_id=new_id, previous_id=previous, reason=reason,
+                                activated_at=utcnow()))
+    return previous
+
+
+@dataclass(frozen=True)
+class IndexRow:
+    id: str
+    kind: str
+    chunks: int
+    embedder: str
+    created_at: str
+    active: bool
+    on_disk: bool
+
+
+def list_indexes(settings: Settings) -> list[IndexRow]:
+    with session_scope(settings.database_url) as session:
+        rows = session.scalars(select(IndexVersion).order_by(IndexVersion.created_at)).all()
+        return [IndexRow(r.id, str(r.params.get("kind", "?")), r.chunk_count, r.embedder,
+                         r.created_at.isoformat(timespec="seconds"), r.active,
+                         Path(r.path).is_dir()) for r in rows]
+
+
+def activate_index(settings: Settings, wanted: str) -> str | None:
+    """Activate a built index by id (or unique id prefix); returns the id it replaced."""
+    with session_scope(settings.database_url) as session:
+        matches = session.scalars(select(IndexVersion).where(
+            IndexVersion.id.startswith(wanted))).all()
+        if len(matches) != 1:
+            raise CorpusError(f"no index {wanted!r}" if not matches else
+                              f"{wanted!r} matches {len(matches)} indexes; give more of the id")
+        target = matches[0]
+        if not Path(target.path).is_dir():
+            raise CorpusError(f"index {target.id} is recorded but its files are gone: {target.path}")
+        return _activate(session, target.id, "activate")
+
+
+def rollback_index(settings: Settings) -> tuple[str, str]:
+    """Re-activate the index the current one replaced; returns (from, to)."""
+    with session_scope(settings.database_url) as session:
+        current = session.scalar(select(IndexVersion.id).where(IndexVersion.active.is_(True)))
+        if current is None:
+            raise CorpusError("no active index to roll back from")
+        last = session.scalar(select(IndexActivation).where(IndexActivation.index_id == current)
+                              .order_by(IndexActivation.id.desc()).limit(1))
+        if last is None or last.previous_id is None:
+            raise CorpusError(f"{current} replaced no earlier index: nothing to roll back to")
+        target = session.get(IndexVersion, last.previous_id)
+        if target is None or not Path(target.path).is_dir():
+            raise CorpusError(f"the previous index {last.previous_id} is no longer on disk")
+        _activate(session, target.id, "rollback")
+        return current, target.id
 
 
 def ensure_example_index(settings: Settings, progress: Progress | None = None) -> str | None:

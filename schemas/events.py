@@ -12,6 +12,7 @@ class EventKind(StrEnum):
     INJECTION_SIGNAL = "injection_signal"
     MODEL_CALL = "model_call"
     VALIDATOR_VERDICT = "validator_verdict"
+    REPAIR_REQUESTED = "repair_requested"
     DRIFT = "drift"
     STAGE_FAILED = "stage_failed"
     DEADLINE_EXCEEDED = "deadline_exceeded"

@@ -9,12 +9,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
 
 
+# The answer classes an upstream system may declare for a question. The router takes a
+# declared class as given, instead of classifying the text; its refuse rules still apply.
+# `document` is declared by `kind`; `refuse` and `clarify` are the router's to decide.
+DeclaredAnswerClass = Literal["grounded_answer", "tool_lookup"]
+
+
 class AnswerRequest(BaseModel):
-    """Answer a question from the tenant's corpus."""
+    """Answer a question: from the tenant's corpus, or from a system of record (`tool_lookup`)."""
 
     model_config = ConfigDict(extra="forbid")
     kind: Literal["answer"]
     question: str = Field(max_length=20_000)
+    answer_class: DeclaredAnswerClass | None = None
 
 
 class DocumentRequest(BaseModel):

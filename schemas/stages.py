@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from schemas.status import AnswerClass, RiskClass, Status
+from schemas.status import ANSWER_LABELS_VERSION, AnswerClass, RiskClass, Status
 
 
 class Hop(BaseModel):
@@ -35,6 +35,11 @@ class AuditRecord(BaseModel):
 
 # -- router -----------------------------------------------------------------
 
+# Who settled the answer class: the upstream system's declared field (or a document's
+# kind), a deterministic rule, the trained classifier, or the default (no classifier).
+DecidedBy = Literal["upstream", "rule", "classifier", "default"]
+ModelVariant = Literal["small", "large"]
+
 
 class RouteItem(BaseModel):
     request_id: str
@@ -42,6 +47,7 @@ class RouteItem(BaseModel):
     text: str
     template: str | None = None
     inputs: dict[str, Any] = Field(default_factory=dict)
+    answer_class: AnswerClass | None = None  # declared by the upstream system, if it did
 
 
 class RouterInput(BaseModel):
@@ -53,6 +59,12 @@ class RouteDecision(BaseModel):
     answer_class: AnswerClass
     risk_class: RiskClass
     rules_version: str
+    labels_version: str = ANSWER_LABELS_VERSION
+    decided_by: DecidedBy = "default"
+    classifier_version: str | None = None  # set when the classifier was asked
+    confidence: float | None = None  # the classifier's probability for its best class
+    model_variant: ModelVariant | None = None  # None: nothing is generated
+    decoding_policy: str | None = None
     matched_rule: str | None = None
     input_tokens: int = 0
     outcome: Outcome | None = None
@@ -105,6 +117,9 @@ class GenerationItem(BaseModel):
     answer_class: AnswerClass
     instruction: str
     chunks: list[RetrievedChunk]
+    # A repair attempt: the rejected draft and the validators' reasons, in their own channel.
+    previous_draft: str | None = None
+    feedback: list[str] = Field(default_factory=list)
 
 
 class GenerationInput(BaseModel):
@@ -136,10 +151,24 @@ class ValidationItem(BaseModel):
     draft: str
     source_labels: dict[str, str]
     retrieved_chunk_ids: list[str]
+    # label -> the text generation saw under that label (after sanitization); the evidence
+    # the support and policy validators check the draft against.
+    chunk_texts: dict[str, str] = Field(default_factory=dict)
+    contract: str | None = None  # an output contract by name; None: the answer class's default
 
 
 class ValidationInput(BaseModel):
     items: list[ValidationItem]
+
+
+class Reason(BaseModel):
+    """One validator finding: a stable code for machines and a short, specific message that
+    can go back to the model as repair feedback (which sentence, which problem)."""
+
+    validator: str  # contract | citations | support | policy | abstention
+    code: str  # e.g. missing_citation, number_not_in_source, pii_phone
+    message: str
+    sentence: int | None = None  # 1-based, over the draft's checked sentences
 
 
 class Verdict(BaseModel):
@@ -147,8 +176,9 @@ class Verdict(BaseModel):
     validator_version: str
     output: str
     citations: list[str]
-    reasons: list[str]
+    reasons: list[str]  # the findings' messages, in order: the repair feedback
     outcome: Outcome
+    findings: list[Reason] = Field(default_factory=list)
 
 
 class ValidationOutput(BaseModel):
@@ -161,6 +191,9 @@ class ValidationOutput(BaseModel):
 # -- what the task base class hands an adapter, and gets back ------------------
 
 
+REPAIR = "repair"  # in ItemRecord.previous of a repair round: the last draft and its verdict
+
+
 class ItemRecord(BaseModel):
     """One active request as a stage sees it: the request plus earlier stages' outputs."""
 
@@ -170,6 +203,7 @@ class ItemRecord(BaseModel):
     kind: str
     payload: dict[str, Any]
     previous: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    round: int = 0  # 0 for the first attempt; n for the n-th repair
 
 
 class ItemResult(BaseModel):
@@ -183,3 +217,4 @@ class ItemResult(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     untouched: bool = False  # the request ended earlier: finish the stage row, keep the request
+    repair: bool = False  # the draft failed validation: generate again in the next round

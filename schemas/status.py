@@ -63,12 +63,27 @@ class DriftPolicy(StrEnum):
 
 
 class AnswerClass(StrEnum):
-    GROUNDED_ANSWER = "grounded_answer"
-    DOCUMENT = "document"
-    REFUSE = "refuse"
+    """What kind of request the router decided this is: a versioned label set.
+
+    Adding, removing or renaming a value changes what the router, its rules and its
+    trained head mean, so it bumps `ANSWER_LABELS_VERSION`.
+    """
+
+    GROUNDED_ANSWER = "grounded_answer"  # answered from the tenant's corpus, with citations
+    DOCUMENT = "document"  # a document written from a template
+    TOOL_LOOKUP = "tool_lookup"  # fresh data from a system of record, through a governed tool
+    REFUSE = "refuse"  # not served
+    CLARIFY = "clarify"  # too vague to act on: the caller is asked to say more
+
+
+ANSWER_LABELS_VERSION = "answer-classes-v2"
 
 
 class RiskClass(StrEnum):
     LOW = "low"
     MEDIUM = "medium"
     HIGH = "high"
+
+    @property
+    def rank(self) -> int:
+        return list(RiskClass).index(self)

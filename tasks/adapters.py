@@ -6,8 +6,11 @@ output into per-item results (what to store, what ended) and the audit events to
 
 from __future__ import annotations
 
+from typing import Any
+
 from schemas.events import EventKind
 from schemas.stages import (
+    REPAIR,
     AuditRecord,
     GenerationInput,
     GenerationItem,
@@ -25,16 +28,19 @@ from schemas.stages import (
     ValidationItem,
     ValidationOutput,
 )
-from schemas.status import AnswerClass, Stage
+from schemas.status import AnswerClass, Stage, Status
 from tasks.files import TEMPLATES_PATH, load_yaml
+from tasks.generation import ABSTAIN_TEXT
 from tasks.sanitize import SanitizePolicy, sanitize_chunks
 
 Results = tuple[list[ItemResult], list[AuditRecord]]
+WEAK_EVIDENCE = "WeakEvidence"  # the validators' class for drafts no retrieved chunk supports
 
 
 def router_input(records: list[ItemRecord]) -> RouterInput:
     return RouterInput(items=[RouteItem(
         request_id=r.request_id, kind=r.kind, text=_request_text(r),
+        answer_class=r.payload.get("answer_class"),
         template=r.payload.get("template"), inputs=r.payload.get("inputs") or {})
         for r in records])
 
@@ -91,9 +97,12 @@ def _generation_item(record: ItemRecord) -> GenerationItem:
     route = record.previous[Stage.ROUTER]
     chunks = [RetrievedChunk.model_validate(c)
               for c in record.previous[Stage.RETRIEVAL].get("chunks", [])]
+    repair = record.previous.get(REPAIR, {})
     return GenerationItem(request_id=record.request_id,
                           answer_class=AnswerClass(route["answer_class"]),
-                          instruction=_instruction(record), chunks=chunks)
+                          instruction=_instruction(record), chunks=chunks,
+                          previous_draft=repair.get(Stage.GENERATION, {}).get("text"),
+                          feedback=list(repair.get(Stage.VALIDATION, {}).get("reasons", [])))
 
 
 def _instruction(record: ItemRecord) -> str:
@@ -104,10 +113,20 @@ def _instruction(record: ItemRecord) -> str:
     return str(template["instruction"]).format(**fields)
 
 
-def generation_results(output: GenerationOutput, decoding: str) -> Results:
-    results = [ItemResult(request_id=d.request_id, output=d.model_dump(mode="json"),
-                          outcome=d.outcome, prompt_tokens=d.prompt_tokens,
-                          completion_tokens=d.completion_tokens) for d in output.drafts]
+def generation_results(output: GenerationOutput, decoding: str,
+                       records: list[ItemRecord]) -> Results:
+    """Drafts, with the tokens of every attempt so far (repairs included) as running totals."""
+    before = {r.request_id: r.previous.get(REPAIR, {}).get(Stage.GENERATION, {}) for r in records}
+    results = []
+    for d in output.drafts:
+        prior = before.get(d.request_id, {})
+        totals = {"total_prompt_tokens": d.prompt_tokens + int(prior.get("total_prompt_tokens", 0)),
+                  "total_completion_tokens": d.completion_tokens
+                  + int(prior.get("total_completion_tokens", 0))}
+        results.append(ItemResult(request_id=d.request_id,
+                                  output={**d.model_dump(mode="json"), **totals},
+                                  outcome=d.outcome, prompt_tokens=totals["total_prompt_tokens"],
+                                  completion_tokens=totals["total_completion_tokens"]))
     events = [AuditRecord(request_id=d.request_id, kind=EventKind.MODEL_CALL, payload={
         "model": d.model, "prompt_tokens": d.prompt_tokens,
         "completion_tokens": d.completion_tokens, "finish_reason": d.finish_reason,
@@ -120,22 +139,63 @@ def validation_input(records: list[ItemRecord]) -> ValidationInput:
     for r in records:
         draft = r.previous[Stage.GENERATION]
         chunks = r.previous[Stage.RETRIEVAL].get("chunks", [])
+        labels = draft.get("source_labels", {})
         items.append(ValidationItem(
             request_id=r.request_id, answer_class=AnswerClass(r.previous[Stage.ROUTER]["answer_class"]),
-            draft=draft.get("text", ""), source_labels=draft.get("source_labels", {}),
-            retrieved_chunk_ids=[c["chunk_id"] for c in chunks]))
+            draft=draft.get("text", ""), source_labels=labels,
+            retrieved_chunk_ids=[c["chunk_id"] for c in chunks],
+            chunk_texts=_label_texts(labels, chunks)))
     return ValidationInput(items=items)
+
+
+def _label_texts(labels: dict[str, str], chunks: list[dict[str, Any]]) -> dict[str, str]:
+    """label -> the (sanitized) chunk text generation showed under that label (S1..Sn are
+    the retrieval chunks in order, see PromptSet.messages); labels follow the draft's map."""
+    texts = {c["chunk_id"]: c.get("text", "") for c in chunks}
+    return {label: texts[chunk_id] for label, chunk_id in labels.items() if chunk_id in texts}
 
 
 def validation_results(output: ValidationOutput, records: list[ItemRecord]) -> Results:
     drafts = {r.request_id: r.previous[Stage.GENERATION] for r in records}
     results = [ItemResult(request_id=v.request_id, output=v.model_dump(mode="json"),
                           outcome=v.outcome, final_text=v.output, citations=v.citations,
-                          prompt_tokens=int(drafts[v.request_id].get("prompt_tokens", 0)),
-                          completion_tokens=int(drafts[v.request_id].get("completion_tokens", 0)))
+                          prompt_tokens=_total(drafts[v.request_id], "prompt"),
+                          completion_tokens=_total(drafts[v.request_id], "completion"))
                for v in output.verdicts]
     events = [AuditRecord(request_id=v.request_id, kind=EventKind.VALIDATOR_VERDICT, payload={
         "validator_version": v.validator_version, "status": v.outcome.status.value,
-        "error_class": v.outcome.error_class, "citations": v.citations, "reasons": v.reasons})
+        "error_class": v.outcome.error_class, "citations": v.citations, "reasons": v.reasons,
+        "findings": [f.model_dump(mode="json", exclude={"message"}) for f in v.findings]})
         for v in output.verdicts]
     return results, events
+
+
+def _total(draft: dict[str, Any], kind: str) -> int:
+    """Tokens of every attempt at this request so far (drafts before repairs had no totals)."""
+    return int(draft.get(f"total_{kind}_tokens", draft.get(f"{kind}_tokens", 0)))
+
+
+def send_back_for_repair(results: list[ItemResult], events: list[AuditRecord],
+                         records: list[ItemRecord], max_rounds: int) -> Results:
+    """Failed verdicts with repair rounds left go back to generation with their reasons;
+    past the budget a failure stands, with its reasons. Weak evidence is not the draft's
+    fault and no rewrite fixes it: it ends as an explicit abstention at once."""
+    rounds = {r.request_id: r.round for r in records}
+    kept: list[ItemResult] = []
+    for result in results:
+        outcome = result.outcome
+        round_ = rounds.get(result.request_id, 0)
+        if outcome is not None and outcome.error_class == WEAK_EVIDENCE:
+            kept.append(result.model_copy(update={
+                "outcome": outcome.model_copy(update={"status": Status.ABSTAINED}),
+                "final_text": ABSTAIN_TEXT, "citations": []}))
+            continue
+        if outcome is None or outcome.status != Status.FAILED or round_ >= max_rounds:
+            kept.append(result)
+            continue
+        kept.append(ItemResult(request_id=result.request_id, output=result.output, repair=True))
+        events.append(AuditRecord(request_id=result.request_id, kind=EventKind.REPAIR_REQUESTED,
+                                  payload={"next_round": round_ + 1, "max_rounds": max_rounds,
+                                           "error_class": outcome.error_class,
+                                           "reasons": result.output.get("reasons", [])}))
+    return kept, events

@@ -12,6 +12,7 @@ import yaml
 HERE = Path(__file__).resolve().parent
 ROUTER_RULES_PATH = HERE / "rules" / "router.yaml"
 TEMPLATES_PATH = HERE / "rules" / "templates.yaml"
+ROUTER_EXAMPLES_PATH = HERE / "rules" / "router_examples.jsonl"
 PROMPTS_DIR = HERE / "prompts"
 
 

@@ -33,20 +33,28 @@ class PromptSet:
     system: str
     answer: str
     document: str
+    repair: str
 
     @classmethod
     def load(cls, folder: Path = PROMPTS_DIR) -> PromptSet:
         return cls(*(((folder / f"{n}.txt").read_text(encoding="utf-8")).strip()
-                     for n in ("system", "answer", "document")))
+                     for n in ("system", "answer", "document", "repair")))
 
     def messages(self, item: GenerationItem) -> tuple[list[dict[str, str]], dict[str, str]]:
-        """System instructions and user data in separate messages; sources labelled S1..Sn."""
+        """System instructions and user data in separate messages; sources labelled S1..Sn.
+        A repair attempt adds the rejected draft as the assistant's turn and the validators'
+        reasons as a turn of their own."""
         labels = {f"S{i}": c.chunk_id for i, c in enumerate(item.chunks, start=1)}
         sources = "\n\n".join(f"[S{i}] ({c.title})\n{c.text}"
                               for i, c in enumerate(item.chunks, start=1)) or "(no sources)"
         template = self.document if item.answer_class == AnswerClass.DOCUMENT else self.answer
         user = template.format(sources=sources, instruction=item.instruction)
-        return [{"role": "system", "content": self.system}, {"role": "user", "content": user}], labels
+        messages = [{"role": "system", "content": self.system}, {"role": "user", "content": user}]
+        if item.feedback:
+            reasons = "\n".join(f"- {reason}" for reason in item.feedback)
+            messages += [{"role": "assistant", "content": item.previous_draft or ""},
+                         {"role": "user", "content": self.repair.format(feedback=reasons)}]
+        return messages, labels
 
 
 class Generator(Protocol):

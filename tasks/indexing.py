@@ -8,8 +8,9 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import faiss
 import numpy as np
+
+from tasks.vector_index import IndexSpec, VectorIndex, VectorIndexError, build_index, choose_spec
 
 MAX_CHUNK_WORDS = 160  # well under the embedder's 256-token window
 
@@ -72,18 +73,27 @@ def index_id(chunk_ids: list[str], embedder: str, params: dict[str, object]) -> 
     return f"idx-{digest.hexdigest()[:16]}"
 
 
-def write_index(folder: Path, vectors: np.ndarray, chunks: list[ChunkRecord]) -> None:
-    """Exact inner-product index (vectors are normalised) plus the chunk table beside it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    index = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
-    index.add_with_ids(vectors, np.arange(len(chunks), dtype=np.int64))
-    tmp = folder / "index.faiss.tmp"
-    faiss.write_index(index, str(tmp))
-    tmp.replace(folder / "index.faiss")
+def index_params(chunk_count: int) -> dict[str, object]:
+    """The parameters of the index `write_index` builds for this many chunks, for `index_id`."""
+    return choose_spec(chunk_count).params()
+
+
+def write_index(folder: Path, vectors: np.ndarray, chunks: list[ChunkRecord],
+                spec: IndexSpec | None = None) -> IndexSpec:
+    """The vector index (exact or HNSW by count, see tasks.vector_index; ids are positions in
+    the chunk table) plus index.json (its spec) and the chunk table beside it."""
+    if len(vectors) != len(chunks):
+        raise VectorIndexError(f"{len(vectors)} vectors for {len(chunks)} chunks")
+    index = build_index(vectors, np.arange(len(chunks), dtype=np.int64), spec)
+    index.save(folder)
     (folder / "chunks.json").write_text(json.dumps([asdict(c) for c in chunks]), encoding="utf-8")
+    return index.spec
 
 
-def read_index(folder: Path) -> tuple[faiss.Index, list[ChunkRecord]]:
-    index = faiss.read_index(str(folder / "index.faiss"), faiss.IO_FLAG_MMAP)
+def read_index(folder: Path) -> tuple[VectorIndex, list[ChunkRecord]]:
+    """The memory-mapped vector index and its chunk table; refuses a pair that do not match."""
+    index = VectorIndex.load(folder)
     raw = json.loads((folder / "chunks.json").read_text(encoding="utf-8"))
+    if len(raw) != index.count:
+        raise VectorIndexError(f"{folder}: {index.count} vectors but {len(raw)} chunks")
     return index, [ChunkRecord(**c) for c in raw]

@@ -19,7 +19,7 @@ from workers.versions import decoding_policy, sanitize_policy
 
 def compute_route(runtime: Runtime, records: list[ItemRecord], _budget: float | None) -> Results:
     output = route(adapters.router_input(records), runtime.rules(), runtime.count_tokens,
-                   runtime.settings.max_input_tokens)
+                   runtime.settings.max_input_tokens, classifier=runtime.router_classifier())
     return adapters.router_results(output)
 
 
@@ -55,12 +55,15 @@ def compute_generation(runtime: Runtime, records: list[ItemRecord],
     except torch.OutOfMemoryError as exc:  # a smaller co-scheduled batch may fit next time
         torch.cuda.empty_cache()
         raise TransientError(f"accelerator out of memory: {exc}") from exc
-    return adapters.generation_results(output, decoding_policy(runtime.settings).version)
+    return adapters.generation_results(output, decoding_policy(runtime.settings).version, records)
 
 
 def compute_validation(runtime: Runtime, records: list[ItemRecord],
                        _budget: float | None) -> Results:
-    return adapters.validation_results(validate(adapters.validation_input(records)), records)
+    verdicts = validate(adapters.validation_input(records), runtime.validators())
+    results, events = adapters.validation_results(verdicts, records)
+    return adapters.send_back_for_repair(results, events, records,
+                                         runtime.settings.max_repair_rounds)
 
 
 @app.task(bind=True, base=StageTask, name=TASK_NAMES[Stage.ROUTER])

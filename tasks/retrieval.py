@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import faiss
 import numpy as np
 
 from schemas.stages import (
@@ -18,6 +17,7 @@ from schemas.stages import (
 from schemas.status import Status
 from tasks.embedding import Embedder
 from tasks.indexing import ChunkRecord, read_index
+from tasks.vector_index import AllowedSet, VectorIndex
 
 
 class Retriever:
@@ -27,9 +27,9 @@ class Retriever:
         self.embedder = embedder
         self.index_folder = index_folder
         self.index_id = index_id
-        self._index: faiss.Index | None = None
+        self._index: VectorIndex | None = None
         self._chunks: list[ChunkRecord] = []
-        self._allowed: dict[tuple[str, tuple[str, ...]], np.ndarray] = {}
+        self._allowed: dict[tuple[str, tuple[str, ...]], AllowedSet] = {}
 
     def warm_up(self) -> None:
         self.embedder.warm_up()
@@ -51,21 +51,23 @@ class Retriever:
             return result.model_copy(update={"outcome": Outcome(
                 status=Status.ABSTAINED, error_class="NoEvidence",
                 message=f"tenant {item.tenant!r} with grants {item.grants} can read no documents")})
-        params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(allowed))
         assert self._index is not None
-        scores, ids = self._index.search(vector.reshape(1, -1), min(top_k, allowed.size),
-                                         params=params)
-        chunks = [self._retrieved(int(i), float(s)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
+        # The ACL filter runs inside the search: the best top_k among the readable chunks.
+        hits = self._index.search(vector.reshape(1, -1), top_k, allowed)
+        chunks = [self._retrieved(int(i), float(s))
+                  for s, i in zip(hits.scores[0], hits.ids[0], strict=True) if i >= 0]
         return result.model_copy(update={"chunks": chunks})
 
-    def _allowed_ids(self, tenant: str, grants: list[str]) -> np.ndarray:
+    def _allowed_ids(self, tenant: str, grants: list[str]) -> AllowedSet:
+        """The chunk positions this tenant may read, prepared once per (tenant, grants)."""
         key = (tenant, tuple(sorted(grants)))
         if key not in self._allowed:
             granted = set(grants)
-            self._allowed[key] = np.array(
+            assert self._index is not None
+            self._allowed[key] = self._index.allowed(np.array(
                 [i for i, c in enumerate(self._chunks) if c.tenant == tenant and granted & set(c.acl)],
                 dtype=np.int64,
-            )
+            ))
         return self._allowed[key]
 
     def _retrieved(self, vector_id: int, score: float) -> RetrievedChunk:

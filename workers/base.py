@@ -28,7 +28,7 @@ from sqlalchemy.exc import OperationalError
 
 from schemas.events import EventKind
 from schemas.stages import AuditRecord, Hop, ItemRecord, ItemResult, Outcome
-from schemas.status import DriftPolicy, Stage, Status
+from schemas.status import DriftPolicy, Lane, Stage, Status
 from schemas.versions import VersionTuple
 from workers.runtime import Runtime, get_runtime
 from workers.store import stage_runs as runs
@@ -124,7 +124,24 @@ class StageTask(Task):  # type: ignore[misc]
             work = runs.StageCommit(key, owner, claim.row_ids, list(decided.values()) + results,
                                     events, served.model_dump(), time.monotonic() - started)
             with session_scope(settings.database_url) as session:
-                runs.commit(session, work)
+                committed = runs.commit(session, work)
+                lane = runs.shard_lane(session, key.hop.shard_id) if committed.repair else None
+        if lane is not None:
+            self._send_back(runtime, key, Lane(lane), len(committed.repair))
+
+    @staticmethod
+    def _send_back(runtime: Runtime, key: runs.StageKey, lane: Lane, count: int) -> None:
+        """Drafts that failed validation go through generation again in the next round. The
+        rows are committed; if this enqueue fails, the reconciler re-drives them."""
+        from workers.dispatch import enqueue
+        from workers.store.admission import Dispatch
+
+        hop = key.hop.model_copy(update={"round": key.hop.round + 1})
+        try:
+            enqueue(Dispatch(hop, Stage.GENERATION, lane), runtime.settings)
+        except Exception:
+            log.exception("could not enqueue the repair round %s of shard %s (%d items); "
+                          "the reconciler will", hop.round, hop.shard_id, count)
 
     def _retry_or_fail(self, runtime: Runtime, key: runs.StageKey, owner: runs.LeaseOwner,
                        claim: runs.Claim, exc: BaseException) -> None:

@@ -17,9 +17,12 @@ from sqlalchemy import select
 from schemas.status import Stage
 from schemas.versions import VersionTuple
 from tasks.embedding import Embedder
+from tasks.files import ROUTER_EXAMPLES_PATH
 from tasks.generation import Generator, HFGenerator, NullGenerator, PromptSet
 from tasks.retrieval import Retriever
 from tasks.router import RouterRules
+from tasks.router_classifier import RouterClassifier, ensure_router_head
+from tasks.validators import ValidatorSuite
 from workers.cache import RetrievalCache, retrieval_cache
 from workers.settings import Settings
 from workers.store.engine import session_scope
@@ -44,11 +47,34 @@ class Runtime:
         self._versions: dict[str, VersionTuple] = {}
         self._active = ActiveIndexCache(settings)
         self._retrieval_cache: RetrievalCache | None = None
+        self._classifier: RouterClassifier | None = None
+        self._validators: ValidatorSuite | None = None
 
     def rules(self) -> RouterRules:
         if self._rules is None:
             self._rules = RouterRules.load()
         return self._rules
+
+    def router_classifier(self) -> RouterClassifier:
+        """The trained head over the packaged embedder; trained once into the data dir."""
+        if self._classifier is None:
+            embedder = self.embedder()
+            head = ensure_router_head(ROUTER_EXAMPLES_PATH, self.rules().classifier,
+                                      self.settings.router_dir, embedder)
+            self._classifier = RouterClassifier(head, embedder)
+            self._classifier.warm_up()
+        return self._classifier
+
+    def validators(self) -> ValidatorSuite:
+        if self._validators is None:
+            self._validators = ValidatorSuite.load(self.embedder())
+            self._validators.warm_up()
+        return self._validators
+
+    def embedder(self) -> Embedder:
+        if self._embedder is None:
+            self._embedder = Embedder(self.settings.embedder_model)
+        return self._embedder
 
     def count_tokens(self, text: str) -> int:
         if self._count_tokens is None:
@@ -69,9 +95,7 @@ class Runtime:
         if active is None:
             raise NoActiveIndex("no active index: run `sluice index build` first")
         if self._retriever is None or self._retriever.index_id != active.id:
-            if self._embedder is None:
-                self._embedder = Embedder(self.settings.embedder_model)
-            self._retriever = Retriever(self._embedder, Path(active.path), active.id)
+            self._retriever = Retriever(self.embedder(), Path(active.path), active.id)
             self._retriever.warm_up()
         return self._retriever
 

@@ -52,6 +52,7 @@ class Settings(BaseSettings):
     sanitize_threshold: float = Field(default=0.5, gt=0, le=1)
     max_new_tokens: int = Field(default=128, gt=0, le=4096)
     max_input_tokens: int = Field(default=2048, gt=0)
+    max_repair_rounds: int = Field(default=2, ge=0, le=10)  # drafts sent back after validation
     lease_s: float = Field(default=15.0, gt=0)
     max_deliveries: int = Field(default=8, gt=0)
     max_retries: int = Field(default=5, ge=0)
@@ -93,6 +94,11 @@ class Settings(BaseSettings):
     @cached_property
     def index_dir(self) -> Path:
         return self.data_dir / "indexes"
+
+    @cached_property
+    def router_dir(self) -> Path:
+        """Trained router heads and the cached embeddings of their examples."""
+        return self.data_dir / "router"
 
 
 def _packaged_embedder_path() -> str:

@@ -8,10 +8,16 @@ from importlib import metadata
 from pathlib import Path
 
 from schemas.versions import VersionTuple
-from tasks.files import ROUTER_RULES_PATH, TEMPLATES_PATH, content_hash, prompt_paths
+from tasks.files import (
+    ROUTER_EXAMPLES_PATH,
+    ROUTER_RULES_PATH,
+    TEMPLATES_PATH,
+    content_hash,
+    prompt_paths,
+)
 from tasks.generation import DecodingPolicy, NullGenerator
 from tasks.sanitize import SanitizeAction, SanitizePolicy
-from tasks.validation import VALIDATOR_VERSION
+from tasks.validation import validators_version
 from workers.settings import Settings
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
@@ -33,13 +39,23 @@ def current_versions(settings: Settings, index_id: str) -> VersionTuple:
     return VersionTuple(
         model=model_version(settings),
         prompt=f"prompt-{content_hash(*prompt_paths())}",
-        router=f"router-{content_hash(ROUTER_RULES_PATH, TEMPLATES_PATH)}",
+        router=router_version(settings),
         index=index_id,
         tool_schemas=NO_TOOLS,
-        validators=f"{VALIDATOR_VERSION}+{sanitize_policy(settings).version}",
+        validators=f"{validators_version()}+{sanitize_policy(settings).version}",
         decoding=decoding_policy(settings).version,
         runtime=runtime_version(),
     )
+
+
+def router_version(settings: Settings) -> str:
+    """The rules and templates, and the classifier head by its data and parameters."""
+    from tasks.router import RouterRules
+    from tasks.router_classifier import classifier_version
+
+    head = classifier_version(ROUTER_EXAMPLES_PATH, RouterRules.load().classifier,
+                              settings.embedder_model)
+    return f"router-{content_hash(ROUTER_RULES_PATH, TEMPLATES_PATH)}+{head}"
 
 
 def model_version(settings: Settings) -> str:

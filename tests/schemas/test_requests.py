@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -145,3 +146,38 @@ def test_non_string_custom_id_is_not_carried() -> None:
     assert isinstance(parsed, MalformedLine)
     assert parsed.custom_id is None
     assert "custom_id" in parsed.reason
+
+
+@pytest.mark.parametrize("declared", ["grounded_answer", "tool_lookup"])
+def test_answer_request_may_declare_its_answer_class(declared: str) -> None:
+    body = {"kind": "answer", "question": "What's the status of INC-2057?", "answer_class": declared}
+    parsed = parse_request_line(_line(request=body), line_no=1)
+
+    assert isinstance(parsed, RequestLine)
+    assert isinstance(parsed.request, AnswerRequest)
+    assert parsed.request.answer_class == declared
+
+
+@pytest.mark.parametrize("declared", ["refuse", "clarify", "document", "weather"])
+def test_declared_answer_class_is_limited_to_what_a_caller_may_ask_for(declared: str) -> None:
+    body = {"kind": "answer", "question": "What's the status of INC-2057?", "answer_class": declared}
+    parsed = parse_request_line(_line(request=body), line_no=3)
+
+    assert isinstance(parsed, MalformedLine)
+    assert "request.answer.answer_class" in parsed.reason
+
+
+def test_answer_request_without_a_declared_class_leaves_it_to_the_router() -> None:
+    parsed = parse_request_line(_line(), line_no=1)
+
+    assert isinstance(parsed, RequestLine) and isinstance(parsed.request, AnswerRequest)
+    assert parsed.request.answer_class is None
+
+
+def test_every_line_of_the_example_job_files_still_parses_as_before() -> None:
+    # The declared class is optional: job files written before it keep validating.
+    jobs = Path(__file__).resolve().parents[2] / "ops" / "examples" / "jobs"
+    for name, malformed_lines in (("small.jsonl", {6}), ("demo.jsonl", {8, 17})):
+        lines = (jobs / name).read_text(encoding="utf-8").splitlines()
+        parsed = [parse_request_line(raw, n) for n, raw in enumerate(lines, start=1)]
+        assert {p.line_no for p in parsed if isinstance(p, MalformedLine)} == malformed_lines

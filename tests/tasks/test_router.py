@@ -7,9 +7,9 @@ import re
 import pytest
 
 from schemas.stages import RouteDecision, RouteItem, RouterInput
-from schemas.status import AnswerClass, RiskClass, Status
+from schemas.status import ANSWER_LABELS_VERSION, AnswerClass, RiskClass, Status
 from tasks.files import ROUTER_RULES_PATH, TEMPLATES_PATH, content_hash
-from tasks.router import RouterRules, route
+from tasks.router import RouterRules, RouterRulesError, route
 
 pytestmark = [pytest.mark.unit]
 
@@ -51,6 +51,8 @@ def test_prompt_injection_is_refused(rules: RouterRules) -> None:
 
     assert decision.answer_class == AnswerClass.REFUSE
     assert decision.risk_class == RiskClass.HIGH
+    assert decision.decided_by == "rule"
+    assert decision.model_variant is None
     assert decision.matched_rule == "prompt-injection"
     assert decision.outcome is not None
     assert decision.outcome.status == Status.REFUSED
@@ -79,7 +81,10 @@ def test_normal_question_is_a_grounded_answer_with_no_outcome(rules: RouterRules
     decision = _decide(_answer("How do I request a new laptop?"), rules)
 
     assert decision.answer_class == AnswerClass.GROUNDED_ANSWER
+    assert decision.decided_by == "default"  # no classifier given
+    assert decision.classifier_version is None and decision.confidence is None
     assert decision.risk_class == RiskClass.LOW
+    assert (decision.model_variant, decision.decoding_policy) == ("small", "grounded-greedy")
     assert decision.matched_rule is None
     assert decision.outcome is None
     assert decision.input_tokens == 7  # the token counter was applied to the text
@@ -90,6 +95,7 @@ def test_risky_topic_is_marked_but_not_refused(rules: RouterRules) -> None:
 
     assert decision.answer_class == AnswerClass.GROUNDED_ANSWER
     assert decision.risk_class == RiskClass.MEDIUM
+    assert decision.model_variant == "large"  # a grounded answer at medium risk
     assert decision.matched_rule == "security-topic"
     assert decision.outcome is None
 
@@ -97,6 +103,9 @@ def test_risky_topic_is_marked_but_not_refused(rules: RouterRules) -> None:
 def test_empty_question_needs_clarification(rules: RouterRules) -> None:
     decision = _decide(_answer(""), rules)
 
+    assert decision.answer_class == AnswerClass.CLARIFY
+    assert decision.decided_by == "rule"
+    assert decision.model_variant is None and decision.decoding_policy is None
     assert decision.outcome is not None
     assert decision.outcome.status == Status.NEEDS_CLARIFICATION
     assert decision.outcome.error_class == "EmptyQuestion"
@@ -144,6 +153,8 @@ def test_valid_document_is_routed_as_document(rules: RouterRules) -> None:
     decision = _decide(_document("runbook_brief", {"service": "billing-api"}), rules)
 
     assert decision.answer_class == AnswerClass.DOCUMENT
+    assert decision.decided_by == "upstream"
+    assert (decision.model_variant, decision.decoding_policy) == ("large", "document-greedy-long")
     assert decision.outcome is None
     assert decision.matched_rule is None
 
@@ -187,3 +198,64 @@ def test_one_bad_item_does_not_change_the_good_items(rules: RouterRules) -> None
     for decision in alone:
         assert by_id[decision.request_id] == decision
     assert all(by_id[b.request_id].outcome is not None for b in bad)
+
+
+def test_declared_tool_lookup_is_taken_as_given(rules: RouterRules) -> None:
+    item = RouteItem(request_id="t1", kind="answer", text="What's the status of INC-2057?",
+                     answer_class=AnswerClass.TOOL_LOOKUP)
+
+    decision = _decide(item, rules)
+
+    assert decision.answer_class == AnswerClass.TOOL_LOOKUP
+    assert decision.decided_by == "upstream"
+    assert (decision.model_variant, decision.decoding_policy) == ("small", "lookup-greedy-short")
+    # No tool is registered yet (issue 5, governed tools): it ends here, plainly failed.
+    assert decision.outcome is not None
+    assert (decision.outcome.status, decision.outcome.error_class) == ("failed", "NoToolAvailable")
+
+
+def test_a_declared_class_does_not_lift_the_refuse_rules(rules: RouterRules) -> None:
+    item = RouteItem(request_id="t2", kind="answer", text="what is the root password",
+                     answer_class=AnswerClass.GROUNDED_ANSWER)
+
+    decision = _decide(item, rules)
+
+    assert decision.answer_class == AnswerClass.REFUSE
+    assert decision.matched_rule == "credential-request"
+
+
+def test_the_label_set_is_versioned() -> None:
+    # Changing the answer classes must bump ANSWER_LABELS_VERSION (and router.yaml's `labels`).
+    assert {c.value for c in AnswerClass} == {
+        "grounded_answer", "document", "tool_lookup", "refuse", "clarify"}
+    assert ANSWER_LABELS_VERSION == "answer-classes-v2"
+
+
+def test_every_class_has_a_risk_model_and_decoding_choice(rules: RouterRules) -> None:
+    assert set(rules.classes) == set(AnswerClass)
+    for answer_class in (AnswerClass.GROUNDED_ANSWER, AnswerClass.DOCUMENT,
+                         AnswerClass.TOOL_LOOKUP):
+        policy = rules.classes[answer_class]
+        assert {policy.model_for(risk) for risk in RiskClass} <= {"small", "large"}
+        assert policy.decoding in rules.decoding_policies
+    for answer_class in (AnswerClass.REFUSE, AnswerClass.CLARIFY):
+        assert rules.classes[answer_class].model_for(RiskClass.LOW) is None
+
+
+@pytest.mark.parametrize(("old", "new", "message"), [
+    ("labels: answer-classes-v2", "labels: answer-classes-v1", "written for labels"),
+    ("  clarify:\n    risk: low\n    model: null\n    decoding: null\n", "",
+     "classes must be exactly"),
+    ("decoding: lookup-greedy-short", "decoding: creative", "decoding must be one of"),
+    ("{low: small, medium: small, high: large}", "{low: small, medium: small}",
+     "a variant for each risk class"),
+])
+def test_incomplete_class_rules_are_rejected_by_name(tmp_path, old: str, new: str,
+                                                     message: str) -> None:
+    text = ROUTER_RULES_PATH.read_text()
+    assert old in text
+    edited = tmp_path / "router.yaml"
+    edited.write_text(text.replace(old, new))
+
+    with pytest.raises(RouterRulesError, match=message):
+        RouterRules.load(edited, TEMPLATES_PATH)

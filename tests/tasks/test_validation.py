@@ -6,46 +6,55 @@ import pytest
 
 from schemas.stages import ValidationInput, ValidationItem, Verdict
 from schemas.status import AnswerClass, Status
-from tasks.validation import VALIDATOR_VERSION, validate
+from tasks.validation import VALIDATOR_VERSION, default_suite, validate, validators_version
 
 pytestmark = [pytest.mark.unit]
 
 CHUNK_A = "a1b2c3d4e5f60718"
 CHUNK_B = "0f1e2d3c4b5a6978"
+# Excerpts of the example corpus's acme IT helpdesk FAQ, as retrieval returns chunks.
+TEXT_A = ("## How do I get a new laptop?\n\nLaptops are replaced every **4 years**, or sooner if "
+          "broken. Request a replacement in the IT portal under \"Hardware\". Engineers receive a "
+          "32 GB machine; other staff receive a 16 GB machine.")
+TEXT_B = ("## I am locked out of my account. What do I do?\n\nAccounts lock after **5 failed "
+          "sign-in attempts** and unlock automatically after 15 minutes.")
+TEXTS = {"S1": TEXT_A, "S2": TEXT_B}
 
 
 def _judge(draft: str, labels: dict[str, str] | None = None,
-           retrieved: list[str] | None = None) -> Verdict:
+           retrieved: list[str] | None = None, texts: dict[str, str] | None = None) -> Verdict:
     item = ValidationItem(
         request_id="r1", answer_class=AnswerClass.GROUNDED_ANSWER, draft=draft,
         source_labels={"S1": CHUNK_A, "S2": CHUNK_B} if labels is None else labels,
         retrieved_chunk_ids=[CHUNK_A, CHUNK_B] if retrieved is None else retrieved,
+        chunk_texts=TEXTS if texts is None else texts,
     )
     verdicts = validate(ValidationInput(items=[item])).verdicts
     assert len(verdicts) == 1
     assert verdicts[0].request_id == "r1"
-    assert verdicts[0].validator_version == VALIDATOR_VERSION
+    assert verdicts[0].validator_version == default_suite().version
     return verdicts[0]
 
 
 def test_draft_citing_a_retrieved_source_succeeds() -> None:
-    verdict = _judge("Laptops are requested through the IT portal [S1].")
+    verdict = _judge("Laptop replacements are requested in the IT portal [S1].")
 
     assert verdict.outcome.status == Status.SUCCEEDED
     assert verdict.citations == [CHUNK_A]
     assert verdict.reasons == []
-    assert verdict.output == "Laptops are requested through the IT portal [S1]."
+    assert verdict.output == "Laptop replacements are requested in the IT portal [S1]."
 
 
 def test_repeated_citations_are_listed_once_in_order() -> None:
-    verdict = _judge("First [S2]. Second [S1]. Third [S2].")
+    verdict = _judge("Accounts lock after 5 failed sign-in attempts [S2]. Laptops are replaced "
+                     "every 4 years [S1]. They unlock automatically after 15 minutes [S2].")
 
-    assert verdict.outcome.status == Status.SUCCEEDED
+    assert verdict.outcome.status == Status.SUCCEEDED, verdict.reasons
     assert verdict.citations == [CHUNK_B, CHUNK_A]
 
 
 def test_citation_of_an_unknown_label_fails() -> None:
-    verdict = _judge("The answer is in the handbook [S9].")
+    verdict = _judge("Laptops are replaced every 4 years [S9].")
 
     assert verdict.outcome.status == Status.FAILED
     assert verdict.outcome.error_class == "UnknownCitation"
@@ -55,18 +64,30 @@ def test_citation_of_an_unknown_label_fails() -> None:
 
 
 def test_label_mapping_to_a_chunk_that_was_not_retrieved_fails() -> None:
-    verdict = _judge("Claim [S1].", labels={"S1": "ffffffffffffffff"})
+    verdict = _judge("Laptops are replaced every 4 years [S1].", labels={"S1": "ffffffffffffffff"})
 
     assert verdict.outcome.status == Status.FAILED
     assert verdict.outcome.error_class == "UnknownCitation"
 
 
 def test_draft_without_citation_fails() -> None:
-    verdict = _judge("Laptops are requested through the IT portal.")
+    verdict = _judge("Laptop replacements are requested in the IT portal.")
 
     assert verdict.outcome.status == Status.FAILED
     assert verdict.outcome.error_class == "MissingCitation"
     assert verdict.citations == []
+
+
+def test_every_sentence_must_cite_not_just_one() -> None:
+    # Given a first sentence with a citation and a second without (the old contract passed it)
+    verdict = _judge("Laptops are replaced every 4 years [S1]. Accounts lock after 5 failed "
+                     "sign-in attempts.")
+
+    # Then the second sentence is named in the reason
+    assert verdict.outcome.status == Status.FAILED
+    assert verdict.outcome.error_class == "MissingCitation"
+    assert [(f.code, f.sentence) for f in verdict.findings] == [("missing_citation", 2)]
+    assert verdict.reasons[0].startswith('Sentence 2 "Accounts lock after 5 failed')
 
 
 @pytest.mark.parametrize("draft", ["I don't know.", "i do not know", "  I dont know the answer."])
@@ -79,11 +100,12 @@ def test_model_abstention_is_abstained(draft: str) -> None:
 
 def test_no_retrieved_chunks_is_abstained_no_evidence() -> None:
     # Given a draft that even cites a source, but nothing was retrieved
-    verdict = _judge("Something plausible [S1].", labels={}, retrieved=[])
+    verdict = _judge("Something plausible [S1].", labels={}, retrieved=[], texts={})
 
-    # Then there is no evidence to ground it on
+    # Then there is no evidence to ground it on, and the draft is not what is released
     assert verdict.outcome.status == Status.ABSTAINED
     assert verdict.outcome.error_class == "NoEvidence"
+    assert verdict.output == "I don't know."
 
 
 @pytest.mark.parametrize("draft", ["", "   ", "x"])
@@ -97,8 +119,10 @@ def test_empty_draft_is_a_contract_violation(draft: str) -> None:
 def test_each_item_gets_its_own_verdict() -> None:
     items = [
         ValidationItem(request_id=f"r{i}", answer_class=AnswerClass.GROUNDED_ANSWER, draft=draft,
-                       source_labels={"S1": CHUNK_A}, retrieved_chunk_ids=[CHUNK_A])
-        for i, draft in enumerate(["Good [S1].", "", "Bad [S4].", "I don't know."])
+                       source_labels={"S1": CHUNK_A}, retrieved_chunk_ids=[CHUNK_A],
+                       chunk_texts={"S1": TEXT_A})
+        for i, draft in enumerate(["Laptops are replaced every 4 years [S1].", "",
+                                   "Laptops are replaced every 4 years [S4].", "I don't know."])
     ]
 
     verdicts = validate(ValidationInput(items=items)).verdicts
@@ -106,3 +130,10 @@ def test_each_item_gets_its_own_verdict() -> None:
     assert [v.request_id for v in verdicts] == ["r0", "r1", "r2", "r3"]
     assert [v.outcome.status for v in verdicts] == [
         Status.SUCCEEDED, Status.FAILED, Status.FAILED, Status.ABSTAINED]
+
+
+def test_the_version_comes_from_files_alone_and_names_the_suite() -> None:
+    version = validators_version()
+
+    assert version == default_suite().version
+    assert version.startswith(f"{VALIDATOR_VERSION};contract-1:")

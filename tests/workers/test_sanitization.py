@@ -80,9 +80,11 @@ def test_injection_requests_through_the_queues_never_print_a_canary(pipeline) ->
     ids = []
     for path, question in QUESTIONS.items():
         tenant, acl, _ = path.split("/", 2)
+        # Declared grounded by the upstream system, so each one reaches retrieval.
         ids.append(client.submit({"custom_id": f"inj-{uuid.uuid4().hex[:8]}", "tenant": tenant,
                                   "grants": ["public", acl],
-                                  "request": {"kind": "answer", "question": question}}))
+                                  "request": {"kind": "answer", "question": question,
+                                              "answer_class": "grounded_answer"}}))
     outcomes = [client.wait(rid, timeout_s=600) for rid in ids]
     assert all(Status(o["status"]).is_terminal for o in outcomes)
     assert all("CANARY-" not in (o["output"] or "") + (o["message"] or "") for o in outcomes)

@@ -160,6 +160,7 @@ class AuditEvent(Base):
 
 class Document(Base):
     __tablename__ = "documents"
+    __table_args__ = (Index("ix_documents_tenant_source", "tenant_id", "source"),)
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
     path: Mapped[str] = mapped_column(String(1024))
@@ -168,6 +169,10 @@ class Document(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     retired: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+    # The folder it was ingested from (resolved): `--prune` retires what that folder lost.
+    source: Mapped[str | None] = mapped_column(String(1024))
+    retired_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    updated_at: Mapped[datetime | None] = mapped_column(Timestamp)
 
 
 class Chunk(Base):
@@ -191,3 +196,14 @@ class IndexVersion(Base):
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
     active: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+
+
+class IndexActivation(Base):
+    """Append-only: which index became active when, replacing which (rollback reads it)."""
+
+    __tablename__ = "index_activations"
+    id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
+    index_id: Mapped[str] = mapped_column(ForeignKey("index_versions.id"))
+    previous_id: Mapped[str | None] = mapped_column(String(32))
+    reason: Mapped[str] = mapped_column(String(32))  # build, activate, rollback
+    activated_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)

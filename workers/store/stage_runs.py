@@ -12,9 +12,9 @@ from typing import Any
 from sqlalchemy import bindparam, insert, or_, select, update
 from sqlalchemy.orm import Session
 
-from schemas.stages import AuditRecord, Hop, ItemRecord, ItemResult
+from schemas.stages import REPAIR, AuditRecord, Hop, ItemRecord, ItemResult
 from schemas.status import Stage, StageRunStatus, Status
-from workers.store.models import AuditEvent, Request, StageRun
+from workers.store.models import AuditEvent, Request, Shard, StageRun
 from workers.store.timeutil import utcnow
 
 RUNNING = StageRunStatus.RUNNING.value
@@ -149,7 +149,8 @@ def release(session: Session, row_ids: list[int], owner: LeaseOwner) -> None:
 
 
 def load_records(session: Session, request_ids: list[str], key: StageKey) -> list[ItemRecord]:
-    """Active requests of the claim with every earlier stage's output for this run and round."""
+    """Active requests of the claim with every earlier stage's latest output for this run up
+    to this round; a repair round of generation also gets the last round's draft and verdict."""
     requests = session.scalars(select(Request).where(Request.id.in_(request_ids))).all()
     previous: dict[str, dict[str, dict[str, Any]]] = {rid: {} for rid in request_ids}
     earlier = [s.value for s in Stage][: list(Stage).index(key.stage)]
@@ -158,10 +159,20 @@ def load_records(session: Session, request_ids: list[str], key: StageKey) -> lis
                                    .where(StageRun.request_id.in_(request_ids),
                                           StageRun.run == key.hop.run,
                                           StageRun.stage.in_(earlier), StageRun.status == DONE,
-                                          StageRun.round <= key.hop.round)):
+                                          StageRun.round <= key.hop.round)
+                                   .order_by(StageRun.round)):  # a later round overrides
             previous[row.request_id][row.stage] = row.output or {}
+    if key.stage == Stage.GENERATION and key.hop.round > 0:
+        for row in session.execute(select(StageRun.request_id, StageRun.stage, StageRun.output)
+                                   .where(StageRun.request_id.in_(request_ids),
+                                          StageRun.run == key.hop.run, StageRun.status == DONE,
+                                          StageRun.stage.in_([Stage.GENERATION.value,
+                                                              Stage.VALIDATION.value]),
+                                          StageRun.round == key.hop.round - 1)):
+            previous[row.request_id].setdefault(REPAIR, {})[row.stage] = row.output or {}
     return [ItemRecord(request_id=r.id, tenant=r.tenant_id, grants=list(r.grants), kind=r.kind,
-                       payload=dict(r.payload), previous=previous[r.id]) for r in requests]
+                       payload=dict(r.payload), previous=previous[r.id], round=key.hop.round)
+            for r in requests]
 
 
 @dataclass(frozen=True)
@@ -195,9 +206,15 @@ class StageCommit:
     duration_s: float
 
 
-def commit(session: Session, work: StageCommit) -> list[str]:
-    """Finish the claimed rows, end decided requests, append events, open the next stage.
-    Returns the request ids that go on to the next stage."""
+@dataclass(frozen=True)
+class Committed:
+    onward: list[str]  # go on to the next stage in this round
+    repair: list[str]  # go back to generation in the next round
+
+
+def commit(session: Session, work: StageCommit) -> Committed:
+    """Finish the claimed rows, end decided requests, append events, open the next stage
+    (or, for drafts sent back, generation in the next round)."""
     covered = {r.request_id for r in work.results}
     if covered != set(work.row_ids):
         raise ValueError(f"{work.key.stage} returned results for {sorted(covered)}, "
@@ -211,14 +228,18 @@ def commit(session: Session, work: StageCommit) -> list[str]:
             {"request_id": e.request_id, "stage": work.key.stage.value, "run": work.key.hop.run,
              "round": work.key.hop.round, "kind": e.kind, "payload": e.payload, "created_at": now}
             for e in work.events])
-    onward = [r.request_id for r in work.results if r.outcome is None and not r.untouched]
+    going = [r for r in work.results if r.outcome is None and not r.untouched]
+    onward = [r.request_id for r in going if not r.repair]
+    repair = [r.request_id for r in going if r.repair]
     nxt = work.key.stage.next
-    if onward and nxt is not None:
+    opened = [(rid, nxt, work.key.hop.round) for rid in onward if nxt is not None] + [
+        (rid, Stage.GENERATION, work.key.hop.round + 1) for rid in repair]
+    if opened:
         session.execute(insert(StageRun), [
-            {"request_id": rid, "shard_id": work.key.hop.shard_id, "stage": nxt.value,
-             "run": work.key.hop.run, "round": work.key.hop.round, "status": PENDING,
-             "deliveries": 0, "created_at": now} for rid in onward])
-    return onward
+            {"request_id": rid, "shard_id": work.key.hop.shard_id, "stage": stage.value,
+             "run": work.key.hop.run, "round": round_, "status": PENDING,
+             "deliveries": 0, "created_at": now} for rid, stage, round_ in opened])
+    return Committed(onward if nxt is not None else [], repair)
 
 
 def _assert_lease(session: Session, work: StageCommit) -> None:
@@ -250,7 +271,8 @@ def _update_requests(session: Session, work: StageCommit, now: datetime) -> None
     ended = [_ended_row(work, r, now) for r in work.results if r.outcome and not r.untouched]
     if ended:
         session.connection().execute(update(Request).where(*live), ended)
-    onward = [r.request_id for r in work.results if r.outcome is None and not r.untouched]
+    onward = [r.request_id for r in work.results
+              if r.outcome is None and not r.untouched and not r.repair]
     if onward:
         session.execute(update(Request).where(Request.id.in_(onward),
                                               Request.status == Status.QUEUED.value)
@@ -267,6 +289,13 @@ def _ended_row(work: StageCommit, result: ItemResult, now: datetime) -> dict[str
             "error_message": outcome.message or None, "output": result.final_text,
             "citations": result.citations, "prompt_tokens": result.prompt_tokens,
             "completion_tokens": result.completion_tokens}
+
+
+def shard_lane(session: Session, shard_id: str) -> str:
+    lane = session.scalar(select(Shard.lane).where(Shard.id == shard_id))
+    if lane is None:
+        raise LookupError(f"no shard {shard_id}")
+    return str(lane)
 
 
 def next_stage_waiting(session: Session, key: StageKey) -> bool:

@@ -1,0 +1,333 @@
+"""Does the cited text support a sentence? A score from embedding cosine and lexical overlap,
+plus deterministic checks on the specifics a paraphrase must not change.
+
+The evidence is cut into windows: its sentences and lines (a table row reads with its header),
+and each pair of neighbouring ones. For a sentence:
+
+- `cosine`: the best cosine between the sentence and any window (packaged MiniLM);
+- `coverage`: the share of the sentence's content words (tasks.lexical.tokenize: lower case,
+  stopwords out, plurals folded) found anywhere in the evidence;
+- the aligned window is the one with the best mean of cosine and its own word coverage;
+  `negation` is set when exactly one of sentence and aligned window (with the evidence's
+  headings: "## Things We Do Not Reimburse") is negated, `contrast`
+  when the sentence uses a word whose opposite (longer/shorter, primary/secondary, safe/unsafe)
+  the window uses instead;
+- score = 0.5 cosine + 0.5 coverage - 0.2 negation - 0.2 contrast.
+
+A sentence is supported when its score reaches the calibrated threshold and none of its
+specifics is missing: every number must appear, with its unit if it has one ("12 weeks" is
+not "12 months"), in a window aligned about as well as the best one (so "$75 a day" for
+international meals fails against "International travel: up to $95 per day"), and
+every name or identifier (capitalised words after the first, `INC-2057`, `PagerLoop`) must
+appear in the evidence. The threshold comes from `calibrate` over a labelled file of
+supported and unsupported pairs (tasks.validators.calibration).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from tasks.files import HERE
+from tasks.lexical import tokenize
+
+SCORER_VERSION = "support-scorer-1"  # bump when anything below changes a score or a check
+CALIBRATION_PATH = HERE / "rules" / "support_calibration.yaml"
+WEIGHT_COSINE = 0.5
+WEIGHT_COVERAGE = 0.5
+NEGATION_PENALTY = 0.2
+CONTRAST_PENALTY = 0.2
+ALIGN_SLACK = 0.05  # a number may sit in any window aligned within this of the best one
+
+# "one" is left out: "no one", "one of" are rarely the number a source states as 1.
+_NUMBER_WORDS = {"zero": "0", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
+                 "seven": "7", "eight": "8", "nine": "9", "ten": "10", "eleven": "11",
+                 "twelve": "12"}
+_NEGATIONS = frozenset({"not", "no", "never", "cannot", "without", "none", "nobody", "nothing",
+                        "neither", "nor"})
+_OPPOSITES = (("primary", "secondary"), ("shorter", "longer"), ("before", "after"),
+              ("junior", "senior"), ("minimum", "maximum"), ("increase", "decrease"),
+              ("more", "less"), ("more", "fewer"), ("same", "different"), ("same", "second"),
+              ("domestic", "international"), ("required", "optional"), ("always", "never"),
+              ("enabled", "disabled"), ("first", "last"), ("earlier", "later"),
+              ("above", "below"), ("higher", "lower"), ("open", "closed"))
+_IDENTIFIER = re.compile(r"[A-Za-z][-_]?\d|[a-z][A-Z]|[A-Za-z][_.][A-Za-z]")
+_NUMBER = re.compile(r"\d+(?:[.,:/-]\d+)*")
+_MARKUP = re.compile(r"[*`]+|^>\s*")
+_SENTENCE_END = re.compile(r"(?<=[.!?;])\s+")
+_NO_UNIT = "-"
+_PHONE_LIKE = re.compile(r"(?!\d{4}-\d{2}-\d{2}$)\d{1,4}(?:-\d{2,4}){2,}")
+
+
+class CalibrationError(ValueError):
+    """The support calibration file is missing, malformed, or was made by another scorer."""
+
+
+@dataclass(frozen=True)
+class SupportAssessment:
+    """How well one piece of evidence supports one sentence, and which specifics it lacks."""
+
+    score: float
+    cosine: float
+    coverage: float
+    negation: bool
+    contrast: bool
+    missing_numbers: tuple[str, ...]
+    missing_names: tuple[str, ...]
+    aligned: str  # the evidence window the sentence lines up with best
+
+    def supported(self, threshold: float) -> bool:
+        return self.score >= threshold and not self.missing_numbers and not self.missing_names
+
+
+@dataclass(frozen=True)
+class SupportCalibration:
+    """The threshold `calibrate` chose, what it was chosen on, and how well it did there."""
+
+    threshold: float
+    data_sha256: str
+    embedder: str  # tasks.embedding.embedder_id of the model the scores came from
+    pairs: int
+    precision: float
+    recall: float
+    scorer: str = SCORER_VERSION
+    cv_precision: float | None = None
+    cv_recall: float | None = None
+
+    @property
+    def version(self) -> str:
+        return f"{self.scorer}:t{self.threshold:.3f}:d{self.data_sha256[:8]}:{self.embedder}"
+
+    @classmethod
+    def load(cls, path: Path = CALIBRATION_PATH) -> SupportCalibration:
+        if not path.exists():
+            raise CalibrationError(f"no support calibration at {str(path)!r}: "
+                                   "run `sluice validators calibrate`")
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        try:
+            calibration = cls(**data)
+        except TypeError as exc:
+            raise CalibrationError(f"malformed support calibration {str(path)!r}: {exc}") from exc
+        if calibration.scorer != SCORER_VERSION:
+            raise CalibrationError(f"support calibration {str(path)!r} was made for scorer "
+                                   f"{calibration.scorer!r}, this code is {SCORER_VERSION!r}: "
+                                   "run `sluice validators calibrate`")
+        return calibration
+
+    def save(self, path: Path = CALIBRATION_PATH) -> None:
+        header = ("# Written by `sluice validators calibrate`; do not edit by hand. The threshold\n"
+                  "# and the labelled file's hash are part of the validators' version.\n")
+        body = yaml.safe_dump({k: v for k, v in self.__dict__.items()}, sort_keys=False)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(header + body, encoding="utf-8")
+        tmp.replace(path)
+
+
+class SupportScorer:
+    """Scores (sentence, evidence) pairs in batches; the embedder loads in `warm_up()`.
+
+    Vectors are kept in a bounded LRU cache: the same chunks come back request after request,
+    and a shard's second pass (weak evidence) reads the windows of its first.
+    """
+
+    def __init__(self, embedder: Any, cache_size: int = 20_000) -> None:
+        self.embedder = embedder
+        self.cache_size = cache_size
+        self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def warm_up(self) -> None:
+        self.embedder.warm_up()
+
+    def assess_many(self, requests: Sequence[tuple[str, str]]) -> list[SupportAssessment]:
+        """One assessment per (sentence, evidence text); every text is embedded once."""
+        windows = [evidence_windows(evidence) for _, evidence in requests]
+        vectors = self._encode([s for s, _ in requests] + [w for ws in windows for w in ws])
+        return [_assess(sentence, evidence, ws, vectors)
+                for (sentence, evidence), ws in zip(requests, windows, strict=True)]
+
+    def _encode(self, texts: list[str]) -> dict[str, np.ndarray]:
+        wanted = list(dict.fromkeys(texts))
+        missing = [t for t in wanted if t not in self._vectors]
+        if missing:
+            self._vectors.update(zip(missing, self.embedder.encode(missing), strict=True))
+        found = {}
+        for text in wanted:
+            self._vectors.move_to_end(text)
+            found[text] = self._vectors[text]
+        while len(self._vectors) > max(self.cache_size, len(wanted)):
+            self._vectors.popitem(last=False)
+        return found
+
+
+def _assess(sentence: str, evidence: str, windows: list[str],
+            vectors: dict[str, np.ndarray]) -> SupportAssessment:
+    if not windows:
+        return SupportAssessment(0.0, 0.0, 0.0, False, False, tuple(sorted(numbers(sentence))),
+                                 tuple(names(sentence)), "")
+    cosines = np.array([float(vectors[w] @ vectors[sentence]) for w in windows])
+    terms = tokenize(sentence)
+    window_cover = np.array([_coverage(terms, set(_tokens(w))) for w in windows])
+    alignment = 0.5 * cosines + 0.5 * window_cover
+    best = int(np.argmax(alignment))
+    near = [w for w, a in zip(windows, alignment, strict=True) if a >= alignment[best] - ALIGN_SLACK]
+    coverage = _coverage(terms, set(_tokens(evidence)))
+    context = f"{windows[best]} {_headings(evidence)}"  # "## Things We Do Not Reimburse"
+    negation, contrast = _negation(sentence, context), _contrast(sentence, windows[best])
+    score = (WEIGHT_COSINE * float(cosines.max()) + WEIGHT_COVERAGE * coverage
+             - NEGATION_PENALTY * negation - CONTRAST_PENALTY * contrast)
+    evidence_words = words(evidence)
+    return SupportAssessment(
+        score=round(score, 4), cosine=round(float(cosines.max()), 4), coverage=round(coverage, 4),
+        negation=negation, contrast=contrast,
+        missing_numbers=_missing_numbers(sentence, near),
+        missing_names=tuple(n for n in names(sentence) if not words(n) <= evidence_words),
+        aligned=windows[best])
+
+
+def _missing_numbers(sentence: str, windows: list[str]) -> tuple[str, ...]:
+    """Numbers of the sentence that no window has, or has only with another unit: "12 weeks"
+    is missing from "within 12 months" (the unit may come up to three words later there)."""
+    available: dict[str, list[tuple[str, ...]]] = {}
+    for window in windows:
+        for value, following, _ in _numbers_in_context(window):
+            available.setdefault(value, []).append(following)
+    missing = []
+    for value, following, written in _numbers_in_context(sentence):
+        unit = following[0] if following and following[0] != _NO_UNIT else None
+        if not any(unit is None or unit in seen or not seen or seen[0] == _NO_UNIT
+                   for seen in available.get(value, [])):
+            missing.append(written)
+    return tuple(dict.fromkeys(missing))
+
+
+def _coverage(terms: list[str], available: set[str]) -> float:
+    return sum(t in available for t in terms) / len(terms) if terms else 0.0
+
+
+@lru_cache(maxsize=4096)
+def _tokens(text: str) -> tuple[str, ...]:
+    return tuple(tokenize(text))
+
+
+def evidence_windows(evidence: str) -> list[str]:
+    """Sentences and lines of the evidence, table rows with their header, and neighbour pairs."""
+    units: list[str] = []
+    header: list[str] | None = None
+    for line in evidence.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("|"):
+            cells = [_plain(c) for c in stripped.strip("|").split("|")]
+            if all(re.fullmatch(r":?-{2,}:?|", c) for c in cells):
+                continue
+            if header is None:
+                header = cells
+                continue
+            units.append(_table_row(header, cells))
+            continue
+        header = None
+        if re.match(r"^#{1,6}\s", stripped) or not re.search(r"[^\W_]", stripped):
+            continue
+        text = _plain(re.sub(r"^(?:[-*+]|\d{1,2}[.)])\s+", "", stripped))
+        units.extend(s for s in _SENTENCE_END.split(text) if re.search(r"[^\W_]", s))
+    return units + [f"{a} {b}" for a, b in zip(units, units[1:], strict=False)]
+
+
+def _table_row(header: list[str], cells: list[str]) -> str:
+    """`| SEV1 | 10 minutes |` under `| Severity | Acknowledge within |` ->
+    'SEV1: Acknowledge within 10 minutes'."""
+    pairs = [f"{h} {c}".strip() for h, c in zip(header[1:], cells[1:], strict=False) if c and c != "—"]
+    return f"{cells[0]}: {'; '.join(pairs)}" if pairs else cells[0]
+
+
+def _plain(text: str) -> str:
+    return " ".join(_MARKUP.sub("", text).split())
+
+
+def words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z0-9]+", text.lower().replace("n't", " not")))
+
+
+def _pieces(text: str) -> list[str]:
+    return [re.sub(r"['’]s$", "", w.strip(".,;:()[]'\"!?*`")) for w in text.split()]
+
+
+def numbers(text: str) -> set[str]:
+    """Numbers as written (leading zeros and thousands commas dropped; 'two'..'twelve' as
+    digits). Digits inside identifiers (INC-2057, SEV1, p95) are names, not numbers."""
+    return {value for value, _, _ in _numbers_in_context(text)}
+
+
+def _numbers_in_context(text: str) -> list[tuple[str, tuple[str, ...], str]]:
+    """Each number, the (stemmed) words right after it (its unit, if the first is a word), and
+    how the text wrote them ("12 weeks").
+
+    "12 weeks" -> ("12", ("week", ...)); "6-week" -> ("6", ("week", ...)); a number followed by
+    a stopword, another number or nothing has no unit (`_NO_UNIT` first).
+    """
+    pieces = _pieces(text)
+    found: list[tuple[str, tuple[str, ...], str]] = []
+    for i, piece in enumerate(pieces):
+        if _IDENTIFIER.search(piece):
+            continue
+        head, _, suffix = piece.lower().partition("-")
+        values = [_number(m) for m in _NUMBER.findall(piece)]
+        # a phone number "1-555-0177" holds the groups of "+1 555 0177" (a date holds nothing)
+        values += [_number(g) for m in _NUMBER.findall(piece) if _PHONE_LIKE.fullmatch(m)
+                   for g in m.split("-")]
+        if head in _NUMBER_WORDS:
+            values.append(_NUMBER_WORDS[head])
+        if not values:
+            continue
+        after = ([suffix] if suffix.isalpha() else []) + pieces[i + 1:i + 4]
+        following = tuple(_unit(w) for w in after[:3])
+        written = piece if suffix or not following or following[0] == _NO_UNIT else (
+            f"{piece} {pieces[i + 1]}")
+        found.extend((value, following, written) for value in values)
+    return found
+
+
+def _number(text: str) -> str:
+    return text.replace(",", "").lstrip("0") or "0"
+
+
+def _unit(word: str) -> str:
+    stemmed = tokenize(word) if word.isalpha() and word.lower() != "per" else []
+    return stemmed[0] if stemmed else _NO_UNIT
+
+
+def _headings(evidence: str) -> str:
+    return " ".join(line.lstrip("# ") for line in evidence.splitlines() if re.match(r"^#{1,6}\s", line))
+
+
+def names(text: str) -> list[str]:
+    """Identifiers anywhere, and capitalised words that are not the sentence's first word
+    (nor stopwords): what a paraphrase must not invent."""
+    found: list[str] = []
+    for i, piece in enumerate(_pieces(text)):
+        if len(piece) < 2 or not re.search(r"[A-Za-z]", piece):
+            continue
+        identifier = bool(_IDENTIFIER.search(piece))
+        if identifier or (i > 0 and piece[0].isupper() and tokenize(piece)):
+            found.append(piece)
+    return list(dict.fromkeys(found))
+
+
+def _negation(sentence: str, window: str) -> bool:
+    return bool(words(sentence) & _NEGATIONS) != bool(words(window) & _NEGATIONS)
+
+
+def _contrast(sentence: str, window: str) -> bool:
+    said, source = words(sentence), words(window)
+    for a, b in _OPPOSITES:
+        if (a in said and b in source and a not in source) or (b in said and a in source
+                                                               and b not in source):
+            return True
+    return any(w.startswith("un") and w[2:] in source and w not in source for w in said)

@@ -1,0 +1,94 @@
+"""A draft as the validators read it: sentences, the source labels each cites, abstentions.
+
+Pure string work, no models. A sentence ends at `.`, `!` or `?` followed by white space, or
+at the end of a line; citation labels written just after the full stop (`... rule. [S1]`)
+belong to the sentence before them. Markdown headings, table rules and empty lines are not
+claims; bullet and number markers are dropped.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+CITATION = re.compile(r"\[([A-Z]\d+)\]")
+_LEADING_CITATIONS = re.compile(r"^(?:\s*\[[A-Z]\d+\])+[.,;:]?")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_BULLET = re.compile(r"^\s*(?:[-*+•]|\d{1,2}[.)])\s+")
+_HEADING = re.compile(r"^\s*#{1,6}\s")
+_ABBREVIATIONS = ("e.g.", "i.e.", "dr.", "mr.", "ms.", "mrs.", "st.", "vs.", "etc.", "no.", "approx.")
+_CONTRAST = re.compile(r"\b(?:but|however|although|though|except)\b", re.IGNORECASE)
+QUOTE_CHARS = 70
+
+
+@dataclass(frozen=True)
+class Sentence:
+    """One sentence of a draft. `claim` is its text without citation labels."""
+
+    index: int  # 1-based over all checked sentences of the draft
+    text: str
+    claim: str
+    labels: tuple[str, ...]
+    abstains: bool
+
+    @property
+    def quote(self) -> str:
+        """The sentence, shortened for a message: `"Swaps need manager approval."`."""
+        text = self.claim if len(self.claim) <= QUOTE_CHARS else self.claim[:QUOTE_CHARS - 1] + "…"
+        return f'"{text}"'
+
+
+def split_sentences(passages: Iterable[str], abstention: re.Pattern[str]) -> list[Sentence]:
+    """The checked sentences of one or more passages, numbered across all of them."""
+    raw = [piece for passage in passages for line in passage.splitlines()
+           for piece in _line_sentences(line)]
+    sentences: list[Sentence] = []
+    for text in raw:
+        claim = " ".join(CITATION.sub(" ", text).split())
+        claim = re.sub(r"\s+([.,;:!?])", r"\1", claim)
+        if not re.search(r"[^\W\d_]", claim) and not CITATION.search(text):
+            continue
+        labels = tuple(dict.fromkeys(CITATION.findall(text)))
+        sentences.append(Sentence(index=len(sentences) + 1, text=text, claim=claim,
+                                  labels=labels, abstains=is_abstention(claim, abstention)))
+    return sentences
+
+
+def _line_sentences(line: str) -> list[str]:
+    if _HEADING.match(line) or not re.search(r"[^\W_]", line):
+        return []
+    pieces = _join_abbreviations(_SENTENCE_END.split(_BULLET.sub("", line).strip()))
+    merged: list[str] = []
+    for piece in pieces:
+        lead = _LEADING_CITATIONS.match(piece)
+        if lead and merged:  # "... rule. [S1] Next" -> the labels close the sentence before
+            merged[-1] = f"{merged[-1]} {lead.group(0).strip()}"
+            piece = piece[lead.end():].strip()
+        if piece:
+            merged.append(piece)
+    return merged
+
+
+def _join_abbreviations(pieces: Sequence[str]) -> list[str]:
+    joined: list[str] = []
+    for piece in pieces:
+        if joined and joined[-1].lower().endswith(_ABBREVIATIONS):
+            joined[-1] = f"{joined[-1]} {piece}"
+        else:
+            joined.append(piece)
+    return joined
+
+
+def abstention_pattern(phrases: Iterable[str]) -> re.Pattern[str]:
+    """One case-insensitive pattern, anchored at the start of a sentence, from regular-expression
+    phrases (`i (do not|don't) know`)."""
+    parts = [f"(?:{p})" for p in phrases]
+    if not parts:
+        raise ValueError("at least one abstention phrase is needed, got none")
+    return re.compile(r"^\W*(?:sorry,?\s+)?(?:" + "|".join(parts) + r")\b", re.IGNORECASE)
+
+
+def is_abstention(claim: str, abstention: re.Pattern[str]) -> bool:
+    """An explicit abstention, and nothing else: "I don't know, but X" still asserts X."""
+    return bool(abstention.search(claim)) and not _CONTRAST.search(claim)

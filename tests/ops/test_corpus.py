@@ -1,0 +1,136 @@
+"""Ingestion and index management on the embedded store: incremental re-ingest, pruning, bad
+files by name, activation and rollback, and the CLI around them. Real embedder and tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+from typer.testing import CliRunner
+
+from tasks.indexing import document_id, read_index
+from workers.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    from workers.store.migrate import upgrade
+
+    data = tmp_path / "data"
+    monkeypatch.setenv("SLUICE_DATA_DIR", str(data))
+    monkeypatch.setenv("SLUICE_DATABASE_URL", f"sqlite:///{data / 'audit.db'}")
+    monkeypatch.setenv("SLUICE_BROKER_URL", f"sluicesql+sqlite:///{data / 'broker.db'}")
+    current = Settings()
+    upgrade(current.database_url)
+    return current
+
+
+@pytest.fixture
+def docs(tmp_path: Path) -> Path:
+    folder = tmp_path / "wiki"
+    (folder / "ops").mkdir(parents=True)
+    (folder / "deploy.md").write_text("# Deploys\n\nDeploys go out on Tuesdays and Thursdays.\n")
+    (folder / "ops" / "oncall.txt").write_text("On-call handoff is Monday at 10:00.\n")
+    (folder / "billing.html").write_text("<html><title>Billing</title><body><h1>Billing</h1>"
+                                         "<p>Invoices are sent on the 1st.</p></body></html>")
+    (folder / "latin1.md").write_bytes("caf\xe9".encode("latin-1"))
+    (folder / "empty.md").write_text("\n\n")
+    (folder / "diagram.png").write_bytes(b"\x89PNG")
+    return folder
+
+
+def _chunk_ids(settings: Settings, doc_id: str) -> list[str]:
+    from workers.store.engine import session_scope
+    from workers.store.models import Chunk
+
+    with session_scope(settings.database_url) as session:
+        return list(session.scalars(select(Chunk.id).where(Chunk.document_id == doc_id)
+                                    .order_by(Chunk.ordinal)))
+
+
+def _indexed_documents(settings: Settings) -> set[str]:
+    from ops.corpus import list_indexes
+
+    active = next(r for r in list_indexes(settings) if r.active)
+    _, chunks = read_index(settings.index_dir / active.id)
+    return {c.document_id for c in chunks}
+
+
+def test_ingest_is_incremental_reports_bad_files_and_prunes(settings: Settings, docs: Path) -> None:
+    from ops.corpus import build_index, ingest_paths
+
+    first = ingest_paths(settings, [docs], "acme", ["engineering"])
+    assert (first.added, first.unchanged) == (3, 0)
+    assert sorted(Path(p).name for p, _ in first.skipped) == ["diagram.png", "empty.md", "latin1.md"]
+    deploy, oncall = document_id("acme", "deploy.md"), document_id("acme", "ops/oncall.txt")
+    oncall_chunks = _chunk_ids(settings, oncall)
+    build_index(settings)
+    assert _indexed_documents(settings) == {deploy, oncall, document_id("acme", "billing.html")}
+
+    again = ingest_paths(settings, [docs], "acme", ["engineering"])
+    assert (again.added, again.updated, again.unchanged, again.chunks) == (0, 0, 3, 0)
+
+    (docs / "deploy.md").write_text("# Deploys\n\nDeploys go out on Wednesdays only.\n")
+    (docs / "billing.html").unlink()
+    changed = ingest_paths(settings, [docs], "acme", ["engineering"], prune=True)
+    assert (changed.updated, changed.unchanged, changed.retired) == (1, 1, 1)
+    assert _chunk_ids(settings, oncall) == oncall_chunks  # untouched file, same chunk ids
+    build_index(settings)
+    assert _indexed_documents(settings) == {deploy, oncall}  # the pruned file is not served
+
+    (docs / "billing.html").write_text("<p>Invoices are sent on the 1st.</p>")
+    assert ingest_paths(settings, [docs], "acme", ["engineering"]).restored == 0  # changed: updated
+    from workers.store.engine import session_scope
+    from workers.store.models import Document
+
+    with session_scope(settings.database_url) as session:
+        assert session.scalar(select(func.count()).select_from(Document)
+                              .where(Document.retired.is_(True))) == 0
+
+
+def test_a_new_acl_makes_a_new_index_and_rollback_returns_to_the_previous(settings: Settings,
+                                                                          docs: Path) -> None:
+    from ops.corpus import CorpusError, activate_index, build_index, ingest_paths, list_indexes
+    from ops.corpus import rollback_index
+
+    with pytest.raises(CorpusError, match="no live chunks"):
+        build_index(settings)
+    ingest_paths(settings, [docs], "acme", ["engineering"])
+    first, built = build_index(settings)
+    assert built
+    with pytest.raises(CorpusError, match="nothing to roll back"):
+        rollback_index(settings)
+    relabelled = ingest_paths(settings, [docs], "acme", ["engineering", "hr"])
+    assert relabelled.updated == 3
+    second, built = build_index(settings)
+    assert built and second != first  # same texts, same chunk ids, other ACL: another index
+    assert [r.id for r in list_indexes(settings) if r.active] == [second]
+
+    assert rollback_index(settings) == (second, first)
+    assert [r.id for r in list_indexes(settings) if r.active] == [first]
+    assert activate_index(settings, second[:10]) == first
+    assert [r.id for r in list_indexes(settings) if r.active] == [second]
+    with pytest.raises(CorpusError, match="no index"):
+        activate_index(settings, "idx-does-not-exist")
+
+
+def test_the_ingest_and_index_commands(settings: Settings, docs: Path) -> None:
+    from ops.cli import app
+
+    runner = CliRunner()
+    done = runner.invoke(app, ["ingest", str(docs), "--tenant", "globex", "--acl", "public"])
+    assert done.exit_code == 0, done.output
+    assert "3 added" in done.output and "3 skipped" in done.output
+    assert "latin1.md" in done.output and "not UTF-8" in done.output
+    assert "sluice index build" in done.output
+    built = runner.invoke(app, ["index", "build"])
+    assert built.exit_code == 0, built.output
+    assert "activated idx-" in built.output
+    listed = runner.invoke(app, ["index", "list"])
+    assert listed.exit_code == 0 and "flat" in listed.output
+    missing = runner.invoke(app, ["ingest", str(docs / "nope"), "--tenant", "globex"])
+    assert "no such file or folder" in missing.output
+    assert runner.invoke(app, ["index", "rollback"]).exit_code == 1
