@@ -112,6 +112,16 @@ def ingest(
         console.print("the corpus changed: run `sluice index build` to serve it")
 
 
+@app.command("seed-records")
+def seed_records(corpus: Annotated[Path | None, typer.Argument(
+        help="a <tenant>/engineering/inc-*.md tree; default: the example corpus")] = None) -> None:
+    """Load incident tickets into the system of record that the lookup tools read."""
+    from ops.corpus import seed_example_records
+
+    inserted = seed_example_records(_prepared(), corpus)
+    console.print(f"{inserted} ticket(s) added to the system of record")
+
+
 @index_app.command("build")
 def index_build() -> None:
     """Embed the live chunks and activate the index named by their content hash."""

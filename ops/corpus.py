@@ -22,6 +22,8 @@ from sqlalchemy.orm import Session
 from tasks.documents import SUFFIXES, BadDocument, CountTokens, read_document, split_text
 from tasks.embedding import Embedder, embedder_id
 from tasks.indexing import ChunkRecord, chunk_id, document_id, index_id, index_params, write_index
+from tasks.lexical import LEXICAL_DIRNAME, TOKENIZER_VERSION, LexicalIndex
+from tasks.retrieval import FUSION_DEPTH, RRF_K
 from workers.settings import Settings
 from workers.store.admission import ensure_tenants
 from workers.store.engine import session_scope
@@ -199,7 +201,8 @@ def build_index(settings: Settings, progress: Progress | None = None) -> tuple[s
                               c.text) for c, title in rows]
     if not chunks:
         raise CorpusError("no live chunks: ingest a corpus first (`sluice ingest`)")
-    params = index_params(len(chunks))
+    params = {**index_params(len(chunks)), "lexical": TOKENIZER_VERSION,
+              "fusion": f"rrf-k{RRF_K}-d{FUSION_DEPTH}"}
     # Tenant and ACL are part of what an index serves: a relabelled chunk is a new index.
     members = [f"{c.chunk_id}:{c.tenant}:{','.join(sorted(c.acl))}" for c in chunks]
     new_id = index_id(members, embedder_name, params)
@@ -210,9 +213,10 @@ def build_index(settings: Settings, progress: Progress | None = None) -> tuple[s
     vectors = _embed(settings, [c.text for c in chunks], progress)
     folder = settings.index_dir / new_id
     spec = write_index(folder, vectors, chunks)
+    LexicalIndex.build(list(enumerate(c.text for c in chunks))).save(folder / LEXICAL_DIRNAME)
     with session_scope(settings.database_url) as session:
         session.add(IndexVersion(id=new_id, path=str(folder), embedder=embedder_name,
-                                 chunk_count=len(chunks), params=spec.params()))
+                                 chunk_count=len(chunks), params={**params, **spec.params()}))
         session.flush()
         _activate(session, new_id, "build")
     return new_id, True
@@ -299,4 +303,13 @@ def ensure_example_index(settings: Settings, progress: Progress | None = None) -
     if active:
         return None
     ingest_tree(settings, settings.corpus_dir)
+    seed_example_records(settings)
     return build_index(settings, progress)[0]
+
+
+def seed_example_records(settings: Settings, corpus_dir: Path | None = None) -> int:
+    """The system of record the lookup tools read: the example incident tickets."""
+    from workers.store.records import seed_tickets
+
+    with session_scope(settings.database_url) as session:
+        return seed_tickets(session, corpus_dir or settings.corpus_dir).inserted

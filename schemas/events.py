@@ -10,6 +10,7 @@ class EventKind(StrEnum):
     ROUTE_DECISION = "route_decision"
     DATA_READ = "data_read"
     INJECTION_SIGNAL = "injection_signal"
+    TOOL_CALL = "tool_call"
     MODEL_CALL = "model_call"
     VALIDATOR_VERDICT = "validator_verdict"
     REPAIR_REQUESTED = "repair_requested"

@@ -31,7 +31,8 @@ class VersionTuple(BaseModel):
 
 STAGE_COMPONENTS: dict[Stage, tuple[str, ...]] = {
     Stage.ROUTER: ("router",),
-    Stage.RETRIEVAL: ("index", "validators"),  # validators: the sanitizer of retrieved text
+    # validators: the sanitizer of retrieved text; tool_schemas: the tools lookups call
+    Stage.RETRIEVAL: ("index", "validators", "tool_schemas"),
     Stage.GENERATION: ("model", "prompt", "decoding"),
     Stage.VALIDATION: ("validators",),
 }

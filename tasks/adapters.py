@@ -39,13 +39,13 @@ WEAK_EVIDENCE = "WeakEvidence"  # the validators' class for drafts no retrieved 
 
 def router_input(records: list[ItemRecord]) -> RouterInput:
     return RouterInput(items=[RouteItem(
-        request_id=r.request_id, kind=r.kind, text=_request_text(r),
+        request_id=r.request_id, kind=r.kind, text=request_text(r),
         answer_class=r.payload.get("answer_class"),
         template=r.payload.get("template"), inputs=r.payload.get("inputs") or {})
         for r in records])
 
 
-def _request_text(record: ItemRecord) -> str:
+def request_text(record: ItemRecord) -> str:
     if record.kind == "document":
         values = " ".join(str(v) for v in (record.payload.get("inputs") or {}).values())
         return f"{record.payload.get('topic', '')} {values}".strip()
@@ -63,7 +63,7 @@ def router_results(output: RouterOutput) -> Results:
 
 def retrieval_input(records: list[ItemRecord], top_k: int) -> RetrievalInput:
     return RetrievalInput(top_k=top_k, items=[RetrievalItem(
-        request_id=r.request_id, tenant=r.tenant, grants=r.grants, query=_request_text(r))
+        request_id=r.request_id, tenant=r.tenant, grants=r.grants, query=request_text(r))
         for r in records])
 
 

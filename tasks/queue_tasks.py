@@ -4,16 +4,28 @@ from __future__ import annotations
 
 from typing import Any
 
-from schemas.stages import ItemRecord, RetrievalOutput, RetrievalResult
-from schemas.status import Stage
+from schemas.events import EventKind
+from schemas.stages import (
+    AuditRecord,
+    ItemRecord,
+    ItemResult,
+    Outcome,
+    RetrievalOutput,
+    RetrievalResult,
+    RetrievedChunk,
+)
+from schemas.status import AnswerClass, Stage, Status
 from tasks import adapters
 from tasks.retrieval import Retriever
 from tasks.router import route
+from tasks.tools import ToolArgumentError, ToolError, plan_tool_call
 from tasks.validation import validate
 from workers.app import TASK_NAMES, app
 from workers.base import Results, StageTask, TransientError
 from workers.cache import cache_key
 from workers.runtime import Runtime
+from workers.store.engine import session_scope
+from workers.store.records import execute
 from workers.versions import decoding_policy, sanitize_policy
 
 
@@ -25,6 +37,51 @@ def compute_route(runtime: Runtime, records: list[ItemRecord], _budget: float | 
 
 def compute_retrieval(runtime: Runtime, records: list[ItemRecord],
                       _budget: float | None) -> Results:
+    """Tool lookups call their planned tool; everything else searches the index."""
+    lookups = [r for r in records
+               if r.previous[Stage.ROUTER].get("answer_class") == AnswerClass.TOOL_LOOKUP]
+    looked_up = {r.request_id for r in lookups}
+    searches = [r for r in records if r.request_id not in looked_up]
+    results, events = _search(runtime, searches) if searches else ([], [])
+    if lookups:
+        tool_results, tool_events = _call_tools(runtime, lookups)
+        results, events = results + tool_results, events + tool_events
+    return results, events
+
+
+def _call_tools(runtime: Runtime, records: list[ItemRecord]) -> Results:
+    """Fresh data from the system of record, by the plan the request text maps to (never by
+    what retrieved text or a model says); each call an audit event, its result evidence."""
+    registry = runtime.tools()
+    results, events = [], []
+    with session_scope(runtime.settings.database_url) as session:
+        for record in records:
+            call = plan_tool_call(adapters.request_text(record), record.tenant)
+            try:
+                if call is None:
+                    raise ToolArgumentError("no tool plan fits this request")
+                result = execute(session, registry, record.tenant, call)
+            except ToolError as exc:
+                outcome = Outcome(status=Status.FAILED, error_class=type(exc).__name__,
+                                  message=str(exc))
+                results.append(ItemResult(request_id=record.request_id,
+                                          output={"tool_error": outcome.model_dump()},
+                                          outcome=outcome))
+                continue
+            events.append(AuditRecord(request_id=record.request_id, kind=EventKind.TOOL_CALL,
+                                      payload=result.audit_payload()))
+            outcome = None if result.outcome == "ok" else Outcome(
+                status=Status.FAILED, error_class=result.error_class or "ToolFailed",
+                message=result.content[:500])
+            evidence = RetrievalResult(request_id=record.request_id,
+                                       index_id=f"tools:{registry.version}",
+                                       chunks=[RetrievedChunk(**result.as_evidence())])
+            results.append(ItemResult(request_id=record.request_id,
+                                      output=evidence.model_dump(mode="json"), outcome=outcome))
+    return results, events
+
+
+def _search(runtime: Runtime, records: list[ItemRecord]) -> Results:
     """Cached results first; one embedding call and search for the misses only."""
     retriever: Retriever = runtime.retriever()
     cache = runtime.retrieval_cache()

@@ -36,6 +36,7 @@ from schemas.stages import (
 from schemas.status import ANSWER_LABELS_VERSION, AnswerClass, RiskClass, Status
 from tasks.files import ROUTER_RULES_PATH, TEMPLATES_PATH, content_hash, load_yaml
 from tasks.router_classifier import ClassGuess, ClassifierParams, RouterClassifier
+from tasks.tools import plan_tool_call
 
 TokenCounter = Callable[[str], int]
 _M = TypeVar("_M", bound=BaseModel)
@@ -191,7 +192,7 @@ def _route_one(item: RouteItem, rules: RouterRules, count_tokens: TokenCounter,
         model_variant=policy.model_for(risk), decoding_policy=policy.decoding,
         matched_rule=risk_rule.name if risk_rule else None, input_tokens=tokens)
     problem = (_input_problem(item, rules, tokens, max_input_tokens)
-               or _class_outcome(answer_class, decided_by, guess, rules))
+               or _class_outcome(answer_class, decided_by, guess, rules, item.text))
     return decision.model_copy(update={"outcome": problem}) if problem else decision
 
 
@@ -215,7 +216,7 @@ def _answer_class(item: RouteItem, rules: RouterRules,
 
 
 def _class_outcome(answer_class: AnswerClass, decided_by: DecidedBy, guess: ClassGuess | None,
-                   rules: RouterRules) -> Outcome | None:
+                   rules: RouterRules, text: str) -> Outcome | None:
     """The classes that end a request at the router: refuse, clarify, and a document asked
     for as a question (it has no template to write from)."""
     why = _reason(decided_by, guess)
@@ -225,10 +226,11 @@ def _class_outcome(answer_class: AnswerClass, decided_by: DecidedBy, guess: Clas
     if answer_class == AnswerClass.CLARIFY:
         return Outcome(status=Status.NEEDS_CLARIFICATION, error_class="AmbiguousRequest",
                        message=f"the request is too vague to act on ({why}); say what you need")
-    if answer_class == AnswerClass.TOOL_LOOKUP:
-        return Outcome(status=Status.FAILED, error_class="NoToolAvailable",
-                       message=f"this asks for live data from a system of record ({why}); "
-                               f"no tool that could answer it is registered yet")
+    if answer_class == AnswerClass.TOOL_LOOKUP and plan_tool_call(text, "") is None:
+        return Outcome(status=Status.NEEDS_CLARIFICATION, error_class="NoToolPlan",
+                       message=f"this asks for live data from a system of record ({why}), but "
+                               f"no tool fits it: name a ticket (e.g. INC-2057), or ask for "
+                               f"the open tickets or the current time")
     if answer_class == AnswerClass.DOCUMENT and decided_by != "upstream":
         return Outcome(status=Status.NEEDS_CLARIFICATION, error_class="DocumentNeedsTemplate",
                        message=f"this reads as a request for a document ({why}): submit it "

@@ -105,7 +105,7 @@ def wait_worker_ready(log_dir: Path, stage: object, marker_count: int = 1) -> No
 
 @pytest.fixture(scope="session")
 def pipeline(services: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
-    from ops.corpus import build_index, ingest_tree
+    from ops.corpus import build_index, ingest_tree, seed_example_records
     from ops.embedded import WorkerFleet
     from schemas.status import Stage
     from workers.reconciler import ReconcilerThread
@@ -117,6 +117,7 @@ def pipeline(services: None, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     settings = Settings()
     upgrade(settings.database_url)
     ingest_tree(settings, settings.corpus_dir)
+    seed_example_records(settings)
     build_index(settings)
     log_dir = data_dir / "logs"
     fleet = WorkerFleet(settings, log_dir)

@@ -22,6 +22,7 @@ from tasks.generation import Generator, HFGenerator, NullGenerator, PromptSet
 from tasks.retrieval import Retriever
 from tasks.router import RouterRules
 from tasks.router_classifier import RouterClassifier, ensure_router_head
+from tasks.tools import ToolRegistry, default_registry
 from tasks.validators import ValidatorSuite
 from workers.cache import RetrievalCache, retrieval_cache
 from workers.settings import Settings
@@ -49,6 +50,7 @@ class Runtime:
         self._retrieval_cache: RetrievalCache | None = None
         self._classifier: RouterClassifier | None = None
         self._validators: ValidatorSuite | None = None
+        self._tools: ToolRegistry | None = None
 
     def rules(self) -> RouterRules:
         if self._rules is None:
@@ -70,6 +72,11 @@ class Runtime:
             self._validators = ValidatorSuite.load(self.embedder())
             self._validators.warm_up()
         return self._validators
+
+    def tools(self) -> ToolRegistry:
+        if self._tools is None:
+            self._tools = default_registry()
+        return self._tools
 
     def embedder(self) -> Embedder:
         if self._embedder is None:

@@ -17,13 +17,13 @@ from tasks.files import (
 )
 from tasks.generation import DecodingPolicy, NullGenerator
 from tasks.sanitize import SanitizeAction, SanitizePolicy
+from tasks.tools import default_registry
 from tasks.validation import validators_version
 from workers.settings import Settings
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
 RUNTIME_PACKAGES = ("sluice", "torch", "transformers", "sentence-transformers", "faiss-cpu",
                     "celery")
-NO_TOOLS = "tools-none"
 
 
 def decoding_policy(settings: Settings) -> DecodingPolicy:
@@ -41,7 +41,7 @@ def current_versions(settings: Settings, index_id: str) -> VersionTuple:
         prompt=f"prompt-{content_hash(*prompt_paths())}",
         router=router_version(settings),
         index=index_id,
-        tool_schemas=NO_TOOLS,
+        tool_schemas=default_registry().version,
         validators=f"{validators_version()}+{sanitize_policy(settings).version}",
         decoding=decoding_policy(settings).version,
         runtime=runtime_version(),

@@ -45,7 +45,8 @@ def test_drift_reports_only_the_stage_components() -> None:
 
     assert pin.drift(served, Stage.ROUTER) == {"router": ("router-1", "router-2")}
     assert pin.drift(served, Stage.RETRIEVAL) == {"index": ("idx-1", "idx-2"),
-                                                  "validators": ("answer-contract-1", "v2")}
+                                                  "validators": ("answer-contract-1", "v2"),
+                                                  "tool_schemas": ("tools-none", "tools-x")}
     assert pin.drift(served, Stage.GENERATION) == {
         "model": ("SmolLM2@aaaa", "other@bbbb"),
         "decoding": ("greedy-max128", "greedy-max5"),

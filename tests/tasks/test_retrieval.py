@@ -188,3 +188,38 @@ def test_one_shard_serves_several_tenants_without_mixing(retriever: Retriever) -
     assert {c.chunk_id for c in results["a"].chunks} == _readable("acme", ["staff"])
     assert [c.chunk_id for c in results["g"].chunks] == [BY_KEY[("globex", "hr/leave.md")].chunk_id]
     assert results["n"].outcome is not None and results["n"].outcome.status == Status.ABSTAINED
+
+
+def test_a_chunk_needs_every_one_of_its_acl_labels_among_the_grants(
+        embedder: Embedder, tmp_path: Path) -> None:
+    restricted = Doc("acme", "sec/keys.md", ["security", "staff"], "Key rotation",
+                     "Signing keys are rotated every ninety days by the security team.")
+    records = [*RECORDS, _record(restricted)]
+    write_index(tmp_path, embedder.encode([r.text for r in records]), records)
+    subset = Retriever(embedder, tmp_path, "idx-acl")
+    question = "How often are signing keys rotated?"
+    staff_only = _retrieve_one(subset, "acme", ["staff"], question)
+    both = _retrieve_one(subset, "acme", ["staff", "security"], question)
+    assert _record(restricted).chunk_id not in {c.chunk_id for c in staff_only.chunks}
+    assert both.chunks[0].chunk_id == _record(restricted).chunk_id
+
+
+def test_hybrid_fusion_ranks_an_exact_identifier_first_and_keeps_the_acl(
+        embedder: Embedder, tmp_path: Path) -> None:
+    from tasks.lexical import LEXICAL_DIRNAME, LexicalIndex
+
+    tickets = [Doc("acme", f"tickets/inc-{n}.md", ["staff"], f"INC-{n}",
+                   f"INC-{n}: the billing queue stalled and invoices were delayed for a day.")
+               for n in (2051, 2057, 2063)]
+    records = [*RECORDS, *(_record(t) for t in tickets)]
+    write_index(tmp_path, embedder.encode([r.text for r in records]), records)
+    LexicalIndex.build(list(enumerate(r.text for r in records))).save(tmp_path / LEXICAL_DIRNAME)
+    hybrid = Retriever(embedder, tmp_path, "idx-hybrid")
+    assert hybrid.hybrid
+    result = _retrieve_one(hybrid, "acme", ["staff"], "What happened in INC-2057?", top_k=3)
+    assert result.chunks[0].chunk_id == _record(tickets[1]).chunk_id
+    # First in both rankings: its score is the fused one, 2 / (60 + 1), not a cosine.
+    assert result.chunks[0].score == pytest.approx(2 / 61)
+    other = _retrieve_one(hybrid, "globex", ["staff", "hr"], "What happened in INC-2057?")
+    assert {c.document_id for c in other.chunks} <= {
+        r.document_id for r in RECORDS if r.tenant == "globex"}

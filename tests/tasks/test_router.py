@@ -209,9 +209,7 @@ def test_declared_tool_lookup_is_taken_as_given(rules: RouterRules) -> None:
     assert decision.answer_class == AnswerClass.TOOL_LOOKUP
     assert decision.decided_by == "upstream"
     assert (decision.model_variant, decision.decoding_policy) == ("small", "lookup-greedy-short")
-    # No tool is registered yet (issue 5, governed tools): it ends here, plainly failed.
-    assert decision.outcome is not None
-    assert (decision.outcome.status, decision.outcome.error_class) == ("failed", "NoToolAvailable")
+    assert decision.outcome is None  # a tool plan fits it: retrieval calls the tool
 
 
 def test_a_declared_class_does_not_lift_the_refuse_rules(rules: RouterRules) -> None:
@@ -259,3 +257,14 @@ def test_incomplete_class_rules_are_rejected_by_name(tmp_path, old: str, new: st
 
     with pytest.raises(RouterRulesError, match=message):
         RouterRules.load(edited, TEMPLATES_PATH)
+
+
+def test_a_tool_lookup_no_tool_plan_fits_asks_for_clarification(rules: RouterRules) -> None:
+    item = RouteItem(request_id="t2", kind="answer", text="Look up the thing for me",
+                     answer_class=AnswerClass.TOOL_LOOKUP)
+
+    decision = _decide(item, rules)
+
+    assert decision.outcome is not None
+    assert (decision.outcome.status, decision.outcome.error_class) == (
+        "needs_clarification", "NoToolPlan")

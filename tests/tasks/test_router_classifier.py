@@ -182,7 +182,7 @@ def test_bad_example_line_is_rejected_with_its_line_number(tmp_path: Path) -> No
 
 @pytest.mark.parametrize(("text", "expected", "status"), [
     ("How many vacation days does a new driver get?", AnswerClass.GROUNDED_ANSWER, None),
-    ("Is ticket INC-3140 still open right now?", AnswerClass.TOOL_LOOKUP, Status.FAILED),  # NoToolAvailable (no tools yet)
+    ("Is ticket INC-3140 still open right now?", AnswerClass.TOOL_LOOKUP, None),
     ("Write an incident summary of INC-3112 for the partner labs", AnswerClass.DOCUMENT,
      Status.NEEDS_CLARIFICATION),
     ("Help me quietly copy every patient's chart to a USB stick", AnswerClass.REFUSE,

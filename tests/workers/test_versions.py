@@ -16,7 +16,8 @@ from tasks.generation import NullGenerator
 from tasks.sanitize import SANITIZER_VERSION
 from tasks.validation import VALIDATOR_VERSION, validators_version
 from workers.settings import Settings
-from workers.versions import NO_TOOLS, current_versions, model_version, weights_hash
+from tasks.tools import default_registry
+from workers.versions import current_versions, model_version, weights_hash
 
 pytestmark = [pytest.mark.unit]
 
@@ -54,7 +55,7 @@ def test_current_versions_imports_no_model_library(tmp_path: Path) -> None:
     assert versions["decoding"] == "greedy-max7"
     assert versions["validators"] == f"{validators_version()}+{SANITIZER_VERSION}-drop-t0.5"
     assert versions["validators"].startswith(VALIDATOR_VERSION)
-    assert versions["tool_schemas"] == NO_TOOLS
+    assert versions["tool_schemas"] == default_registry().version
     assert versions["router"].startswith("router-")
     assert versions["prompt"].startswith("prompt-")
     assert "torch=" in versions["runtime"]

@@ -12,6 +12,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    ForeignKeyConstraint,
     Index,
     Integer,
     MetaData,
@@ -207,3 +208,67 @@ class IndexActivation(Base):
     previous_id: Mapped[str | None] = mapped_column(String(32))
     reason: Mapped[str] = mapped_column(String(32))  # build, activate, rollback
     activated_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+
+
+class Ticket(Base):
+    """An incident ticket in the system of record the governed tools read, fresh on each call.
+
+    Keyed by (tenant, id): two tenants may use the same id, and neither sees the other's.
+    """
+
+    __tablename__ = "tickets"
+    __table_args__ = (Index("ix_tickets_tenant_status", "tenant_id", "status"),)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    title: Mapped[str] = mapped_column(String(512))
+    status: Mapped[str] = mapped_column(String(16))  # open, resolved
+    severity: Mapped[str] = mapped_column(String(16))  # SEV1..SEV4, or unknown
+    service: Mapped[str | None] = mapped_column(String(256))
+    summary: Mapped[str] = mapped_column(Text, default="")
+    opened_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    resolved_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    source: Mapped[str | None] = mapped_column(String(1024))  # the file it was seeded from
+    updated_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+
+
+class ToolCallRecord(Base):
+    """One governed tool call by its stable call id. A side-effect call inserts its row in the
+    transaction that runs it, so a redelivered task finds the row and gets the recorded
+    result instead of running the tool again; a read-only call's row holds its last result."""
+
+    __tablename__ = "tool_calls"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "idempotency_key", name="uq_tool_calls_tenant_idempotency"),
+        Index("ix_tool_calls_tenant_tool", "tenant_id", "tool"),
+    )
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(128))
+    tool: Mapped[str] = mapped_column(String(64))
+    version: Mapped[str] = mapped_column(String(32))
+    args: Mapped[dict[str, Any]] = mapped_column(JSON)
+    idempotency_key: Mapped[str | None] = mapped_column(String(256))
+    side_effects: Mapped[bool] = mapped_column(Boolean, default=False)
+    outcome: Mapped[str] = mapped_column(String(16))  # pending (inside its transaction), ok, error
+    error_class: Mapped[str | None] = mapped_column(String(128))
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # title, content, data
+    result_hash: Mapped[str | None] = mapped_column(String(64))
+    duration_s: Mapped[float | None] = mapped_column(Float)
+    executions: Mapped[int] = mapped_column(Integer, default=0)  # times the tool really ran
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+    executed_at: Mapped[datetime | None] = mapped_column(Timestamp)
+
+
+class TicketNote(Base):
+    """A note appended to a ticket by the `add_ticket_note` tool, linked to the call that wrote it."""
+
+    __tablename__ = "ticket_notes"
+    __table_args__ = (
+        ForeignKeyConstraint(["tenant_id", "ticket_id"], ["tickets.tenant_id", "tickets.id"]),
+        Index("ix_ticket_notes_ticket", "tenant_id", "ticket_id"),
+    )
+    id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(String(128))
+    ticket_id: Mapped[str] = mapped_column(String(32))
+    note: Mapped[str] = mapped_column(Text)
+    tool_call_id: Mapped[str] = mapped_column(ForeignKey("tool_calls.id"), unique=True)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
