@@ -10,13 +10,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
 from schemas.requests import MalformedLine, RequestLine, parse_request_line
-from schemas.status import RESULT_STATUSES, Lane, Status
+from schemas.status import RESULT_STATUSES, Lane, Stage, Status
+from tasks.render import SourceRef, render_markdown
 from workers.runtime import pinned_versions_now
 from workers.settings import Settings
 from workers.store.admission import AdmittedJob, admit_job, job_counts
 from workers.store.engine import session_scope
-from workers.store.models import Job, Request
+from workers.store.models import Document, Job, Request, StageRun
 from workers.store.operators import job_requests, unfinished
 from workers.store.timeutil import as_utc
 
@@ -81,12 +85,44 @@ def wait_for_job(settings: Settings, job_id: str, on_progress: Callable[[int, in
         time.sleep(poll_s)
 
 
-def result_line(request: Request) -> dict[str, Any]:
+def result_line(request: Request, markdown: str | None = None) -> dict[str, Any]:
     return {"custom_id": request.custom_id, "request_id": request.id, "status": request.status,
             "output": request.output, "citations": list(request.citations or []),
-            "versions": request.pinned_versions,
+            "markdown": markdown, "versions": request.pinned_versions,
             "tokens": {"prompt": request.prompt_tokens, "completion": request.completion_tokens},
             "reason": request.error_message if request.status != Status.SUCCEEDED else None}
+
+
+def rendered(session: Session, requests: list[Request]) -> dict[str, str]:
+    """Markdown with numbered citations for each succeeded request: the labels of its last
+    draft, the chunks its run read, and the documents those chunks belong to."""
+    done = {r.id: r for r in requests if r.status == Status.SUCCEEDED}
+    if not done:
+        return {}
+    rows = session.execute(
+        select(StageRun.request_id, StageRun.stage, StageRun.run, StageRun.round, StageRun.output)
+        .where(StageRun.request_id.in_(list(done)),
+               StageRun.stage.in_([Stage.RETRIEVAL.value, Stage.GENERATION.value]),
+               StageRun.status == "done").order_by(StageRun.round)).all()
+    labels: dict[str, dict[str, str]] = {}
+    chunks: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row.run != done[row.request_id].run or not row.output:
+            continue
+        if row.stage == Stage.GENERATION:
+            labels[row.request_id] = dict(row.output.get("source_labels", {}))
+        else:
+            chunks[row.request_id] = list(row.output.get("chunks", []))
+    document_ids = {c["document_id"] for cs in chunks.values() for c in cs}
+    paths = dict(session.execute(select(Document.id, Document.tenant_id + "/" + Document.path)
+                                 .where(Document.id.in_(document_ids))).all())
+    out = {}
+    for rid, request in done.items():
+        sources = {c["chunk_id"]: SourceRef(c["document_id"], c["title"],
+                                            paths.get(c["document_id"], c["document_id"]))
+                   for c in chunks.get(rid, [])}
+        out[rid] = render_markdown(request.output or "", labels.get(rid, {}), sources)
+    return out
 
 
 def error_line(request: Request) -> dict[str, Any]:
@@ -104,8 +140,9 @@ def export_job(settings: Settings, job_id: str, out_dir: Path) -> tuple[Path, Pa
             raise ValueError(f"no job with id {job_id!r}")
         requests = job_requests(session, job_id)
         malformed = [MalformedLine.model_validate(m) for m in job.malformed]
+        markdown = rendered(session, requests)
     results_path, errors_path = out_dir / "results.jsonl", out_dir / "errors.jsonl"
-    results = [result_line(r) for r in requests if r.status in RESULT_STATUSES]
+    results = [result_line(r, markdown.get(r.id)) for r in requests if r.status in RESULT_STATUSES]
     errors = [{"custom_id": m.custom_id, "line": m.line_no, "status": "malformed",
                "error_class": "MalformedLine", "stage": "admission", "message": m.reason}
               for m in malformed]

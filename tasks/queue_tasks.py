@@ -39,7 +39,7 @@ def compute_retrieval(runtime: Runtime, records: list[ItemRecord],
                       _budget: float | None) -> Results:
     """Tool lookups call their planned tool; everything else searches the index."""
     lookups = [r for r in records
-               if r.previous[Stage.ROUTER].get("answer_class") == AnswerClass.TOOL_LOOKUP]
+               if r.previous.get(Stage.ROUTER, {}).get("answer_class") == AnswerClass.TOOL_LOOKUP]
     looked_up = {r.request_id for r in lookups}
     searches = [r for r in records if r.request_id not in looked_up]
     results, events = _search(runtime, searches) if searches else ([], [])

@@ -74,6 +74,35 @@ def _drop_redis_keys() -> None:
         client.delete(*keys)
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A migrated, empty audit store of its own for one test: SQLite (the embedded mode) and
+    a fresh Postgres database (the distributed mode), which requires the services."""
+    import uuid
+
+    from workers.store.engine import get_engine
+    from workers.store.migrate import upgrade
+
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'audit.db'}"
+        upgrade(url)
+        yield url
+        get_engine(url).dispose()
+        return
+    request.getfixturevalue("services")  # fails in CI, skips locally, when Postgres is down
+    name = f"sluice_store_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        upgrade(url)
+        yield url
+    finally:
+        get_engine(url).dispose()
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @dataclass
 class Pipeline:
     """The distributed mode on this machine: Postgres, Redis, one worker per stage."""

@@ -93,6 +93,9 @@ def test_small_job_reaches_one_terminal_status_per_line_with_its_audit_rows(
             assert line["citations"], "a success must cite retrieved chunks"
             assert line["tokens"]["completion"] > 0
             assert line["versions"]["index"].startswith("idx-")
+            # Rendered: numbered citations resolving to the source documents
+            assert "**Sources**" in line["markdown"] and "[1]" in line["markdown"]
+            assert all(f"`{c}`" in line["markdown"] for c in line["citations"])
     # And the audit trail records route decisions, data reads, model calls and verdicts
     requests = _requests(pipeline.settings, job_id)
     assert all(Status(r.status).is_terminal for r in requests)

@@ -26,7 +26,7 @@ QUESTIONS = {
     "acme/engineering/inc-2089-yard-scanner-sync-failure.md":
         "Why was trailer 5531 not showing as checked in at Memphis during INC-2089?",
     "acme/public/dock-appointment-scheduling.md":
-        "Is there a fee for cancelling a dock appointment late?",
+        "What happens to a carrier after three no-shows in 30 days?",
     "globex/security/security-incident-response.md":
         "What did testers hide in a lab partner comment field during the red team exercise?",
     "globex/engineering/inc-3171-fax-relay-vendor-maintenance.md":

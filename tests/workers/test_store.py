@@ -5,51 +5,22 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 from sqlalchemy import func, select, update
 
 from schemas.requests import RequestLine
 from schemas.status import DriftPolicy, Lane, Stage
 from schemas.versions import VersionTuple
-from tests.conftest import POSTGRES_ADMIN_URL
 from workers.store.timeutil import utcnow
 
 pytestmark = pytest.mark.integration
 
 VERSIONS = VersionTuple(model="m", prompt="p", router="r", index="i", tool_schemas="t",
                         validators="v", decoding="d", runtime="rt")
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A migrated, empty store of its own for each test."""
-    from workers.store.engine import get_engine
-    from workers.store.migrate import upgrade
-
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'audit.db'}"
-        upgrade(url)
-        yield url
-        get_engine(url).dispose()
-        return
-    request.getfixturevalue("services")  # fails in CI, skips locally, when Postgres is down
-    name = f"sluice_store_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    try:
-        upgrade(url)
-        yield url
-    finally:
-        get_engine(url).dispose()
-        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def _line(custom_id: str, key: str | None = None, tenant: str = "acme") -> RequestLine:

@@ -5,12 +5,9 @@ redelivery, timeouts, and the `tool_calls` record."""
 from __future__ import annotations
 
 import threading
-import uuid
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
-import psycopg
 import pytest
 from sqlalchemy import func, select, text, update
 
@@ -24,38 +21,11 @@ from tasks.tools import (
     ToolResult,
     default_registry,
 )
-from tests.conftest import POSTGRES_ADMIN_URL
 
 pytestmark = pytest.mark.integration
 
 CORPUS = Path(__file__).resolve().parents[2] / "ops" / "examples" / "corpus"
 REGISTRY = default_registry()
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A migrated, empty store of its own for each test."""
-    from workers.store.engine import get_engine
-    from workers.store.migrate import upgrade
-
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'audit.db'}"
-        upgrade(url)
-        yield url
-        get_engine(url).dispose()
-        return
-    request.getfixturevalue("services")  # fails in CI, skips locally, when Postgres is down
-    name = f"sluice_tools_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    try:
-        upgrade(url)
-        yield url
-    finally:
-        get_engine(url).dispose()
-        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture
