@@ -21,7 +21,15 @@ from sqlalchemy.orm import Session
 
 from tasks.documents import SUFFIXES, BadDocument, CountTokens, read_document, split_text
 from tasks.embedding import Embedder, embedder_id
-from tasks.indexing import ChunkRecord, chunk_id, document_id, index_id, index_params, write_index
+from tasks.indexing import (
+    ChunkRecord,
+    chunk_id,
+    document_id,
+    index_id,
+    index_params,
+    read_index,
+    write_index,
+)
 from tasks.lexical import LEXICAL_DIRNAME, TOKENIZER_VERSION, LexicalIndex
 from tasks.retrieval import FUSION_DEPTH, RRF_K
 from workers.settings import Settings
@@ -210,7 +218,7 @@ def build_index(settings: Settings, progress: Progress | None = None) -> tuple[s
         if session.get(IndexVersion, new_id) is not None:
             _activate(session, new_id, "build")
             return new_id, False
-    vectors = _embed(settings, [c.text for c in chunks], progress)
+    vectors = _vectors(settings, embedder_name, chunks, progress)
     folder = settings.index_dir / new_id
     spec = write_index(folder, vectors, chunks)
     LexicalIndex.build(list(enumerate(c.text for c in chunks))).save(folder / LEXICAL_DIRNAME)
@@ -220,6 +228,34 @@ def build_index(settings: Settings, progress: Progress | None = None) -> tuple[s
         session.flush()
         _activate(session, new_id, "build")
     return new_id, True
+
+
+def _vectors(settings: Settings, embedder_name: str, chunks: list[ChunkRecord],
+             progress: Progress | None):  # type: ignore[no-untyped-def]
+    """Vectors for every chunk: reused from the active index where it holds the same chunk
+    (same id: same text at the same place) under the same embedder; only the pending rest
+    is embedded (and counted by `progress`)."""
+    import numpy as np
+
+    with session_scope(settings.database_url) as session:
+        active = session.scalar(select(IndexVersion).where(IndexVersion.active.is_(True),
+                                                           IndexVersion.embedder == embedder_name))
+    known: dict[str, int] = {}
+    previous = None
+    if active is not None and Path(active.path).is_dir():
+        previous, old_chunks = read_index(Path(active.path))
+        known = {c.chunk_id: i for i, c in enumerate(old_chunks)}
+    reuse = [i for i, c in enumerate(chunks) if c.chunk_id in known]
+    pending = [i for i, c in enumerate(chunks) if c.chunk_id not in known]
+    fresh = _embed(settings, [chunks[i].text for i in pending], progress) if pending else None
+    dim = fresh.shape[1] if fresh is not None else previous.dim  # type: ignore[union-attr]
+    vectors = np.empty((len(chunks), dim), dtype=np.float32)
+    if reuse:
+        assert previous is not None
+        vectors[reuse] = previous.vectors(np.array([known[chunks[i].chunk_id] for i in reuse]))
+    if fresh is not None:
+        vectors[pending] = fresh
+    return vectors
 
 
 def _embed(settings: Settings, texts: list[str], progress: Progress | None):  # type: ignore[no-untyped-def]

@@ -184,6 +184,10 @@ class VectorIndex:
     def dim(self) -> int:
         return int(self._wrapped.d)
 
+    def vectors(self, ids: np.ndarray) -> np.ndarray:
+        """The stored vectors of these ids (to reuse them in the next build)."""
+        return np.asarray(self._inner.reconstruct_batch(self._positions(ids)), dtype=np.float32)
+
     def allowed(self, ids: np.ndarray) -> AllowedSet:
         """Prepare the allowed ids (any order; each must be in the index) for `search`."""
         positions = np.unique(self._positions(np.asarray(ids, dtype=np.int64)))

@@ -59,6 +59,19 @@ def _indexed_documents(settings: Settings) -> set[str]:
     return {c.document_id for c in chunks}
 
 
+def _assert_reused_vectors_are_the_embeddings(settings: Settings) -> None:
+    import numpy as np
+
+    from ops.corpus import list_indexes
+    from tasks.embedding import Embedder
+
+    active = next(r for r in list_indexes(settings) if r.active)
+    index, chunks = read_index(settings.index_dir / active.id)
+    stored = index.vectors(np.arange(len(chunks)))
+    fresh = Embedder(settings.embedder_model).encode([c.text for c in chunks])
+    assert np.allclose(stored, fresh, atol=1e-4)
+
+
 def test_ingest_is_incremental_reports_bad_files_and_prunes(settings: Settings, docs: Path) -> None:
     from ops.corpus import build_index, ingest_paths
 
@@ -67,7 +80,9 @@ def test_ingest_is_incremental_reports_bad_files_and_prunes(settings: Settings, 
     assert sorted(Path(p).name for p, _ in first.skipped) == ["diagram.png", "empty.md", "latin1.md"]
     deploy, oncall = document_id("acme", "deploy.md"), document_id("acme", "ops/oncall.txt")
     oncall_chunks = _chunk_ids(settings, oncall)
-    build_index(settings)
+    embedded: list[int] = []
+    build_index(settings, lambda done, total: embedded.append(total))
+    assert embedded[-1] == 3  # one chunk per file, all new
     assert _indexed_documents(settings) == {deploy, oncall, document_id("acme", "billing.html")}
 
     again = ingest_paths(settings, [docs], "acme", ["engineering"])
@@ -78,8 +93,11 @@ def test_ingest_is_incremental_reports_bad_files_and_prunes(settings: Settings, 
     changed = ingest_paths(settings, [docs], "acme", ["engineering"], prune=True)
     assert (changed.updated, changed.unchanged, changed.retired) == (1, 1, 1)
     assert _chunk_ids(settings, oncall) == oncall_chunks  # untouched file, same chunk ids
-    build_index(settings)
+    embedded.clear()
+    build_index(settings, lambda done, total: embedded.append(total))
+    assert embedded[-1] == 1  # only the changed file's chunk is embedded; the rest is reused
     assert _indexed_documents(settings) == {deploy, oncall}  # the pruned file is not served
+    _assert_reused_vectors_are_the_embeddings(settings)
 
     (docs / "billing.html").write_text("<p>Invoices are sent on the 1st.</p>")
     assert ingest_paths(settings, [docs], "acme", ["engineering"]).restored == 0  # changed: updated
