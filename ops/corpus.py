@@ -79,12 +79,16 @@ def collect(paths: list[Path], acl: list[str]) -> tuple[dict[Path, list[SourceFi
         elif given.is_dir():
             root = given.resolve()
             groups.setdefault(root, []).extend(
-                SourceFile(p, p.relative_to(given).as_posix(), labels)
-                for p in sorted(given.rglob("*"))
-                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(given).parts))
+                SourceFile(p, p.relative_to(given).as_posix(), labels) for p in _files(given))
         else:
             missing.append((str(given), "no such file or folder"))
     return groups, missing
+
+
+def _files(folder: Path) -> list[Path]:
+    """Every file under `folder`, in path order, leaving out hidden files and folders."""
+    return [p for p in sorted(folder.rglob("*"))
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
 
 
 def ingest_paths(settings: Settings, paths: list[Path], tenant: str, acl: list[str], *,
@@ -110,9 +114,7 @@ def ingest_tree(settings: Settings, root: Path, *, prune: bool = False,
     report = IngestReport()
     for tenant_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         files = [SourceFile(p, p.relative_to(tenant_dir).as_posix(), (p.relative_to(tenant_dir).parts[0],))
-                 for p in sorted(tenant_dir.rglob("*"))
-                 if p.is_file() and len(p.relative_to(tenant_dir).parts) > 1
-                 and not any(part.startswith(".") for part in p.relative_to(tenant_dir).parts)]
+                 for p in _files(tenant_dir) if len(p.relative_to(tenant_dir).parts) > 1]
         _ingest_groups(settings, tenant_dir.name, {tenant_dir.resolve(): files}, report, prune,
                        progress, count_tokens)
     return report

@@ -67,6 +67,8 @@ class RouteDecision(BaseModel):
     decoding_policy: str | None = None
     matched_rule: str | None = None
     input_tokens: int = 0
+    # tool_lookup: the validated plan (tool and arguments) retrieval executes, nothing else
+    tool_call: dict[str, Any] | None = None
     outcome: Outcome | None = None
 
 

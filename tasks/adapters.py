@@ -182,6 +182,7 @@ def send_back_for_repair(results: list[ItemResult], events: list[AuditRecord],
     fault and no rewrite fixes it: it ends as an explicit abstention at once."""
     rounds = {r.request_id: r.round for r in records}
     kept: list[ItemResult] = []
+    events = list(events)
     for result in results:
         outcome = result.outcome
         round_ = rounds.get(result.request_id, 0)

@@ -18,7 +18,7 @@ from schemas.status import AnswerClass, Stage, Status
 from tasks import adapters
 from tasks.retrieval import Retriever
 from tasks.router import route
-from tasks.tools import ToolArgumentError, ToolError, plan_tool_call
+from tasks.tools import ToolCall, ToolError
 from tasks.validation import validate
 from workers.app import TASK_NAMES, app
 from workers.base import Results, StageTask, TransientError
@@ -56,10 +56,9 @@ def _call_tools(runtime: Runtime, records: list[ItemRecord]) -> Results:
     results, events = [], []
     with session_scope(runtime.settings.database_url) as session:
         for record in records:
-            call = plan_tool_call(adapters.request_text(record), record.tenant)
+            # The router planned it (and ended the request when nothing fit).
+            call = ToolCall.model_validate(record.previous[Stage.ROUTER]["tool_call"])
             try:
-                if call is None:
-                    raise ToolArgumentError("no tool plan fits this request")
                 result = execute(session, registry, record.tenant, call)
             except ToolError as exc:
                 outcome = Outcome(status=Status.FAILED, error_class=type(exc).__name__,

@@ -184,15 +184,17 @@ def _route_one(item: RouteItem, rules: RouterRules, count_tokens: TokenCounter,
     risk_rule = next((r for r in rules.risk if r.pattern.search(item.text)), None)
     risk = max(policy.risk, risk_rule.risk if risk_rule else RiskClass.LOW, key=lambda r: r.rank)
     tokens = count_tokens(item.text)
+    plan = plan_tool_call(item.text) if answer_class == AnswerClass.TOOL_LOOKUP else None
     decision = RouteDecision(
         request_id=item.request_id, answer_class=answer_class, risk_class=risk,
         rules_version=rules.version, decided_by=decided_by,
         classifier_version=classifier_version if guess else None,
         confidence=round(guess.confidence, 4) if guess else None,
         model_variant=policy.model_for(risk), decoding_policy=policy.decoding,
-        matched_rule=risk_rule.name if risk_rule else None, input_tokens=tokens)
+        matched_rule=risk_rule.name if risk_rule else None, input_tokens=tokens,
+        tool_call=plan.model_dump(mode="json") if plan else None)
     problem = (_input_problem(item, rules, tokens, max_input_tokens)
-               or _class_outcome(answer_class, decided_by, guess, rules, item.text))
+               or _class_outcome(answer_class, decided_by, guess, rules, plan is not None))
     return decision.model_copy(update={"outcome": problem}) if problem else decision
 
 
@@ -216,7 +218,7 @@ def _answer_class(item: RouteItem, rules: RouterRules,
 
 
 def _class_outcome(answer_class: AnswerClass, decided_by: DecidedBy, guess: ClassGuess | None,
-                   rules: RouterRules, text: str) -> Outcome | None:
+                   rules: RouterRules, planned: bool) -> Outcome | None:
     """The classes that end a request at the router: refuse, clarify, and a document asked
     for as a question (it has no template to write from)."""
     why = _reason(decided_by, guess)
@@ -226,7 +228,7 @@ def _class_outcome(answer_class: AnswerClass, decided_by: DecidedBy, guess: Clas
     if answer_class == AnswerClass.CLARIFY:
         return Outcome(status=Status.NEEDS_CLARIFICATION, error_class="AmbiguousRequest",
                        message=f"the request is too vague to act on ({why}); say what you need")
-    if answer_class == AnswerClass.TOOL_LOOKUP and plan_tool_call(text, "") is None:
+    if answer_class == AnswerClass.TOOL_LOOKUP and not planned:
         return Outcome(status=Status.NEEDS_CLARIFICATION, error_class="NoToolPlan",
                        message=f"this asks for live data from a system of record ({why}), but "
                                f"no tool fits it: name a ticket (e.g. INC-2057), or ask for "

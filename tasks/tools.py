@@ -350,17 +350,16 @@ _CURRENT_TIME = re.compile(
     r"|\bpast\s+\d{1,2}:\d{2}\b.*\bnow\b", re.IGNORECASE)
 
 
-def plan_tool_call(text: str, tenant: str) -> ToolCall | None:
+def plan_tool_call(text: str) -> ToolCall | None:
     """Map a `tool_lookup` request's text to one read-only call, by fixed rules, or None.
 
     In order: exactly one ticket id (INC-2057, "ticket #2057") -> `get_ticket`; a request for
     open tickets or the ticket queue -> `list_open_tickets` (with "5 open tickets" as the
     limit); a question about the current time or date -> `current_time`. Several different
     ticket ids are ambiguous (None). The planner never plans a tool with side effects: those
-    come only from an upstream system's explicit call with its idempotency key. `tenant` is
-    the caller's; every planned call is scoped to it by the executor.
+    come only from an upstream system's explicit call with its idempotency key. The rules
+    are the same for every tenant; the executor scopes each call to the caller's tenant.
     """
-    del tenant  # the rules are the same for every tenant; execution scopes to it
     ids = _ticket_ids(text)
     if ids:
         return ToolCall(tool="get_ticket", args={"ticket_id": ids[0]}) if len(ids) == 1 else None

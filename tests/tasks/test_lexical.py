@@ -56,7 +56,9 @@ def test_search_returns_nothing_when_no_allowed_chunk_shares_a_term() -> None:
     index = LexicalIndex.build(INCIDENT_CHUNKS)
 
     assert index.search("idempotency", [0, 2, 4], top_k=5) == []
-    assert 1 not in {vid for vid, _ in index.search("INC-2057", [0, 2, 4], top_k=5)}
+    # Other incidents still match on 'inc'; the chunk that names INC-2057 is not allowed here.
+    others = index.search("INC-2057", [0, 2, 4], top_k=5)
+    assert others and {vid for vid, _ in others} <= {0, 2, 4}
     assert index.search("zebra quokka", [0, 1, 2, 3, 4], top_k=5) == []
     assert index.search("the of and", [0, 1, 2, 3, 4], top_k=5) == []  # stopwords only
     assert index.search("INC-2057", [], top_k=5) == []

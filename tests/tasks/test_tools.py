@@ -158,7 +158,7 @@ def test_a_result_renders_as_citable_evidence_and_hashes_its_content(
 ])
 def test_the_planner_maps_request_text_to_one_read_only_call(text: str, tool: str,
                                                               args: dict[str, object]) -> None:
-    planned = plan_tool_call(text, "acme")
+    planned = plan_tool_call(text)
 
     assert planned == ToolCall(tool=tool, args=args)
     default_registry().validate("acme", planned)  # every plan validates
@@ -170,10 +170,10 @@ def test_the_planner_maps_request_text_to_one_read_only_call(text: str, tool: st
     "How do I roll back a deploy?",
 ])
 def test_the_planner_plans_nothing_it_cannot_map_safely(text: str) -> None:
-    assert plan_tool_call(text, "acme") is None
+    assert plan_tool_call(text) is None
 
 
 def test_the_planner_never_plans_a_side_effect_from_request_text() -> None:
-    planned = plan_tool_call("Add a note to INC-2057 saying the fix shipped.", "acme")
+    planned = plan_tool_call("Add a note to INC-2057 saying the fix shipped.")
 
     assert planned == ToolCall(tool="get_ticket", args={"ticket_id": "INC-2057"})
