@@ -257,6 +257,13 @@ def _print_summary(settings: Settings, job_id: str) -> None:
     latency = ", ".join(f"{k} {v:.2f}s" for k, v in summary.latency_s.items()) or "n/a"
     console.print(f"latency: {latency}")
     console.print(f"tokens: prompt {summary.prompt_tokens}, completion {summary.completion_tokens}")
+    gen = summary.generation
+    if gen.calls:
+        mean_batch = sum(gen.batch_sizes) / len(gen.batch_sizes)
+        console.print(f"generation: {gen.calls} model call(s), {gen.compute_s:.2f} device-s, "
+                      f"mean batch {mean_batch:.1f}, mean queue wait "
+                      f"{gen.queue_wait_s / gen.calls:.2f}s, cost ${gen.cost_usd:.6f} "
+                      f"(at SLUICE_ACCELERATOR_HOUR_USD={settings.accelerator_hour_usd})")
 
 
 @app.command()
@@ -313,12 +320,15 @@ def cancel(job_id: str) -> None:
 
 @app.command()
 def worker(queue: Annotated[Stage, typer.Option(help="the stage whose queues to serve")],
-           concurrency: int = 1, pool: str = "prefork") -> None:
+           concurrency: Annotated[int, typer.Option(
+               help="worker processes; the generation worker's threads come from "
+                    "SLUICE_GENERATION_CONCURRENCY")] = 1) -> None:
     """Serve one stage's online and batch queues (online first)."""
-    from ops.embedded import worker_env
+    from ops.embedded import worker_env, worker_pool
     from workers.app import stage_queues
 
     settings = _settings()
+    pool, concurrency = worker_pool(settings, queue, concurrency)
     os.environ.update(worker_env(settings))
     argv = [sys.executable, "-m", "celery", "-A", "workers.app", "worker",
             "-Q", ",".join(stage_queues(queue)), "-c", str(concurrency), "-P", pool,

@@ -70,9 +70,19 @@ def worker_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def start_worker(settings: Settings, stage: Stage, log_dir: Path, concurrency: int = 1,
-                 pool: str = "prefork") -> subprocess.Popen[bytes]:
+def worker_pool(settings: Settings, stage: Stage, concurrency: int = 1) -> tuple[str, int]:
+    """The Celery pool of a stage's worker: generation runs threads, so that its concurrent
+    tasks share one model and one batching engine (which then enforces deadlines itself);
+    the other stages run prefork children."""
+    if stage == Stage.GENERATION:
+        return "threads", settings.generation_concurrency
+    return "prefork", concurrency
+
+
+def start_worker(settings: Settings, stage: Stage, log_dir: Path,
+                 concurrency: int = 1) -> subprocess.Popen[bytes]:
     log_path = log_dir / f"worker-{stage.value}.log"
+    pool, concurrency = worker_pool(settings, stage, concurrency)
     command = [sys.executable, "-m", "celery", "-A", "workers.app", "worker",
                "-Q", ",".join(stage_queues(stage)), "-c", str(concurrency), "-P", pool,
                "-n", f"{stage.value}-{os.getpid()}@%h", "--loglevel", "INFO",

@@ -6,21 +6,24 @@ import json
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from schemas.documents import DocumentModel
+from schemas.events import EventKind
 from schemas.requests import MalformedLine, RequestLine, parse_request_line
 from schemas.status import RESULT_STATUSES, Lane, Stage, Status
-from tasks.render import SourceRef, render_markdown
+from tasks.render import SourceRef, render_document, render_markdown
+from tasks.validators.contract import ContractRegistry
 from workers.runtime import pinned_versions_now
 from workers.settings import Settings
 from workers.store.admission import AdmittedJob, admit_job, job_counts
 from workers.store.engine import session_scope
-from workers.store.models import Document, Job, Request, StageRun
+from workers.store.models import AuditEvent, Document, Job, Request, StageRun
 from workers.store.operators import job_requests, unfinished
 from workers.store.timeutil import as_utc
 
@@ -85,11 +88,48 @@ def wait_for_job(settings: Settings, job_id: str, on_progress: Callable[[int, in
         time.sleep(poll_s)
 
 
-def result_line(request: Request, markdown: str | None = None) -> dict[str, Any]:
+@dataclass
+class GenerationCost:
+    """What generation spent on one request, over all its model calls (repairs included)."""
+
+    calls: int = 0
+    compute_s: float = 0.0
+    queue_wait_s: float = 0.0
+    cost_usd: float = 0.0
+    batch_sizes: list[int] = field(default_factory=list)
+
+    def add(self, payload: dict[str, Any]) -> None:
+        self.calls += 1
+        self.compute_s += float(payload.get("compute_s", 0.0))
+        self.queue_wait_s += float(payload.get("queue_wait_s", 0.0))
+        self.cost_usd += float(payload.get("cost_usd", 0.0))
+        self.batch_sizes.append(int(payload.get("batch_size", 1)))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"model_calls": self.calls, "compute_s": round(self.compute_s, 6),
+                "queue_wait_s": round(self.queue_wait_s, 6), "cost_usd": round(self.cost_usd, 9),
+                "batch_sizes": self.batch_sizes}
+
+
+def generation_costs(session: Session, request_ids: list[str]) -> dict[str, GenerationCost]:
+    """Per request, the accounting its model-call audit events recorded."""
+    costs: dict[str, GenerationCost] = {rid: GenerationCost() for rid in request_ids}
+    for start in range(0, len(request_ids), 500):
+        rows = session.execute(select(AuditEvent.request_id, AuditEvent.payload).where(
+            AuditEvent.request_id.in_(request_ids[start:start + 500]),
+            AuditEvent.kind == EventKind.MODEL_CALL)).all()
+        for request_id, payload in rows:
+            costs[request_id].add(payload)
+    return costs
+
+
+def result_line(request: Request, markdown: str | None = None,
+                cost: GenerationCost | None = None) -> dict[str, Any]:
     return {"custom_id": request.custom_id, "request_id": request.id, "status": request.status,
             "output": request.output, "citations": list(request.citations or []),
             "markdown": markdown, "versions": request.pinned_versions,
             "tokens": {"prompt": request.prompt_tokens, "completion": request.completion_tokens},
+            "generation": (cost or GenerationCost()).as_dict(),
             "reason": request.error_message if request.status != Status.SUCCEEDED else None}
 
 
@@ -117,12 +157,26 @@ def rendered(session: Session, requests: list[Request]) -> dict[str, str]:
     paths = dict(session.execute(select(Document.id, Document.tenant_id + "/" + Document.path)
                                  .where(Document.id.in_(document_ids))).all())
     out = {}
+    contracts = ContractRegistry.default()
     for rid, request in done.items():
         sources = {c["chunk_id"]: SourceRef(c["document_id"], c["title"],
                                             paths.get(c["document_id"], c["document_id"]))
                    for c in chunks.get(rid, [])}
-        out[rid] = render_markdown(request.output or "", labels.get(rid, {}), sources)
+        out[rid] = render_output(request, labels.get(rid, {}), sources, contracts)
     return out
+
+
+def render_output(request: Request, labels: dict[str, str], sources: dict[str, SourceRef],
+                  contracts: ContractRegistry) -> str:
+    """A document whose output parses as its template's contract renders with its title and
+    section headings; any other output renders as cited text."""
+    text = request.output or ""
+    template = (request.payload or {}).get("template") if request.kind == "document" else None
+    contract = contracts.contracts.get(str(template)) if template else None
+    parsed = contract.check(text)[0] if contract is not None else None
+    if isinstance(parsed, DocumentModel):
+        return render_document(parsed, labels, sources)
+    return render_markdown(text, labels, sources)
 
 
 def error_line(request: Request) -> dict[str, Any]:
@@ -141,8 +195,10 @@ def export_job(settings: Settings, job_id: str, out_dir: Path) -> tuple[Path, Pa
         requests = job_requests(session, job_id)
         malformed = [MalformedLine.model_validate(m) for m in job.malformed]
         markdown = rendered(session, requests)
+        costs = generation_costs(session, [r.id for r in requests])
     results_path, errors_path = out_dir / "results.jsonl", out_dir / "errors.jsonl"
-    results = [result_line(r, markdown.get(r.id)) for r in requests if r.status in RESULT_STATUSES]
+    results = [result_line(r, markdown.get(r.id), costs[r.id]) for r in requests
+               if r.status in RESULT_STATUSES]
     errors = [{"custom_id": m.custom_id, "line": m.line_no, "status": "malformed",
                "error_class": "MalformedLine", "stage": "admission", "message": m.reason}
               for m in malformed]
@@ -167,12 +223,21 @@ class JobSummary:
     latency_s: dict[str, float]
     prompt_tokens: int
     completion_tokens: int
+    generation: GenerationCost
 
 
 def summarize(settings: Settings, job_id: str) -> JobSummary:
     with session_scope(settings.database_url) as session:
         job = session.get(Job, job_id)
         requests = job_requests(session, job_id)
+        costs = generation_costs(session, [r.id for r in requests])
+    total = GenerationCost()
+    for cost in costs.values():
+        total.calls += cost.calls
+        total.compute_s += cost.compute_s
+        total.queue_wait_s += cost.queue_wait_s
+        total.cost_usd += cost.cost_usd
+        total.batch_sizes += cost.batch_sizes
     latencies = sorted(
         (as_utc(r.finished_at) - as_utc(r.admitted_at)).total_seconds()  # type: ignore[operator]
         for r in requests if r.finished_at is not None)
@@ -181,7 +246,7 @@ def summarize(settings: Settings, job_id: str) -> JobSummary:
         counts[r.status] = counts.get(r.status, 0) + 1
     return JobSummary(counts, len(job.malformed) if job else 0, _percentiles(latencies),
                       sum(r.prompt_tokens for r in requests),
-                      sum(r.completion_tokens for r in requests))
+                      sum(r.completion_tokens for r in requests), total)
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:

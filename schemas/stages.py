@@ -122,6 +122,10 @@ class GenerationItem(BaseModel):
     # A repair attempt: the rejected draft and the validators' reasons, in their own channel.
     previous_draft: str | None = None
     feedback: list[str] = Field(default_factory=list)
+    decoding_policy: str | None = None  # the router's choice; None: the default policy
+    model_variant: str | None = None  # the router's choice: small | large
+    round: int = Field(default=0, ge=0)  # the repair round: part of the sampler's seed
+    json_schema: dict[str, Any] | None = None  # a document's output schema, by its template
 
 
 class GenerationInput(BaseModel):
@@ -137,6 +141,13 @@ class Draft(BaseModel):
     completion_tokens: int
     finish_reason: str
     model: str
+    backend: str = ""
+    decoding: str = ""  # the decoding policy's version
+    seed: int = 0
+    constrained: bool = False
+    queue_wait_s: float = 0.0
+    batch_size: int = 1
+    compute_s: float = 0.0  # device seconds: its share of its batch
     outcome: Outcome | None = None
 
 

@@ -29,9 +29,9 @@ from schemas.stages import (
     ValidationOutput,
 )
 from schemas.status import AnswerClass, Stage, Status
-from tasks.files import TEMPLATES_PATH, load_yaml
 from tasks.generation import ABSTAIN_TEXT
 from tasks.sanitize import SanitizePolicy, sanitize_chunks
+from tasks.templates import DocumentTemplate, load_templates
 
 Results = tuple[list[ItemResult], list[AuditRecord]]
 WEAK_EVIDENCE = "WeakEvidence"  # the validators' class for drafts no retrieved chunk supports
@@ -102,20 +102,44 @@ def _generation_item(record: ItemRecord) -> GenerationItem:
                           answer_class=AnswerClass(route["answer_class"]),
                           instruction=_instruction(record), chunks=chunks,
                           previous_draft=repair.get(Stage.GENERATION, {}).get("text"),
-                          feedback=list(repair.get(Stage.VALIDATION, {}).get("reasons", [])))
+                          feedback=list(repair.get(Stage.VALIDATION, {}).get("reasons", [])),
+                          decoding_policy=route.get("decoding_policy"),
+                          model_variant=route.get("model_variant"), round=record.round,
+                          json_schema=_output_schema(record))
+
+
+def _output_schema(record: ItemRecord) -> dict[str, Any] | None:
+    """A document's output schema, by its template's model."""
+    template = _template(record)
+    return None if template is None else template.json_schema
 
 
 def _instruction(record: ItemRecord) -> str:
-    if record.kind != "document":
+    template = _template(record)
+    if template is None:
         return str(record.payload.get("question", ""))
-    template = load_yaml(TEMPLATES_PATH)[record.payload["template"]]
-    fields = {**(record.payload.get("inputs") or {}), "topic": record.payload.get("topic", "")}
-    return str(template["instruction"]).format(**fields)
+    return template.instruction_for(str(record.payload.get("topic", "")),
+                                    record.payload.get("inputs") or {})
 
 
-def generation_results(output: GenerationOutput, decoding: str,
-                       records: list[ItemRecord]) -> Results:
-    """Drafts, with the tokens of every attempt so far (repairs included) as running totals."""
+def _template(record: ItemRecord) -> DocumentTemplate | None:
+    """A document request's template (the router admitted only known ones)."""
+    if record.kind != "document":
+        return None
+    return load_templates()[record.payload["template"]]
+
+
+def document_contract(record: ItemRecord) -> str | None:
+    """A document is checked against its template's contract (named as the template); other
+    requests against their answer class's default."""
+    return record.payload.get("template") if record.kind == "document" else None
+
+
+def generation_results(output: GenerationOutput, records: list[ItemRecord],
+                       accelerator_hour_usd: float = 0.0) -> Results:
+    """Drafts, with the tokens of every attempt so far (repairs included) as running totals;
+    a model-call event per draft with its accounting: tokens, queue wait, batch size, device
+    seconds and their cost at the configured price per accelerator-hour."""
     before = {r.request_id: r.previous.get(REPAIR, {}).get(Stage.GENERATION, {}) for r in records}
     results = []
     for d in output.drafts:
@@ -128,9 +152,13 @@ def generation_results(output: GenerationOutput, decoding: str,
                                   outcome=d.outcome, prompt_tokens=totals["total_prompt_tokens"],
                                   completion_tokens=totals["total_completion_tokens"]))
     events = [AuditRecord(request_id=d.request_id, kind=EventKind.MODEL_CALL, payload={
-        "model": d.model, "prompt_tokens": d.prompt_tokens,
+        "backend": d.backend, "model": d.model, "prompt_tokens": d.prompt_tokens,
         "completion_tokens": d.completion_tokens, "finish_reason": d.finish_reason,
-        "decoding": decoding}) for d in output.drafts]
+        "decoding": d.decoding, "seed": d.seed, "constrained": d.constrained,
+        "queue_wait_s": round(d.queue_wait_s, 6), "batch_size": d.batch_size,
+        "compute_s": round(d.compute_s, 6),
+        "cost_usd": round(d.compute_s * accelerator_hour_usd / 3600, 9)})
+        for d in output.drafts]
     return results, events
 
 
@@ -144,13 +172,13 @@ def validation_input(records: list[ItemRecord]) -> ValidationInput:
             request_id=r.request_id, answer_class=AnswerClass(r.previous[Stage.ROUTER]["answer_class"]),
             draft=draft.get("text", ""), source_labels=labels,
             retrieved_chunk_ids=[c["chunk_id"] for c in chunks],
-            chunk_texts=_label_texts(labels, chunks)))
+            chunk_texts=_label_texts(labels, chunks), contract=document_contract(r)))
     return ValidationInput(items=items)
 
 
 def _label_texts(labels: dict[str, str], chunks: list[dict[str, Any]]) -> dict[str, str]:
     """label -> the (sanitized) chunk text generation showed under that label (S1..Sn are
-    the retrieval chunks in order, see PromptSet.messages); labels follow the draft's map."""
+    the retrieval chunks in order, see PromptTemplates.messages); labels follow the draft's map."""
     texts = {c["chunk_id"]: c.get("text", "") for c in chunks}
     return {label: texts[chunk_id] for label, chunk_id in labels.items() if chunk_id in texts}
 

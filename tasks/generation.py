@@ -1,165 +1,123 @@
-"""The generation stage: a chat-templated causal LM over labelled sources, greedy by default."""
+"""The generation stage: items become prompts in channels, the engine decodes them under the
+request's decoding policy, and the completions become drafts with their accounting."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
-from schemas.stages import Draft, GenerationInput, GenerationItem, GenerationOutput
-from schemas.status import AnswerClass
-from tasks.files import PROMPTS_DIR
+from schemas.stages import Draft, GenerationInput, GenerationOutput, Outcome
+from schemas.status import Status
+from tasks.engine.types import Completion, DecodingPolicy, GenerationRequest
+from tasks.files import HERE, content_hash, load_yaml
+from tasks.prompting import PromptTemplates
 
 ABSTAIN_TEXT = "I don't know."
+DECODING_PATH = HERE / "rules" / "decoding.yaml"
+DEFAULT_POLICY = "grounded-greedy"
+
+
+class DecodingPolicyError(ValueError):
+    """A decoding policy file or name that does not hold together."""
 
 
 @dataclass(frozen=True)
-class DecodingPolicy:
-    """Part of the product's behaviour, so part of the version tuple."""
+class DecodingPolicies:
+    """The decoding policies by name, each capped at the operator's max_new_tokens."""
 
-    max_new_tokens: int = 128
-    do_sample: bool = False
-    temperature: float = 1.0
+    by_name: dict[str, DecodingPolicy]
+    source_hash: str
+    max_new_tokens_cap: int
+
+    @classmethod
+    def load(cls, max_new_tokens_cap: int, path: Path = DECODING_PATH) -> DecodingPolicies:
+        raw = load_yaml(path).get("policies") or {}
+        if DEFAULT_POLICY not in raw:
+            raise DecodingPolicyError(f"{path}: the default policy {DEFAULT_POLICY!r} is missing")
+        policies = {}
+        for name, fields in raw.items():
+            policy = DecodingPolicy(name=name, **fields)
+            cap = min(policy.max_new_tokens, max_new_tokens_cap)
+            policies[name] = policy.model_copy(update={"max_new_tokens": cap})
+        return cls(policies, content_hash(path), max_new_tokens_cap)
+
+    def get(self, name: str | None) -> DecodingPolicy:
+        policy = self.by_name.get(name or DEFAULT_POLICY)
+        if policy is None:
+            raise DecodingPolicyError(f"unknown decoding policy {name!r}; known: "
+                                      f"{sorted(self.by_name)}")
+        return policy
 
     @property
     def version(self) -> str:
-        mode = f"sample-t{self.temperature}" if self.do_sample else "greedy"
-        return f"{mode}-max{self.max_new_tokens}"
+        return f"decoding-{self.source_hash[:12]}-cap{self.max_new_tokens_cap}"
 
 
-@dataclass(frozen=True)
-class PromptSet:
-    system: str
-    answer: str
-    document: str
-    repair: str
-
-    @classmethod
-    def load(cls, folder: Path = PROMPTS_DIR) -> PromptSet:
-        return cls(*(((folder / f"{n}.txt").read_text(encoding="utf-8")).strip()
-                     for n in ("system", "answer", "document", "repair")))
-
-    def messages(self, item: GenerationItem) -> tuple[list[dict[str, str]], dict[str, str]]:
-        """System instructions and user data in separate messages; sources labelled S1..Sn.
-        A repair attempt adds the rejected draft as the assistant's turn and the validators'
-        reasons as a turn of their own."""
-        labels = {f"S{i}": c.chunk_id for i, c in enumerate(item.chunks, start=1)}
-        sources = "\n\n".join(f"[S{i}] ({c.title})\n{c.text}"
-                              for i, c in enumerate(item.chunks, start=1)) or "(no sources)"
-        template = self.document if item.answer_class == AnswerClass.DOCUMENT else self.answer
-        user = template.format(sources=sources, instruction=item.instruction)
-        messages = [{"role": "system", "content": self.system}, {"role": "user", "content": user}]
-        if item.feedback:
-            reasons = "\n".join(f"- {reason}" for reason in item.feedback)
-            messages += [{"role": "assistant", "content": item.previous_draft or ""},
-                         {"role": "user", "content": self.repair.format(feedback=reasons)}]
-        return messages, labels
+class Engine(Protocol):
+    def generate(self, requests: list[GenerationRequest]) -> list[Completion]: ...
 
 
-class Generator(Protocol):
-    name: str
-
-    def warm_up(self) -> None: ...
-
-    def generate(self, batch: GenerationInput) -> GenerationOutput: ...
-
-
-class HFGenerator:
-    """Any local Hugging Face causal-LM folder, batched with left padding."""
-
-    def __init__(self, model_path: str, policy: DecodingPolicy, prompts: PromptSet,
-                 torch_threads: int = 1, max_batch: int = 8) -> None:
-        self.model_path = model_path
-        self.name = Path(model_path).name
-        self.policy = policy
-        self.prompts = prompts
-        self.torch_threads = torch_threads
-        self.max_batch = max_batch
-        self._model: Any = None
-        self._tokenizer: Any = None
-
-    def warm_up(self) -> None:
-        if self._model is not None:
-            return
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        torch.set_num_threads(self.torch_threads)
-        tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        tokenizer.padding_side = "left"
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype).to(device)
-        model.eval()
-        self._tokenizer, self._model = tokenizer, model
-
-    def generate(self, batch: GenerationInput) -> GenerationOutput:
-        self.warm_up()
-        started = time.monotonic()
-        drafts: list[Draft] = []
-        for start in range(0, len(batch.items), self.max_batch):
-            budget = None if batch.deadline_s is None else batch.deadline_s - (time.monotonic() - started)
-            drafts.extend(self._generate_group(batch.items[start:start + self.max_batch], budget))
-        return GenerationOutput(drafts=drafts)
-
-    def _generate_group(self, items: list[GenerationItem], budget_s: float | None) -> list[Draft]:
-        import torch
-
-        prompts, labels = zip(*(self.prompts.messages(item) for item in items), strict=True)
-        texts = [self._tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
-                 for m in prompts]
-        encoded = self._tokenizer(texts, return_tensors="pt", padding=True,
-                                  add_special_tokens=False).to(self._model.device)
-        kwargs: dict[str, Any] = {"max_new_tokens": self.policy.max_new_tokens,
-                                  "do_sample": self.policy.do_sample,
-                                  "pad_token_id": self._tokenizer.pad_token_id}
-        if budget_s is not None:
-            kwargs["max_time"] = max(budget_s, 0.1)  # the engine enforces the deadline itself
-        with torch.inference_mode():
-            output = self._model.generate(**encoded, **kwargs)
-        new_tokens = output[:, encoded["input_ids"].shape[1]:]
-        return [self._draft(item, label, encoded["attention_mask"][row], new_tokens[row])
-                for row, (item, label) in enumerate(zip(items, labels, strict=True))]
-
-    def _draft(self, item: GenerationItem, labels: dict[str, str], mask: Any, tokens: Any) -> Draft:
-        # The pad token is often the EOS token: find the first EOS before dropping padding.
-        eos_ids = self._eos_ids()
-        raw = [int(t) for t in tokens]
-        stop = next((i for i, t in enumerate(raw) if t in eos_ids), None)
-        produced = raw[:stop] if stop is not None else [t for t in raw
-                                                        if t != self._tokenizer.pad_token_id]
-        text = self._tokenizer.decode(produced, skip_special_tokens=True).strip()
-        return Draft(request_id=item.request_id, text=text, source_labels=labels,
-                     prompt_tokens=int(mask.sum()),
-                     completion_tokens=len(produced) + (1 if stop is not None else 0),
-                     finish_reason="stop" if stop is not None else "length", model=self.name)
-
-    def _eos_ids(self) -> set[int]:
-        eos = self._model.generation_config.eos_token_id
-        ids = set(eos if isinstance(eos, list) else [eos])
-        return {i for i in ids if i is not None} | {self._tokenizer.eos_token_id}
+def generate(batch: GenerationInput, engine: Engine, templates: PromptTemplates,
+             policies: DecodingPolicies, constrain: bool = True) -> GenerationOutput:
+    """One draft per item. A document item with an output schema is decoded under that
+    schema when `constrain` is set (and the backend supports it)."""
+    deadline = None if batch.deadline_s is None else time.monotonic() + batch.deadline_s
+    requests, labels = [], []
+    for item in batch.items:
+        messages, item_labels = templates.messages(item, item.json_schema)
+        policy = policies.get(item.decoding_policy)
+        requests.append(GenerationRequest(
+            request_id=item.request_id, messages=messages, policy=policy,
+            seed=policy.request_seed(f"{item.request_id}:{item.round}"),
+            json_schema=item.json_schema if constrain else None, deadline=deadline))
+        labels.append(item_labels)
+    completions = engine.generate(requests)
+    return GenerationOutput(drafts=[_draft(c, r, lab) for c, r, lab
+                                    in zip(completions, requests, labels, strict=True)])
 
 
-class NullGenerator:
-    """Returns a fixed text citing the first source. For the orchestration benchmark only."""
+def _draft(completion: Completion, request: GenerationRequest, labels: dict[str, str]) -> Draft:
+    outcome = None
+    if completion.finish_reason == "refused":
+        outcome = Outcome(status=Status.FAILED, error_class="TokenBudgetExceeded",
+                          message=completion.error or "")
+    elif completion.finish_reason == "deadline" and not completion.text:
+        outcome = Outcome(status=Status.FAILED, error_class="DeadlineExceeded",
+                          message=completion.error or "")
+    elif completion.finish_reason == "error":
+        outcome = Outcome(status=Status.FAILED, error_class="GenerationError",
+                          message=completion.error or "")
+    return Draft(request_id=completion.request_id, text=completion.text, source_labels=labels,
+                 prompt_tokens=completion.prompt_tokens,
+                 completion_tokens=completion.completion_tokens,
+                 finish_reason=completion.finish_reason, model=completion.model,
+                 backend=completion.backend, decoding=request.policy.version, seed=request.seed,
+                 constrained=completion.constrained, queue_wait_s=completion.queue_wait_s,
+                 batch_size=completion.batch_size, compute_s=completion.compute_s,
+                 outcome=outcome)
 
-    name = "null-generator-benchmark-only"
 
-    def __init__(self, prompts: PromptSet) -> None:
-        self.prompts = prompts
+class NullBackend:
+    """Cites the first source without a model. For the orchestration benchmark only."""
+
+    kind = "null"
+    model_id = "null-generator-benchmark-only"
+    context_window = 1 << 20
 
     def warm_up(self) -> None:
         return None
 
-    def generate(self, batch: GenerationInput) -> GenerationOutput:
-        drafts = []
-        for item in batch.items:
-            _, labels = self.prompts.messages(item)
-            text = "Benchmark output [S1]." if labels else ABSTAIN_TEXT
-            drafts.append(Draft(request_id=item.request_id, text=text, source_labels=labels,
-                                prompt_tokens=0, completion_tokens=0, finish_reason="stop",
-                                model=self.name))
-        return GenerationOutput(drafts=drafts)
+    def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int:
+        return sum(len(m["content"].split()) for m in messages)
+
+    def kv_bytes_per_token(self) -> int | None:
+        return None
+
+    def generate(self, batch: list[GenerationRequest]) -> list[Completion]:
+        return [Completion(request_id=r.request_id, finish_reason="stop", backend=self.kind,
+                           model=self.model_id, text="Benchmark output [S1]."
+                           if 'id="S1"' in r.messages[1]["content"] else ABSTAIN_TEXT)
+                for r in batch]
+

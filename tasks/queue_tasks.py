@@ -7,6 +7,8 @@ from typing import Any
 from schemas.events import EventKind
 from schemas.stages import (
     AuditRecord,
+    GenerationItem,
+    GenerationOutput,
     ItemRecord,
     ItemResult,
     Outcome,
@@ -16,17 +18,18 @@ from schemas.stages import (
 )
 from schemas.status import AnswerClass, Stage, Status
 from tasks import adapters
+from tasks.generation import generate
 from tasks.retrieval import Retriever
 from tasks.router import route
 from tasks.tools import ToolCall, ToolError
 from tasks.validation import validate
 from workers.app import TASK_NAMES, app
-from workers.base import Results, StageTask, TransientError
+from workers.base import Results, StageTask
 from workers.cache import cache_key
 from workers.runtime import Runtime
 from workers.store.engine import session_scope
 from workers.store.records import execute
-from workers.versions import decoding_policy, sanitize_policy
+from workers.versions import sanitize_policy
 
 
 def compute_route(runtime: Runtime, records: list[ItemRecord], _budget: float | None) -> Results:
@@ -104,14 +107,22 @@ def _search(runtime: Runtime, records: list[ItemRecord]) -> Results:
 
 def compute_generation(runtime: Runtime, records: list[ItemRecord],
                        budget: float | None) -> Results:
-    import torch
-
-    try:
-        output = runtime.generator().generate(adapters.generation_input(records, budget))
-    except torch.OutOfMemoryError as exc:  # a smaller co-scheduled batch may fit next time
-        torch.cuda.empty_cache()
-        raise TransientError(f"accelerator out of memory: {exc}") from exc
-    return adapters.generation_results(output, decoding_policy(runtime.settings).version, records)
+    """Items go to the engine of the model variant the router chose; the engine batches them
+    with whatever other tasks of this worker submit at the same time. Its threads pool
+    enforces no Celery time limit, so the stage's soft limit caps the deadline here."""
+    soft_limit_s, _ = runtime.settings.limits.for_stage(Stage.GENERATION)
+    budget = soft_limit_s if budget is None else min(budget, soft_limit_s)
+    batch = adapters.generation_input(records, budget)
+    by_variant: dict[str | None, list[GenerationItem]] = {}
+    for item in batch.items:
+        by_variant.setdefault(item.model_variant, []).append(item)
+    drafts = []
+    for variant, items in by_variant.items():
+        drafts += generate(batch.model_copy(update={"items": items}), runtime.engine(variant),
+                           runtime.prompt_templates(), runtime.decoding_policies(),
+                           constrain=runtime.settings.constrain_documents).drafts
+    return adapters.generation_results(GenerationOutput(drafts=drafts), records,
+                                       runtime.settings.accelerator_hour_usd)
 
 
 def compute_validation(runtime: Runtime, records: list[ItemRecord],

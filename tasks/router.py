@@ -36,6 +36,7 @@ from schemas.stages import (
 from schemas.status import ANSWER_LABELS_VERSION, AnswerClass, RiskClass, Status
 from tasks.files import ROUTER_RULES_PATH, TEMPLATES_PATH, content_hash, load_yaml
 from tasks.router_classifier import ClassGuess, ClassifierParams, RouterClassifier
+from tasks.templates import load_templates
 from tasks.tools import plan_tool_call
 
 TokenCounter = Callable[[str], int]
@@ -87,7 +88,7 @@ class RouterRules:
             refuse=tuple(_rule(r) for r in data.get("refuse", [])),
             risk=tuple(_rule(r) for r in data.get("risk", [])),
             min_question_chars=int(data.get("min_question_chars", 1)),
-            templates={k: list(v["required_inputs"]) for k, v in load_yaml(templates).items()},
+            templates={k: list(t.required_inputs) for k, t in load_templates(templates).items()},
             classes=_class_policies(path, data, decoding),
             decoding_policies=decoding,
             classifier=_parsed(path, "classifier", ClassifierParams, data.get("classifier") or {}),

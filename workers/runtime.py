@@ -6,6 +6,7 @@ which Celery kills when it blocks for more than a few seconds.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from functools import cache
@@ -17,8 +18,11 @@ from sqlalchemy import select
 from schemas.status import Stage
 from schemas.versions import VersionTuple
 from tasks.embedding import Embedder
+from tasks.engine.engine import BatchLimits, GenerationEngine
+from tasks.engine.types import Backend
 from tasks.files import ROUTER_EXAMPLES_PATH
-from tasks.generation import Generator, HFGenerator, NullGenerator, PromptSet
+from tasks.generation import DecodingPolicies, NullBackend
+from tasks.prompting import PromptTemplates
 from tasks.retrieval import Retriever
 from tasks.router import RouterRules
 from tasks.router_classifier import RouterClassifier, ensure_router_head
@@ -28,7 +32,7 @@ from workers.cache import RetrievalCache, retrieval_cache
 from workers.settings import Settings
 from workers.store.engine import session_scope
 from workers.store.models import IndexVersion
-from workers.versions import current_versions, decoding_policy
+from workers.versions import current_versions, decoding_policies
 
 NO_INDEX = "index-none"
 
@@ -43,7 +47,10 @@ class Runtime:
         self._rules: RouterRules | None = None
         self._count_tokens: Callable[[str], int] | None = None
         self._retriever: Retriever | None = None
-        self._generator: Generator | None = None
+        self._engines: dict[str, GenerationEngine] = {}
+        self._engine_lock = threading.Lock()
+        self._templates: PromptTemplates | None = None
+        self._policies: DecodingPolicies | None = None
         self._embedder: Embedder | None = None
         self._versions: dict[str, VersionTuple] = {}
         self._active = ActiveIndexCache(settings)
@@ -91,9 +98,13 @@ class Runtime:
     def _token_counter(self) -> Callable[[str], int]:
         if self.settings.generator_backend == "null":
             return lambda text: len(text.split())
+        if self.settings.generator_backend == "openai":  # no local tokenizer: over-estimate
+            return lambda text: len(text) // 3 + 1
         from transformers import AutoTokenizer
 
-        tokenizer: Any = AutoTokenizer.from_pretrained(self.settings.generator_model)
+        path = Path(self.settings.generator_model)
+        folder, gguf = (path.parent, path.name) if path.is_file() else (path, None)
+        tokenizer: Any = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
         return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def retriever(self) -> Retriever:
@@ -111,17 +122,47 @@ class Runtime:
             self._retrieval_cache = retrieval_cache(self.settings)
         return self._retrieval_cache
 
-    def generator(self) -> Generator:
-        if self._generator is None:
-            prompts = PromptSet.load()
-            if self.settings.generator_backend == "null":
-                self._generator = NullGenerator(prompts)
-            else:
-                self._generator = HFGenerator(self.settings.generator_model,
-                                              decoding_policy(self.settings), prompts,
-                                              torch_threads=self.settings.torch_threads)
-            self._generator.warm_up()
-        return self._generator
+    def engine(self, variant: str | None = None) -> GenerationEngine:
+        """The generation engine of a model variant; variants naming the same model share one.
+        Loaded on first use (after the worker is ready), once per process."""
+        models = self.settings.generator_models()
+        model = models.get(variant or "small", models["small"])
+        with self._engine_lock:
+            if model not in self._engines:
+                engine = GenerationEngine(self._backend(model), BatchLimits(
+                    kv_budget_bytes=int(self.settings.generator_kv_cache_gib * (1 << 30)),
+                    max_batch_size=self.settings.generator_max_batch,
+                    gather_s=self.settings.generator_gather_ms / 1000))
+                engine.warm_up()
+                self._engines[model] = engine
+            return self._engines[model]
+
+    def _backend(self, model: str) -> Backend:
+        settings = self.settings
+        if settings.generator_backend == "null":
+            return NullBackend()
+        if settings.generator_backend == "openai":
+            from tasks.engine.openai_backend import OpenAIBackend
+
+            key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
+            return OpenAIBackend(settings.openai_base_url, settings.openai_model, api_key=key,
+                                 timeout_s=settings.openai_timeout_s,
+                                 max_concurrency=settings.generator_max_batch)
+        from tasks.engine.hf import TransformersBackend
+
+        return TransformersBackend(model, device=settings.generator_device,
+                                   dtype=settings.generator_dtype,
+                                   torch_threads=settings.torch_threads)
+
+    def prompt_templates(self) -> PromptTemplates:
+        if self._templates is None:
+            self._templates = PromptTemplates.load()
+        return self._templates
+
+    def decoding_policies(self) -> DecodingPolicies:
+        if self._policies is None:
+            self._policies = decoding_policies(self.settings)
+        return self._policies
 
     def served_versions(self, stage: Stage) -> VersionTuple:
         if stage == Stage.RETRIEVAL:

@@ -6,7 +6,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas.status import DriftPolicy, Stage
@@ -39,8 +39,26 @@ class Settings(BaseSettings):
     broker_url: str = ""
     broker_key_prefix: str = ""  # Redis only: keeps several deployments (or tests) apart
     model_cache_dir: Path = Path.home() / ".cache" / "sluice" / "models"
-    generator_backend: Literal["hf", "null"] = "hf"
-    generator_model: str = ""
+    # The generation backend: a local Hugging Face model (`transformers`), an OpenAI-compatible
+    # server (`openai`: vLLM, TGI...), or `null`, a model-free stand-in for benchmarks only.
+    generator_backend: Literal["transformers", "openai", "null"] = "transformers"
+    generator_model: str = ""  # a model folder or .gguf file: the `small` variant
+    generator_large_model: str = ""  # the `large` variant; empty: the small one serves both
+    generator_device: str = "auto"  # auto | cpu | cuda | cuda:N
+    generator_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # KV-cache memory one batch may take; the token budget is this over the model's bytes/token
+    generator_kv_cache_gib: float = Field(default=2.0, gt=0)
+    generator_max_batch: int = Field(default=32, gt=0, le=1024)
+    generator_gather_ms: float = Field(default=5.0, ge=0, le=1000)
+    generation_concurrency: int = Field(default=4, gt=0, le=256)  # tasks sharing one engine
+    constrain_documents: bool = True  # decode documents under their JSON schema
+    openai_base_url: str = ""  # e.g. http://vllm:8000/v1
+    openai_model: str = ""
+    openai_api_key: SecretStr | None = None
+    openai_timeout_s: float = Field(default=60.0, gt=0)
+    # The price of one accelerator-hour (or of the CPU machine serving generation): the cost
+    # of a request is its share of its batches' device seconds at this price.
+    accelerator_hour_usd: float = Field(default=0.0, ge=0)
     embedder_model: str = ""
     corpus_dir: Path = Path(__file__).resolve().parent.parent / "ops" / "examples" / "corpus"
     shard_size: int = Field(default=32, gt=0, le=1024)
@@ -80,9 +98,17 @@ class Settings(BaseSettings):
         if self.max_deliveries <= self.max_retries + 1:
             raise ValueError(f"max_deliveries must exceed max_retries + 1 (each retry is a "
                              f"delivery), got {self.max_deliveries} and {self.max_retries}")
+        if self.generator_backend == "openai" and not (self.openai_base_url and self.openai_model):
+            raise ValueError("the openai backend needs SLUICE_OPENAI_BASE_URL and "
+                             "SLUICE_OPENAI_MODEL")
         if self.generator_backend == "null" and self.environment == "production":
             raise ValueError("the null generator is for the orchestration benchmark only")
         return self
+
+    def generator_models(self) -> dict[str, str]:
+        """The model of each variant the router may choose."""
+        return {"small": self.generator_model,
+                "large": self.generator_large_model or self.generator_model}
 
     @property
     def embedded(self) -> bool:

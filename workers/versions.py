@@ -8,14 +8,9 @@ from importlib import metadata
 from pathlib import Path
 
 from schemas.versions import VersionTuple
-from tasks.files import (
-    ROUTER_EXAMPLES_PATH,
-    ROUTER_RULES_PATH,
-    TEMPLATES_PATH,
-    content_hash,
-    prompt_paths,
-)
-from tasks.generation import DecodingPolicy, NullGenerator
+from tasks.files import ROUTER_EXAMPLES_PATH, ROUTER_RULES_PATH, TEMPLATES_PATH, content_hash
+from tasks.generation import DecodingPolicies, NullBackend
+from tasks.prompting import PromptTemplates
 from tasks.sanitize import SanitizeAction, SanitizePolicy
 from tasks.tools import default_registry
 from tasks.validation import validators_version
@@ -26,8 +21,13 @@ RUNTIME_PACKAGES = ("sluice", "torch", "transformers", "sentence-transformers", 
                     "celery")
 
 
-def decoding_policy(settings: Settings) -> DecodingPolicy:
-    return DecodingPolicy(max_new_tokens=settings.max_new_tokens)
+def decoding_policies(settings: Settings) -> DecodingPolicies:
+    return DecodingPolicies.load(settings.max_new_tokens)
+
+
+def prompt_version() -> str:
+    """The templates (id, version, content hash each) and the document templates' file."""
+    return f"{PromptTemplates.load().version}+{content_hash(TEMPLATES_PATH)}"
 
 
 def sanitize_policy(settings: Settings) -> SanitizePolicy:
@@ -38,12 +38,12 @@ def current_versions(settings: Settings, index_id: str) -> VersionTuple:
     """Everything but the index is derived from settings and files; the index id is given."""
     return VersionTuple(
         model=model_version(settings),
-        prompt=f"prompt-{content_hash(*prompt_paths())}",
+        prompt=prompt_version(),
         router=router_version(settings),
         index=index_id,
         tool_schemas=default_registry().version,
         validators=f"{validators_version()}+{sanitize_policy(settings).version}",
-        decoding=decoding_policy(settings).version,
+        decoding=decoding_policies(settings).version,
         runtime=runtime_version(),
     )
 
@@ -59,15 +59,29 @@ def router_version(settings: Settings) -> str:
 
 
 def model_version(settings: Settings) -> str:
+    """The backend and the model of each variant, local weights by their hash."""
     if settings.generator_backend == "null":
-        return NullGenerator.name
-    folder = Path(settings.generator_model)
-    return f"{folder.name}@{weights_hash(folder, settings.data_dir / 'weights-hashes.json')}"
+        return NullBackend.model_id
+    if settings.generator_backend == "openai":
+        return f"openai:{settings.openai_model}@{settings.openai_base_url}"
+    cache = settings.data_dir / "weights-hashes.json"
+    small, large = (_local_model(Path(p), cache) for p in settings.generator_models().values())
+    where = f"transformers[{settings.generator_device},{settings.generator_dtype}]"
+    return f"{where}:{small}" + ("" if large == small else f"|large={large}")
 
 
-def weights_hash(folder: Path, cache_file: Path) -> str:
+def _local_model(path: Path, cache: Path) -> str:
+    folder = path if path.is_dir() else path.parent
+    files = None if path.is_dir() else [path]
+    return f"{path.name}@{weights_hash(folder, cache, files)}"
+
+
+def weights_hash(folder: Path, cache_file: Path, files: list[Path] | None = None) -> str:
     """sha256 over the weight files, cached by (path, size, mtime) so it is paid once."""
-    files = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES) if folder.is_dir() else []
+    if files is None:
+        files = sorted(p for p in folder.iterdir()
+                       if p.suffix in WEIGHT_SUFFIXES) if folder.is_dir() else []
+    files = [p for p in files if p.exists()]
     if not files:
         return "missing"
     key = "|".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)

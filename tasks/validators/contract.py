@@ -14,11 +14,14 @@ import json
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from schemas.stages import Reason, ValidationItem
+from tasks.files import TEMPLATES_PATH
+from tasks.templates import load_templates
 
 CONTRACT_VERSION = "contract-1"
 MIN_ANSWER_CHARS = 2
@@ -117,11 +120,16 @@ class ContractRegistry:
     by_class: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def default(cls) -> ContractRegistry:
-        """Answers (and, until a document model is registered, documents) are cited text."""
+    def default(cls, templates: Path = TEMPLATES_PATH) -> ContractRegistry:
+        """Answers are cited text; a document is a JSON object of its template's model, under
+        a contract named as the template (its validation item names it). A document item that
+        names no template falls back to the answer contract."""
         answer = Contract("answer", GroundedAnswer, as_text)
-        return cls({answer.name: answer}, {"grounded_answer": "answer", "document": "answer",
-                                           "tool_lookup": "answer", "clarify": "answer"})
+        registry = cls({answer.name: answer}, {"grounded_answer": "answer", "document": "answer",
+                                               "tool_lookup": "answer", "clarify": "answer"})
+        for template in load_templates(templates).values():
+            registry.register(Contract(template.name, template.model, json_object))
+        return registry
 
     def register(self, contract: Contract, classes: Iterable[str] = ()) -> ContractRegistry:
         """Add (or replace) a contract, and make it the default of `classes`."""

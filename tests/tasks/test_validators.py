@@ -20,6 +20,7 @@ from schemas.status import AnswerClass, Stage, Status
 from tasks import adapters
 from tasks.embedding import embedder_id
 from tasks.indexing import split_markdown
+from tasks.templates import load_templates
 from tasks.validation import default_suite
 from tasks.validators import (
     Contract,
@@ -189,6 +190,51 @@ def test_a_contract_named_on_the_item_wins_over_the_class_default(suite: Validat
     assert _codes(unparsable) == [("contract", "parse_error", None)]
     assert _codes(unknown) == [("contract", "unknown_contract", None)]
     assert "no-such-contract" in unknown.reasons[0]
+
+
+def test_every_template_has_a_json_contract_named_after_it() -> None:
+    registry = ContractRegistry.default()
+
+    for name, template in load_templates().items():
+        assert registry.contracts[name].model is template.model
+        assert registry.contracts[name].parse is json_object
+    assert registry.by_class["document"] == "answer"  # only for a document without a template
+
+
+def _policy_brief(deadlines: str) -> str:
+    return json.dumps({
+        "title": "On-call at Acme",
+        "scope": "The on-call week starts with a handoff every Monday at 09:00 ET [S1].",
+        "rules": "The primary receives a stipend of $400 per week [S2].",
+        "deadlines": deadlines})
+
+
+def test_a_json_document_is_checked_per_section_body_and_its_title_needs_no_citation(
+        suite: ValidatorSuite) -> None:
+    # Given a policy brief whose bodies all cite retrieved sources
+    good = _policy_brief("If the primary does not acknowledge a page within 10 minutes, "
+                         "PagerLoop escalates to the secondary [S3].")
+    # And one whose last body cites nothing
+    uncited = _policy_brief("If the primary does not acknowledge a page within 10 minutes, "
+                            "PagerLoop escalates to the secondary.")
+
+    # When both are judged under the template's contract
+    passed = _judge(suite, good, answer_class=AnswerClass.DOCUMENT, contract="policy_brief")
+    failed = _judge(suite, uncited, answer_class=AnswerClass.DOCUMENT, contract="policy_brief")
+
+    # Then only the body's sentence is a claim that needs a citation
+    assert passed.outcome.status == Status.SUCCEEDED, passed.reasons
+    assert passed.citations == ["c-rotation", "c-compensation", "c-escalation"]
+    assert _codes(failed) == [("citations", "missing_citation", 3)]
+
+
+def test_a_markdown_document_fails_its_json_contract(suite: ValidatorSuite) -> None:
+    draft = "# On-call\n\n## Scope\nThe on-call week starts with a handoff every Monday [S1]."
+
+    verdict = _judge(suite, draft, answer_class=AnswerClass.DOCUMENT, contract="policy_brief")
+
+    assert verdict.outcome.error_class == "ContractViolation"
+    assert _codes(verdict) == [("contract", "parse_error", None)]
 
 
 def test_the_contracts_version_changes_with_a_model() -> None:
@@ -413,6 +459,23 @@ def test_validation_input_gives_each_label_its_chunk_text() -> None:
     [item] = adapters.validation_input([record]).items
 
     assert item.chunk_texts == {"S1": "text of c1", "S2": "text of c2"}
+
+
+@pytest.mark.parametrize(("kind", "payload", "contract"), [
+    ("document", {"template": "runbook_brief", "topic": "t", "inputs": {"service": "s"}},
+     "runbook_brief"),
+    ("answer", {"question": "q"}, None),
+])
+def test_validation_input_names_a_documents_template_contract(kind: str, payload: dict[str, object],
+                                                              contract: str | None) -> None:
+    record = ItemRecord(request_id="r1", tenant="acme", grants=["public"], kind=kind,
+                        payload=payload,
+                        previous={Stage.ROUTER: {"answer_class": "grounded_answer"},
+                                  Stage.RETRIEVAL: {"chunks": []}, Stage.GENERATION: {"text": "x"}})
+
+    [item] = adapters.validation_input([record]).items
+
+    assert item.contract == contract
 
 
 # -- calibration --------------------------------------------------------------------------

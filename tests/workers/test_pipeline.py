@@ -280,22 +280,19 @@ def _pool_children(pid: int) -> list[int]:
 
 
 @pytest.mark.slow
-def test_sigkill_of_a_generation_pool_child_loses_nothing(
+def test_generation_runs_on_threads_of_the_worker_process(
         pipeline: Pipeline, tmp_path: Path) -> None:
-    job_id = _submit(pipeline, _job_file(tmp_path, "kill-child.jsonl", 8, "kill-child"))
+    # The generation worker runs a threads pool, so that concurrent shards share one engine:
+    # its shards are leased by the worker process itself, which has no pool children to lose
+    # (killing that process is the fault the test above recovers from).
+    job_id = _submit(pipeline, _job_file(tmp_path, "threads.jsonl", 8, "threads"))
     owners = wait_until(lambda: _running_generation(pipeline, job_id), 300,
                         what="generation to start")
-    # When the pool child computing the shard is killed
-    child_pid = int(str(list(owners)[0]).split(":")[1])  # type: ignore[call-overload]
+    owner_pid = int(str(list(owners)[0]).split(":")[1])  # type: ignore[call-overload]
     main_pid = pipeline.fleet.processes[Stage.GENERATION].pid  # type: ignore[attr-defined]
-    assert child_pid in _pool_children(main_pid)
-    killed_at = time.time()
-    os.kill(child_pid, signal.SIGKILL)
-    # Then the main process replaces it, the message comes back, the work completes once
+    assert owner_pid == main_pid
+    assert _pool_children(main_pid) == []
     _assert_completed_exactly_once(pipeline, job_id)
-    recovery = _claims_after(pipeline, job_id, killed_at)
-    print(f"\nrecovery after SIGKILL of a generation pool child: {recovery:.1f}s")
-    assert recovery is not None and recovery < 30
 
 
 @pytest.mark.slow

@@ -46,13 +46,13 @@ def _inject_uncited_draft(runtime, records, _budget):  # type: ignore[no-untyped
     drafts = []
     for record in records:
         item = adapters.generation_input([record], None).items[0]
-        _, labels = runtime.generator().prompts.messages(item)
+        _, labels = runtime.prompt_templates().messages(item)
         # Supported by the top source, word for word, but citing nothing: MissingCitation.
         first = item.chunks[0].text.split("\n\n")[-1].split(". ")[0].rstrip(".") + "."
         drafts.append(Draft(request_id=record.request_id, source_labels=labels, text=first,
                             prompt_tokens=11, completion_tokens=7, finish_reason="stop",
                             model=INJECTED))
-    return adapters.generation_results(GenerationOutput(drafts=drafts), "injected", records)
+    return adapters.generation_results(GenerationOutput(drafts=drafts), records)
 
 
 @pytest.mark.integration

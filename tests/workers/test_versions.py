@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from tasks.generation import NullGenerator
+from tasks.generation import NullBackend
 from tasks.sanitize import SANITIZER_VERSION
+from tasks.tools import default_registry
 from tasks.validation import VALIDATOR_VERSION, validators_version
 from workers.settings import Settings
-from tasks.tools import default_registry
 from workers.versions import current_versions, model_version, weights_hash
 
 pytestmark = [pytest.mark.unit]
@@ -50,14 +50,14 @@ def test_current_versions_imports_no_model_library(tmp_path: Path) -> None:
     assert report["torch"] is False
     assert report["transformers"] is False
     versions = report["versions"]
-    assert versions["model"] == NullGenerator.name
+    assert versions["model"] == NullBackend.model_id
     assert versions["index"] == "idx-x"
-    assert versions["decoding"] == "greedy-max7"
+    assert versions["decoding"].startswith("decoding-") and versions["decoding"].endswith("-cap7")
     assert versions["validators"] == f"{validators_version()}+{SANITIZER_VERSION}-drop-t0.5"
     assert versions["validators"].startswith(VALIDATOR_VERSION)
     assert versions["tool_schemas"] == default_registry().version
     assert versions["router"].startswith("router-")
-    assert versions["prompt"].startswith("prompt-")
+    assert versions["prompt"].startswith("prompts-")
     assert "torch=" in versions["runtime"]
 
 
@@ -67,7 +67,7 @@ def test_current_versions_in_process_matches_settings(tmp_path: Path) -> None:
     first = current_versions(settings, "idx-a")
     second = current_versions(settings, "idx-b")
 
-    assert first.decoding == "greedy-max9"
+    assert first.decoding.endswith("-cap9")
     assert first.index == "idx-a" and second.index == "idx-b"
     assert first.model_copy(update={"index": "idx-b"}) == second
 
@@ -135,12 +135,35 @@ def test_weights_hash_of_a_folder_without_weights_is_missing(tmp_path: Path) -> 
 def test_hf_model_version_is_folder_name_at_weights_hash(tmp_path: Path) -> None:
     folder = tmp_path / "models" / "TinyLM-Instruct"
     _fake_model(folder, b"tiny weights")
-    settings = Settings(generator_backend="hf", generator_model=str(folder),
+    settings = Settings(generator_backend="transformers", generator_model=str(folder),
                         data_dir=tmp_path / "data")
 
     version = model_version(settings)
 
     expected_hash = hashlib.sha256(b"tiny weights").hexdigest()[:16]
-    assert version == f"TinyLM-Instruct@{expected_hash}"
-    assert version == f"{folder.name}@{weights_hash(folder, settings.data_dir / 'weights-hashes.json')}"
+    assert version == f"transformers[auto,auto]:TinyLM-Instruct@{expected_hash}"
+    assert version.endswith(
+        f"{folder.name}@{weights_hash(folder, settings.data_dir / 'weights-hashes.json')}")
     assert (settings.data_dir / "weights-hashes.json").exists()
+
+
+def test_model_version_names_backend_variants_device_and_dtype(tmp_path: Path) -> None:
+    small, large = tmp_path / "Small", tmp_path / "Large"
+    _fake_model(small, b"small")
+    _fake_model(large, b"large")
+
+    one = model_version(Settings(generator_model=str(small), data_dir=tmp_path))
+    two = model_version(Settings(generator_model=str(small), generator_large_model=str(large),
+                                 generator_dtype="bfloat16", generator_device="cuda",
+                                 data_dir=tmp_path))
+    remote = model_version(Settings(generator_backend="openai", openai_model="qwen-7b",
+                                    openai_base_url="http://vllm:8000/v1", data_dir=tmp_path))
+
+    assert "|large=" not in one and two.startswith("transformers[cuda,bfloat16]:Small@")
+    assert "|large=Large@" in two
+    assert remote == "openai:qwen-7b@http://vllm:8000/v1"
+
+
+def test_openai_backend_needs_its_server_and_model(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="SLUICE_OPENAI_BASE_URL"):
+        Settings(generator_backend="openai", data_dir=tmp_path)

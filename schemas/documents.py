@@ -1,0 +1,147 @@
+"""What a generated document must be: one output model per template.
+
+`tasks/rules/templates.yaml` names each template's model (`model: IncidentSummary`). A model
+is a `title` and one body string per section, flat and with bounded lengths, so that its JSON
+schema stays small enough for a 135M model to fill under a schema constraint within one
+decoding budget. Headings are not generated: they are the section fields' titles. Bodies carry
+the claims, with source labels like [S1] inside the text; titles and headings carry none.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+
+TITLE_MAX_CHARS = 80
+BODY_MIN_CHARS = 10
+# Four bodies and a title fit in the document policies' 384 new tokens, JSON keys included.
+BODY_MAX_CHARS = 240
+HEADING_MAX_CHARS = 60
+MAX_SECTIONS = 8
+
+
+class UnknownDocumentName(KeyError):
+    """A model or template name that does not exist; the message lists the known ones."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class UnknownDocumentModel(UnknownDocumentName):
+    """A template names a model that does not exist."""
+
+
+class UnknownTemplate(UnknownDocumentName):
+    """A document request names a template that does not exist."""
+
+
+def _has_words(value: str) -> str:
+    if not re.search(r"[^\W\d_]{2}", value):
+        raise ValueError("the text has no words")
+    return value
+
+
+Title = Annotated[str, StringConstraints(strip_whitespace=True, min_length=3,
+                                         max_length=TITLE_MAX_CHARS), AfterValidator(_has_words)]
+Body = Annotated[str, StringConstraints(strip_whitespace=True, min_length=BODY_MIN_CHARS,
+                                        max_length=BODY_MAX_CHARS), AfterValidator(_has_words)]
+
+
+class Section(BaseModel):
+    """One section as it renders: a heading and its body."""
+
+    model_config = ConfigDict(frozen=True)
+    heading: str = Field(min_length=1, max_length=HEADING_MAX_CHARS)
+    body: Body
+
+
+class Document(BaseModel):
+    """Any document as it renders: a title and its sections in order."""
+
+    model_config = ConfigDict(frozen=True)
+    title: Title
+    sections: list[Section] = Field(min_length=1, max_length=MAX_SECTIONS)
+
+    def claim_texts(self) -> list[str]:
+        return [s.body for s in self.sections]
+
+
+class DocumentModel(BaseModel):
+    """Base of the per-template models: a title, then one `Body` field per section whose
+    `title` is the section's heading, in the order the sections render."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    title: Title
+
+    def as_document(self) -> Document:
+        fields = type(self).model_fields
+        return Document(title=self.title, sections=[
+            Section(heading=info.title or name, body=getattr(self, name))
+            for name, info in fields.items() if name != "title"])
+
+    def claim_texts(self) -> list[str]:
+        """Section bodies carry the claims the citation and support validators check."""
+        return [getattr(self, name) for name in type(self).model_fields if name != "title"]
+
+
+class IncidentSummary(DocumentModel):
+    """An incident summary: what happened, its impact, root cause and follow-ups."""
+
+    what_happened: Body = Field(title="What happened")
+    impact: Body = Field(title="Impact")
+    root_cause: Body = Field(title="Root cause")
+    follow_ups: Body = Field(title="Follow-ups")
+
+
+class RunbookBrief(DocumentModel):
+    """An operational brief: what the service does, its health checks and first steps."""
+
+    purpose: Body = Field(title="Purpose")
+    health_checks: Body = Field(title="Health checks")
+    first_steps: Body = Field(title="First steps when it fails")
+
+
+class PolicyBrief(DocumentModel):
+    """A policy brief: who it applies to, its rules and its deadlines."""
+
+    scope: Body = Field(title="Scope")
+    rules: Body = Field(title="Rules")
+    deadlines: Body = Field(title="Deadlines")
+
+
+DOCUMENT_MODELS: dict[str, type[DocumentModel]] = {
+    model.__name__: model for model in (IncidentSummary, RunbookBrief, PolicyBrief)}
+
+
+def document_model(name: str) -> type[DocumentModel]:
+    """The model a template names; UnknownDocumentModel lists the known ones."""
+    try:
+        return DOCUMENT_MODELS[name]
+    except KeyError:
+        raise UnknownDocumentModel(f"unknown document model {name!r}; known: "
+                                   f"{', '.join(sorted(DOCUMENT_MODELS))}") from None
+
+
+def document_from_mapping(raw: Mapping[str, Any]) -> Document:
+    """A `Document` from its own shape (`title`, `sections`) or from a template model's fields,
+    the model found by its exact set of keys; ValueError when it is neither."""
+    if "sections" in raw:
+        return Document.model_validate(dict(raw))
+    model = next((m for m in DOCUMENT_MODELS.values() if set(m.model_fields) == set(raw)), None)
+    if model is None:
+        raise ValueError(f"not a document: keys {sorted(raw)} fit no document model")
+    return model.model_validate(dict(raw)).as_document()
+
+
+def document_schema(template: str) -> dict[str, Any]:
+    """The JSON schema of a template's documents: what generation decodes under and the
+    template's contract validates against."""
+    from tasks.templates import load_templates  # the templates file is read by the tasks layer
+
+    templates = load_templates()
+    if template not in templates:
+        raise UnknownTemplate(f"unknown template {template!r}; known: {', '.join(sorted(templates))}")
+    return templates[template].json_schema

@@ -1,0 +1,63 @@
+"""What a worker process builds from its settings: backends by configuration, one engine per
+model shared by the variants that name it, the generation worker's pool."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ops.embedded import worker_pool
+from schemas.status import Stage
+from tasks.engine.hf import TransformersBackend
+from tasks.generation import NullBackend
+from tests.tasks.engine.conftest import MODEL_DIR
+from workers.runtime import Runtime
+from workers.settings import Settings
+
+pytestmark = [pytest.mark.unit]
+
+
+def test_null_backend_by_configuration(tmp_path: Path) -> None:
+    runtime = Runtime(Settings(generator_backend="null", data_dir=tmp_path))
+    try:
+        engine = runtime.engine("small")
+        assert isinstance(engine.backend, NullBackend)
+        assert runtime.engine("large") is engine  # both variants name the same model
+    finally:
+        runtime.engine().close()
+
+
+def test_openai_backend_by_configuration(tmp_path: Path) -> None:
+    from tasks.engine.openai_backend import OpenAIBackend
+
+    settings = Settings(generator_backend="openai", openai_base_url="http://127.0.0.1:9/v1",
+                        openai_model="served-model", data_dir=tmp_path)
+    backend = Runtime(settings)._backend(settings.generator_model)
+
+    assert isinstance(backend, OpenAIBackend)
+    assert backend.kind == "openai" and "served-model" in backend.model_id
+
+
+def test_transformers_backend_per_variant(tmp_path: Path) -> None:
+    settings = Settings(generator_model=str(MODEL_DIR), generator_large_model=str(tmp_path),
+                        generator_dtype="float32", generator_device="cpu", data_dir=tmp_path)
+    runtime = Runtime(settings)
+    small = runtime._backend(settings.generator_models()["small"])
+    large = runtime._backend(settings.generator_models()["large"])
+
+    assert isinstance(small, TransformersBackend) and isinstance(large, TransformersBackend)
+    assert (small.path, large.path) == (MODEL_DIR, tmp_path)
+    assert (small.device_name, small.dtype_name) == ("cpu", "float32")
+
+
+def test_a_missing_model_folder_is_named(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no-such-model"):
+        TransformersBackend(str(tmp_path / "no-such-model"))
+
+
+def test_generation_workers_run_threads(tmp_path: Path) -> None:
+    settings = Settings(generation_concurrency=6, data_dir=tmp_path)
+
+    assert worker_pool(settings, Stage.GENERATION, 1) == ("threads", 6)
+    assert worker_pool(settings, Stage.RETRIEVAL, 2) == ("prefork", 2)
