@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ops import eval_cli
 from ops.router_cli import router_app
 from ops.validators_cli import validators_app
 from schemas.status import Lane, Stage
@@ -27,6 +28,9 @@ app.add_typer(models_app, name="models")
 app.add_typer(index_app, name="index")
 app.add_typer(router_app, name="router")
 app.add_typer(validators_app, name="validators")
+app.add_typer(eval_cli.baseline_app, name="baseline")
+app.command(name="eval")(eval_cli.evaluate)
+app.command(name="versions")(eval_cli.versions)
 console = Console(stderr=True)
 out = Console()
 
@@ -200,9 +204,8 @@ def run(
 
     Re-running the same file resumes it: requests already terminal are not redone."""
     from ops.corpus import ensure_example_index
-    from ops.embedded import WorkerDied, WorkerFleet
-    from ops.jobs import export_job, submit_job, wait_for_job
-    from workers.reconciler import ReconcilerThread
+    from ops.embedded import WorkerDied
+    from ops.jobs import execute_job
 
     if not job_file.is_file():
         _fail(f"job file not found: {job_file}")
@@ -210,32 +213,21 @@ def run(
     spawn = settings.embedded if workers is None else workers
     if settings.embedded and ensure_example_index(settings):
         console.print("ingested the example corpus and built its index")
-    fleet = WorkerFleet(settings, settings.data_dir / "logs") if spawn else None
-    reconciler = ReconcilerThread(settings)
     try:
-        if fleet:
-            fleet.start()
-        admitted = submit_job(settings, job_file)
-        console.print(f"job {admitted.job_id}: {'admitted' if admitted.created else 'resumed'}, "
-                      f"{len(admitted.dispatches)} shard(s) enqueued, "
-                      f"{len(admitted.malformed)} malformed line(s)")
-        reconciler.start()
         with _progress() as progress:
             task = progress.add_task("requests", total=None)
-
-            def tick(done: int, total: int) -> None:
-                progress.update(task, completed=done, total=total)
-                if fleet:
-                    fleet.raise_if_dead()
-
-            done = wait_for_job(settings, admitted.job_id, tick, timeout_s=timeout_s)
+            admitted, done = execute_job(
+                settings, job_file, spawn,
+                lambda d, t: progress.update(task, completed=d, total=t), timeout_s,
+                on_admitted=lambda a: console.print(
+                    f"job {a.job_id}: {'admitted' if a.created else 'resumed'}, "
+                    f"{len(a.dispatches)} shard(s) enqueued, {len(a.malformed)} malformed "
+                    "line(s)"))
     except WorkerDied as exc:
         _fail(f"{exc}; run the same command again to resume")
-    finally:
-        reconciler.stop()
-        if fleet:
-            fleet.stop()
     target = out_dir or Path("sluice-out") / job_file.stem
+    from ops.jobs import export_job
+
     results, errors = export_job(settings, admitted.job_id, target)
     _print_summary(settings, admitted.job_id)
     console.print(f"wrote {results} and {errors}")

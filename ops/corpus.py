@@ -113,10 +113,23 @@ def ingest_tree(settings: Settings, root: Path, *, prune: bool = False,
         raise CorpusError(f"corpus folder not found: {root}")
     report = IngestReport()
     for tenant_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = [SourceFile(p, p.relative_to(tenant_dir).as_posix(), (p.relative_to(tenant_dir).parts[0],))
-                 for p in _files(tenant_dir) if len(p.relative_to(tenant_dir).parts) > 1]
-        _ingest_groups(settings, tenant_dir.name, {tenant_dir.resolve(): files}, report, prune,
-                       progress, count_tokens)
+        ingest_tenant_folder(settings, tenant_dir.name, tenant_dir, prune=prune,
+                             progress=progress, count_tokens=count_tokens, report=report)
+    return report
+
+
+def ingest_tenant_folder(settings: Settings, tenant: str, folder: Path, *, prune: bool = False,
+                         progress: Progress | None = None,
+                         count_tokens: CountTokens | None = None,
+                         report: IngestReport | None = None) -> IngestReport:
+    """One tenant's folder of <acl label>/<files>; document ids relative to the folder."""
+    if not folder.is_dir():
+        raise CorpusError(f"corpus folder not found: {folder}")
+    report = report if report is not None else IngestReport()
+    files = [SourceFile(p, p.relative_to(folder).as_posix(), (p.relative_to(folder).parts[0],))
+             for p in _files(folder) if len(p.relative_to(folder).parts) > 1]
+    _ingest_groups(settings, tenant, {folder.resolve(): files}, report, prune, progress,
+                   count_tokens)
     return report
 
 

@@ -123,6 +123,38 @@ def generation_costs(session: Session, request_ids: list[str]) -> dict[str, Gene
     return costs
 
 
+def execute_job(settings: Settings, job_file: Path, spawn_workers: bool,
+                on_progress: Callable[[int, int], None], timeout_s: float | None = None,
+                on_admitted: Callable[[AdmittedJob], None] | None = None
+                ) -> tuple[AdmittedJob, bool]:
+    """Admit a job file and wait until every request is terminal (or the timeout), with one
+    worker per queue started for the duration when `spawn_workers`, and a reconciler.
+    Returns the admitted job and whether it finished. A worker that dies raises WorkerDied."""
+    from ops.embedded import WorkerFleet
+    from workers.reconciler import ReconcilerThread
+
+    fleet = WorkerFleet(settings, settings.data_dir / "logs") if spawn_workers else None
+    reconciler = ReconcilerThread(settings)
+    try:
+        if fleet:
+            fleet.start()
+        admitted = submit_job(settings, job_file)
+        if on_admitted:
+            on_admitted(admitted)
+        reconciler.start()
+
+        def tick(done: int, total: int) -> None:
+            on_progress(done, total)
+            if fleet:
+                fleet.raise_if_dead()
+
+        return admitted, wait_for_job(settings, admitted.job_id, tick, timeout_s=timeout_s)
+    finally:
+        reconciler.stop()
+        if fleet:
+            fleet.stop()
+
+
 def result_line(request: Request, markdown: str | None = None,
                 cost: GenerationCost | None = None) -> dict[str, Any]:
     return {"custom_id": request.custom_id, "request_id": request.id, "status": request.status,
@@ -244,12 +276,13 @@ def summarize(settings: Settings, job_id: str) -> JobSummary:
     counts: dict[str, int] = {}
     for r in requests:
         counts[r.status] = counts.get(r.status, 0) + 1
-    return JobSummary(counts, len(job.malformed) if job else 0, _percentiles(latencies),
+    return JobSummary(counts, len(job.malformed) if job else 0, percentiles(latencies),
                       sum(r.prompt_tokens for r in requests),
                       sum(r.completion_tokens for r in requests), total)
 
 
-def _percentiles(values: list[float]) -> dict[str, float]:
+def percentiles(values: list[float]) -> dict[str, float]:
+    """p50, p95 and p99 (inclusive quantiles); {} without values."""
     if not values:
         return {}
     if len(values) == 1:

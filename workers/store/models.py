@@ -272,3 +272,19 @@ class TicketNote(Base):
     note: Mapped[str] = mapped_column(Text)
     tool_call_id: Mapped[str] = mapped_column(ForeignKey("tool_calls.id"), unique=True)
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+
+
+class EvalRun(Base):
+    """One `sluice eval` run: the golden set it ran, the version tuple it ran under, its
+    metrics and the job that carried its cases (whose requests hold the full audit trail)."""
+
+    __tablename__ = "eval_runs"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    golden: Mapped[str] = mapped_column(String(1024))  # path and content hash
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"))
+    versions: Mapped[dict[str, Any]] = mapped_column(JSON)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+    cases: Mapped[int] = mapped_column(Integer)
+    gate: Mapped[str | None] = mapped_column(String(16))  # passed | failed | None: no baseline
+    wall_s: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow, index=True)
