@@ -162,7 +162,10 @@ def generation_results(output: GenerationOutput, records: list[ItemRecord],
     return results, events
 
 
-def validation_input(records: list[ItemRecord]) -> ValidationInput:
+def validation_input(records: list[ItemRecord],
+                     foreign: dict[str, list[str]] | None = None) -> ValidationInput:
+    """`foreign`: per request, the record ids its draft names that only other tenants hold."""
+    foreign = foreign or {}
     items = []
     for r in records:
         draft = r.previous[Stage.GENERATION]
@@ -172,7 +175,8 @@ def validation_input(records: list[ItemRecord]) -> ValidationInput:
             request_id=r.request_id, answer_class=AnswerClass(r.previous[Stage.ROUTER]["answer_class"]),
             draft=draft.get("text", ""), source_labels=labels,
             retrieved_chunk_ids=[c["chunk_id"] for c in chunks],
-            chunk_texts=_label_texts(labels, chunks), contract=document_contract(r)))
+            chunk_texts=_label_texts(labels, chunks), contract=document_contract(r),
+            foreign_identifiers=foreign.get(r.request_id, [])))
     return ValidationInput(items=items)
 
 

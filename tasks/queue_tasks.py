@@ -23,12 +23,13 @@ from tasks.retrieval import Retriever
 from tasks.router import route
 from tasks.tools import ToolCall, ToolError
 from tasks.validation import validate
+from tasks.validators.policy import record_identifiers
 from workers.app import TASK_NAMES, app
 from workers.base import Results, StageTask
 from workers.cache import cache_key
 from workers.runtime import Runtime
 from workers.store.engine import session_scope
-from workers.store.records import execute
+from workers.store.records import execute, foreign_record_ids
 from workers.versions import sanitize_policy
 
 
@@ -127,10 +128,22 @@ def compute_generation(runtime: Runtime, records: list[ItemRecord],
 
 def compute_validation(runtime: Runtime, records: list[ItemRecord],
                        _budget: float | None) -> Results:
-    verdicts = validate(adapters.validation_input(records), runtime.validators())
+    verdicts = validate(adapters.validation_input(records, _foreign_ids(runtime, records)),
+                        runtime.validators())
     results, events = adapters.validation_results(verdicts, records)
     return adapters.send_back_for_repair(results, events, records,
                                          runtime.settings.max_repair_rounds)
+
+
+def _foreign_ids(runtime: Runtime, records: list[ItemRecord]) -> dict[str, list[str]]:
+    """Per request, the record ids its draft names that only other tenants' records hold."""
+    named = {r.request_id: record_identifiers(str(r.previous[Stage.GENERATION].get("text", "")))
+             for r in records}
+    if not any(named.values()):
+        return {}
+    with session_scope(runtime.settings.database_url) as session:
+        return {r.request_id: sorted(foreign_record_ids(session, r.tenant, named[r.request_id]))
+                for r in records if named[r.request_id]}
 
 
 @app.task(bind=True, base=StageTask, name=TASK_NAMES[Stage.ROUTER])

@@ -1,4 +1,5 @@
-"""Deterministic policy rules: a deny list, and personal data that the evidence does not hold.
+"""Deterministic policy rules: a deny list, personal data that the evidence does not hold,
+and no other tenant's data (record ids that exist only in another tenant's records).
 
 E-mail addresses, phone numbers, postal addresses and national id numbers (US SSN, UK NINO)
 may appear in an output only when the evidence (every retrieved chunk's text) contains the
@@ -19,6 +20,8 @@ _EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-
 _PHONE = re.compile(r"(?<![\w.-])(?:\+\d{1,3}[\s.-]?)?(?:\(\d{2,4}\)\s?|\d{1,4}[\s.-])"
                     r"(?:\d{2,4}[\s.-]){0,2}\d{4}(?![\w-])")
 _ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+# Record ids as systems of record write them: INC-2057, TKT-104, CHG-88123.
+RECORD_ID = re.compile(r"\b[A-Z][A-Z0-9]{1,9}-\d{2,8}\b")
 _SSN = re.compile(r"(?<![\d-])\d{3}[- ]\d{2}[- ]\d{4}(?![\d-])")
 _NINO = re.compile(r"\b[A-CEGHJ-PR-TW-Z]{2}\s?\d{2}\s?\d{2}\s?\d{2}\s?[A-D]\b")
 _STREET = (r"Street|St|Avenue|Ave|Road|Rd|Boulevard|Blvd|Lane|Ln|Drive|Dr|Court|Ct|Way|"
@@ -81,9 +84,20 @@ class PolicyFindings:
         return message
 
 
-def check_policy(text: str, evidence: Iterable[str], rules: ValidatorRules) -> PolicyFindings:
-    """Deny-list hits and personal data not found in the evidence, each once."""
+def record_identifiers(text: str) -> list[str]:
+    """The record ids a text names, each once, in order."""
+    return _unique(RECORD_ID.findall(text))
+
+
+def check_policy(text: str, evidence: Iterable[str], rules: ValidatorRules,
+                 foreign: Iterable[str] = ()) -> PolicyFindings:
+    """Deny-list hits, personal data not found in the evidence, and other tenants' record ids,
+    each once."""
     reasons, leaked = [], []
+    for value in _unique(foreign):
+        # The message names neither the other tenant nor anything of its record.
+        reasons.append(_reason("foreign_tenant_data", f"The answer names {value}, which is not a "
+                               "record of this tenant; remove it."))
     for rule in rules.deny:
         for hit in _unique(m.group(0) for m in rule.pattern.finditer(text)):
             reasons.append(_reason("denied_term", f"The answer contains {rule.why} ({_mask(hit)}); "

@@ -41,7 +41,7 @@ from tasks.validators.support import (
 from tasks.validators.text import Sentence, split_sentences
 
 SUITE_VERSION = "suite-1"
-POLICY_VERSION = "policy-1"
+POLICY_VERSION = "policy-2"  # 2: other tenants' record ids
 ABSTENTION_VERSION = "abstention-1"
 _ERROR_CLASSES = {
     ("citations", "missing_citation"): "MissingCitation",
@@ -158,7 +158,8 @@ class ValidatorSuite:
         parsed, reasons = (None, [self.contracts.missing_reason(item)]) if contract is None else (
             contract.check(item.draft))
         case.reasons.extend(reasons)
-        case.policy = check_policy(item.draft, item.chunk_texts.values(), self.rules)
+        case.policy = check_policy(item.draft, item.chunk_texts.values(), self.rules,
+                                   item.foreign_identifiers)
         case.reasons.extend(case.policy.reasons)
         if parsed is None:
             return

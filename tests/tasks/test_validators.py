@@ -567,3 +567,17 @@ def test_a_stale_or_missing_calibration_is_refused(tmp_path: Path) -> None:
         SupportCalibration.load(stale)
     with pytest.raises(CalibrationError, match="no support calibration"):
         SupportCalibration.load(tmp_path / "missing.yaml")
+
+
+def test_another_tenants_record_id_is_refused_without_naming_the_tenant() -> None:
+    from tasks.validators.policy import record_identifiers
+
+    text = "INC-2057 was caused by a retry storm; INC-3125 was similar [S1]."
+
+    findings = check_policy(text, [], ValidatorRules.load(), foreign=["INC-3125"])
+
+    assert record_identifiers(text) == ["INC-2057", "INC-3125"]
+    assert [r.code for r in findings.reasons] == ["foreign_tenant_data"]
+    assert "INC-3125" in findings.reasons[0].message
+    assert "globex" not in findings.reasons[0].message
+    assert check_policy(text, [], ValidatorRules.load()).reasons == []

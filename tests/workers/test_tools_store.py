@@ -321,3 +321,17 @@ def test_a_result_is_evidence_the_model_can_cite(seeded_url: str) -> None:
     assert "ticket INC-3125 is resolved (resolved 2024-04-22T16:45:00Z)" in chunk.text
     assert "Severity: SEV1." in chunk.text
     assert now.data["utc"].endswith("Z") and now.content.startswith("The current time is ")
+
+
+def test_record_ids_only_another_tenant_holds_are_foreign(seeded_url: str) -> None:
+    from workers.store.engine import session_scope
+    from workers.store.records import foreign_record_ids
+
+    with session_scope(seeded_url) as session:
+        acme = foreign_record_ids(session, "acme", ["INC-2057", "INC-3125", "INC-9999"])
+        globex = foreign_record_ids(session, "globex", ["INC-2057", "INC-3125"])
+        nothing = foreign_record_ids(session, "acme", [])
+
+    assert acme == {"INC-3125"}  # globex's; acme's own and unknown ids are not foreign
+    assert globex == {"INC-2057"}
+    assert nothing == set()

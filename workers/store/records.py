@@ -447,3 +447,14 @@ def _zone(name: str | None) -> tzinfo:
 def _at(day: str, clock: str, zone: tzinfo) -> datetime:
     local = datetime.strptime(f"{day} {clock}", "%Y-%m-%d %H:%M").replace(tzinfo=zone)
     return local.astimezone(UTC)
+
+
+def foreign_record_ids(session: Session, tenant: str, candidates: list[str]) -> set[str]:
+    """Of `candidates`, the ticket ids some other tenant holds and `tenant` does not."""
+    if not candidates:
+        return set()
+    owners: dict[str, set[str]] = {}
+    for owner, ticket_id in session.execute(select(Ticket.tenant_id, Ticket.id)
+                                            .where(Ticket.id.in_(candidates))):
+        owners.setdefault(ticket_id, set()).add(owner)
+    return {i for i, who in owners.items() if tenant not in who}
