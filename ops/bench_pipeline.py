@@ -245,8 +245,7 @@ class PipelineBench(Bench):
             outputs = self._generate(shards, self.args.engine_submit)
             result = GenerationRun(time.perf_counter() - started)
         finally:
-            for engine in self.runtime._engines.values():  # noqa: SLF001 -- our own Runtime
-                engine.close()
+            self.runtime.close()
         for results, events in outputs:
             result.drafts.update({r.request_id: r.output for r in results})
             result.calls.update({e.request_id: e.payload for e in events})

@@ -137,6 +137,13 @@ class Runtime:
                 self._engines[model] = engine
             return self._engines[model]
 
+    def close(self) -> None:
+        """Stop the engines' scheduler threads (tests and benchmarks; workers just exit)."""
+        with self._engine_lock:
+            for engine in self._engines.values():
+                engine.close()
+            self._engines.clear()
+
     def _backend(self, model: str) -> Backend:
         settings = self.settings
         if settings.generator_backend == "null":

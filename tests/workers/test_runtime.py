@@ -25,7 +25,8 @@ def test_null_backend_by_configuration(tmp_path: Path) -> None:
         assert isinstance(engine.backend, NullBackend)
         assert runtime.engine("large") is engine  # both variants name the same model
     finally:
-        runtime.engine().close()
+        runtime.close()
+    assert runtime._engines == {}
 
 
 def test_openai_backend_by_configuration(tmp_path: Path) -> None:
