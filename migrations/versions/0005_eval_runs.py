@@ -21,7 +21,7 @@ def upgrade() -> None:
         "eval_runs",
         sa.Column("id", sa.String(length=40), nullable=False),
         sa.Column("golden", sa.String(length=1024), nullable=False),
-        sa.Column("job_id", sa.String(length=48), nullable=True),
+        sa.Column("job_id", sa.String(length=32), nullable=True),
         sa.Column("versions", sa.JSON(), nullable=False),
         sa.Column("metrics", sa.JSON(), nullable=False),
         sa.Column("cases", sa.Integer(), nullable=False),
