@@ -105,6 +105,13 @@ class GenerationCost:
         self.cost_usd += float(payload.get("cost_usd", 0.0))
         self.batch_sizes.append(int(payload.get("batch_size", 1)))
 
+    def merge(self, other: GenerationCost) -> None:
+        self.calls += other.calls
+        self.compute_s += other.compute_s
+        self.queue_wait_s += other.queue_wait_s
+        self.cost_usd += other.cost_usd
+        self.batch_sizes += other.batch_sizes
+
     def as_dict(self) -> dict[str, Any]:
         return {"model_calls": self.calls, "compute_s": round(self.compute_s, 6),
                 "queue_wait_s": round(self.queue_wait_s, 6), "cost_usd": round(self.cost_usd, 9),
@@ -265,11 +272,7 @@ def summarize(settings: Settings, job_id: str) -> JobSummary:
         costs = generation_costs(session, [r.id for r in requests])
     total = GenerationCost()
     for cost in costs.values():
-        total.calls += cost.calls
-        total.compute_s += cost.compute_s
-        total.queue_wait_s += cost.queue_wait_s
-        total.cost_usd += cost.cost_usd
-        total.batch_sizes += cost.batch_sizes
+        total.merge(cost)
     latencies = sorted(
         (as_utc(r.finished_at) - as_utc(r.admitted_at)).total_seconds()  # type: ignore[operator]
         for r in requests if r.finished_at is not None)

@@ -150,21 +150,13 @@ def read_outcomes(settings: Settings, job_id: str, cases: list[GoldenCase]) -> l
         read = {c for evs in events.values() for e in evs if e.kind == EventKind.DATA_READ
                 for c in e.payload.get("chunk_ids", [])}
         cited = {c for r in requests.values() for c in (r.citations or [])}
-        rows = session.execute(select(Chunk.id, Chunk.tenant_id, Chunk.document_id, Chunk.text)
-                               .where(Chunk.id.in_(read | cited))).all()
-        chunks = {row.id: (row.tenant_id, row.document_id) for row in rows}
-        texts = {row.id: row.text for row in rows}
+        chunks = {row.id: _ChunkRow(row.tenant_id, row.document_id, row.text)
+                  for row in session.execute(
+                      select(Chunk.id, Chunk.tenant_id, Chunk.document_id, Chunk.text)
+                      .where(Chunk.id.in_(read | cited)))}
         drafts = _last_drafts(session, ids)
-        outcomes = []
-        for case in cases:
-            request = requests[case.id]
-            outcome = _outcome(case, request, events[request.id], chunks, drafts.get(request.id))
-            outcome.poisoned_reads = sum(
-                1 for e in events[request.id] if e.kind == EventKind.DATA_READ
-                for c in e.payload.get("chunk_ids", [])
-                if any(canary in texts.get(c, "") for canary in case.canaries))
-            outcomes.append(outcome)
-        return outcomes
+        return [_outcome(case, requests[case.id], events[requests[case.id].id], chunks,
+                         drafts.get(requests[case.id].id)) for case in cases]
 
 
 def _last_drafts(session: Any, request_ids: list[str]) -> dict[str, str]:
@@ -176,8 +168,15 @@ def _last_drafts(session: Any, request_ids: list[str]) -> dict[str, str]:
     return {rid: str((output or {}).get("text", "")) for rid, output in rows}
 
 
+@dataclass(frozen=True)
+class _ChunkRow:
+    tenant: str
+    document_id: str
+    text: str
+
+
 def _outcome(case: GoldenCase, request: Request, events: list[AuditEvent],
-             chunks: dict[str, tuple[str, str]], draft: str | None) -> CaseOutcome:
+             chunks: dict[str, _ChunkRow], draft: str | None) -> CaseOutcome:
     reads = [c for e in events if e.kind == EventKind.DATA_READ
              for c in e.payload.get("chunk_ids", [])]
     route = [e.payload for e in events if e.kind == EventKind.ROUTE_DECISION]
@@ -187,11 +186,14 @@ def _outcome(case: GoldenCase, request: Request, events: list[AuditEvent],
         case_id=case.id, area=case.area, request_id=request.id, status=request.status,
         answer_class=route[-1].get("answer_class") if route else None,
         output=request.output or "", error_class=request.error_class,
-        cited_documents=sorted({chunks[c][1] for c in request.citations or [] if c in chunks}),
-        retrieved_documents=sorted({chunks[c][1] for c in reads if c in chunks}),
+        cited_documents=sorted({chunks[c].document_id for c in request.citations or []
+                                if c in chunks}),
+        retrieved_documents=sorted({chunks[c].document_id for c in reads if c in chunks}),
         tools_called=[e.payload.get("tool", "") for e in events if e.kind == EventKind.TOOL_CALL],
         injection_signals=sum(e.kind == EventKind.INJECTION_SIGNAL for e in events),
-        foreign_reads=sum(1 for c in reads if c in chunks and chunks[c][0] != request.tenant_id),
+        foreign_reads=sum(1 for c in reads if c in chunks and chunks[c].tenant != request.tenant_id),
+        poisoned_reads=sum(1 for c in reads if c in chunks
+                           and any(canary in chunks[c].text for canary in case.canaries)),
         schema_valid=_schema_valid(request, draft),
         latency_s=(as_utc(finished) - as_utc(request.admitted_at)).total_seconds(),
         prompt_tokens=request.prompt_tokens, completion_tokens=request.completion_tokens,

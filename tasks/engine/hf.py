@@ -73,13 +73,17 @@ class TransformersBackend:
         model.eval()
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
+        self._adopt(model, tokenizer, self.path.name)
+
+    def _adopt(self, model: Any, tokenizer: Any, name: str) -> None:
+        """Hold a loaded model: its stop tokens, cache argument, window and identity."""
         self._tokenizer, self._model = tokenizer, model
         self._eos = _eos_ids(model, tokenizer)
         # transformers renamed `past_key_values` to `cache`; older releases know only the first
         self._cache_arg = ("cache" if "cache" in inspect.signature(model.forward).parameters
                            else "past_key_values")
         self.context_window = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
-        self.model_id = f"{self.path.name}:{device}:{str(model.dtype).removeprefix('torch.')}"
+        self.model_id = f"{name}:{model.device}:{str(model.dtype).removeprefix('torch.')}"
 
     def _dtype(self, torch: Any, device: str) -> Any:
         if self.dtype_name != "auto":
@@ -106,12 +110,7 @@ class TransformersBackend:
         backend = cls.__new__(cls)
         backend.path, backend.device_name, backend.dtype_name = Path(name), "given", "given"
         backend.torch_threads, backend._constraints = None, None
-        backend._model, backend._tokenizer = model.eval(), tokenizer
-        backend._eos = _eos_ids(model, tokenizer)
-        backend._cache_arg = ("cache" if "cache" in inspect.signature(model.forward).parameters
-                              else "past_key_values")
-        backend.context_window = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
-        backend.model_id = f"{name}:{model.device}:{str(model.dtype).removeprefix('torch.')}"
+        backend._adopt(model.eval(), tokenizer, name)
         return backend
 
     def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int:
