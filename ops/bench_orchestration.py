@@ -1,7 +1,7 @@
 """Orchestration benchmark, NULL generator (benchmark only): queues, leases, audit writes.
 
     .venv/bin/python ops/bench_orchestration.py [--items N] [--shard-sizes 1,32,64]
-                                                [--naive-items M] [--retrieval-cache warm]
+                                                [--naive-items M] [--caches warm]
 
 It measures what the orchestration costs, not what a model costs: generation uses the
 `null` backend (a fixed cited sentence), while the router, retrieval (real embedder, real
@@ -13,11 +13,18 @@ write are the real ones. The numbers are items per second through:
 * the in-process limit: the same admission and the same four stage tasks with the same
   audit writes, called directly in this process in chain order, with no queue (shard 32).
 
-Query embedding is real compute that batching cannot remove (MiniLM on one CPU thread), so
-the run also measures it alone and prints the ceiling it puts on the shard/naive ratio.
-`--retrieval-cache warm` measures the orchestration without it: the Redis retrieval cache
-is on and warmed with every benchmark query before the first measurement, so every run,
-naive, batched and in-process alike, is served from it (default `off`: every query embeds).
+Both Redis caches are on, as in the distributed mode's defaults (retrieval results, and
+embedding vectors: the router's question vector serves retrieval's search). `--caches`
+chooses what they can serve:
+
+* `cold` (default): every request's question is new in the run, so each is embedded once
+  (by the router) and searched once. Query embedding is then real compute that batching
+  cannot remove (MiniLM on one CPU thread), so the run also measures it alone and prints
+  the ceiling it puts on any shard/naive ratio.
+* `warm`: the benchmark's 80 questions repeat and are in both caches before the first
+  measurement, so every run, naive, batched and in-process alike, is served from them:
+  what is left is the orchestration (queues, leases, stage I/O, audit writes) and the
+  stages' own CPU work (routing rules, sanitizer, validators).
 
 Everything it touches is its own and is removed at the end: a fresh Postgres database
 (sluice_bench_<random>), a unique Redis key prefix, a temporary data dir, four worker
@@ -105,7 +112,7 @@ class Measurement:
 # -- environment, database, redis -------------------------------------------------------------
 
 
-def prepare_environment(db_name: str, prefix: str, data_dir: Path, cache: str = "off") -> str:
+def prepare_environment(db_name: str, prefix: str, data_dir: Path) -> str:
     """SLUICE_* for this process and (through worker_env) its workers: before any import of
     workers.app, which builds the Celery app from the settings at import time."""
     url = PG_URL.format(name=db_name)
@@ -116,7 +123,8 @@ def prepare_environment(db_name: str, prefix: str, data_dir: Path, cache: str = 
         "SLUICE_DATABASE_URL": url,
         "SLUICE_BROKER_URL": REDIS_URL,
         "SLUICE_BROKER_KEY_PREFIX": prefix,
-        "SLUICE_RETRIEVAL_CACHE": "redis" if cache == "warm" else "off",
+        "SLUICE_RETRIEVAL_CACHE": "redis",
+        "SLUICE_EMBEDDING_CACHE": "redis",
         # The same one thread per process the workers get from worker_env, so the in-process
         # limit is not flattered by a multi-threaded embedder.
         "OMP_NUM_THREADS": "1",
@@ -164,16 +172,18 @@ def delete_redis_keys(prefix: str) -> int:
 # -- job files ---------------------------------------------------------------------------------
 
 
-def write_job_file(folder: Path, tag: str, count: int) -> Path:
-    """`count` answer requests for tenant acme; `tag` makes the content (so the job id) new."""
+def write_job_file(folder: Path, tag: str, count: int, fresh: bool = False) -> Path:
+    """`count` answer requests for tenant acme; `tag` makes the content (so the job id) new.
+    `fresh` makes every question a text no earlier request of the run asked."""
     path = folder / f"{tag}.jsonl"
     lines = []
     for i in range(count):
         question = QUESTIONS[i % len(QUESTIONS)]
         phrasing = PHRASINGS[(i // len(QUESTIONS)) % len(PHRASINGS)]
+        text = phrasing.format(q=question) + (f" (request {i} of {tag})" if fresh else "")
         lines.append(json.dumps({
             "custom_id": f"{tag}-{i:06d}", "tenant": "acme", "grants": ["public", "engineering"],
-            "request": {"kind": "answer", "question": phrasing.format(q=question)}}))
+            "request": {"kind": "answer", "question": text}}))
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
@@ -224,8 +234,8 @@ class Bench:
         self.through_queues("warm-up (queues)", 4, 8, timeout_s=self.args.warmup_timeout_s)
         self.in_process("warm-up (in-process)", 4, 4)
         # Every distinct benchmark query once, in both modes: the validators' per-process
-        # vector cache warms the same way for every run (and, with --retrieval-cache warm,
-        # the Redis retrieval cache fills).
+        # vectors of the chunks warm the same way for every run (and, with --caches warm,
+        # both Redis caches fill).
         self.through_queues("warm-up (all queries)", 32, len(QUESTIONS) * len(PHRASINGS),
                             timeout_s=self.args.warmup_timeout_s)
         say(f"warmed up ({time.perf_counter() - started:.1f}s)")
@@ -244,10 +254,11 @@ class Bench:
         return (time.perf_counter() - started) / (2 * len(texts))
 
     def cache_stats(self) -> str:
-        from workers.cache import retrieval_cache
+        from workers.cache import retrieval_cache, vector_cache
 
-        stats = retrieval_cache(self.settings).stats()
-        return f"retrieval cache: {stats.hits} hits, {stats.misses} misses"
+        results, vectors = retrieval_cache(self.settings).stats(), vector_cache(self.settings).stats()
+        return (f"retrieval cache: {results.hits} hits, {results.misses} misses; "
+                f"vector cache: {vectors.hits} hits, {vectors.misses} misses")
 
     # (a), (b): through the four queues
 
@@ -257,7 +268,8 @@ class Bench:
         from workers.settings import Settings
 
         settings = Settings(shard_size=shard_size)  # admission cuts shards with this
-        path = write_job_file(self.jobs_dir, self._tag(label, shard_size), items)
+        path = write_job_file(self.jobs_dir, self._tag(label, shard_size), items,
+                              fresh=self.args.caches == "cold")
         started = time.perf_counter()
         admitted = submit_job(settings, path)
         if not admitted.created:
@@ -292,7 +304,8 @@ class Bench:
         tasks = {Stage.ROUTER: route_shard, Stage.RETRIEVAL: retrieve_shard,
                  Stage.GENERATION: generate_shard, Stage.VALIDATION: validate_shard}
         settings = self.settings
-        path = write_job_file(self.jobs_dir, self._tag(label, shard_size), items)
+        path = write_job_file(self.jobs_dir, self._tag(label, shard_size), items,
+                              fresh=self.args.caches == "cold")
         started = time.perf_counter()
         parsed = parse_job_file(path)
         versions = pinned_versions_now(settings)
@@ -368,7 +381,7 @@ def report(rows: list[Measurement], naive: Measurement, by_shard: dict[int, Meas
            inproc: Measurement, embed_s: float | None, cache: str) -> None:
     print()
     print(TITLE)
-    print(f"retrieval cache: {cache}")
+    print(f"caches: {cache}")
     print()
     header = (f"{'run':<24} {'items':>6} {'shards':>6} {'seconds':>8} {'items/s':>9} "
               f"{'runs/item':>9} {'events/item':>11}  statuses")
@@ -428,9 +441,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--timeout-s", type=float, default=1800.0,
                         help="give up on one measured job after this (default 1800)")
     parser.add_argument("--warmup-timeout-s", type=float, default=300.0)
-    parser.add_argument("--retrieval-cache", choices=("off", "warm"), default="off",
-                        help="off: every query embeds (default); warm: the Redis retrieval "
-                             "cache serves every run, measuring orchestration alone")
+    parser.add_argument("--caches", choices=("cold", "warm"), default="cold",
+                        help="cold: every question is new, so each embeds once (default); "
+                             "warm: the Redis caches serve every run, leaving orchestration "
+                             "and the stages' own CPU work")
     parser.add_argument("--poll-s", type=float, default=0.05,
                         help="how often to poll the store for the end of a job (default 0.05)")
     args = parser.parse_args(argv)
@@ -453,7 +467,7 @@ def main(argv: list[str]) -> int:
     db_name = f"sluice_bench_{token}"
     prefix = f"sluice_bench_{token}:"
     data_dir = Path(tempfile.mkdtemp(prefix="sluice-bench-"))
-    url = prepare_environment(db_name, prefix, data_dir, args.retrieval_cache)
+    url = prepare_environment(db_name, prefix, data_dir)
     say(TITLE)
     say(f"database {db_name}, redis prefix {prefix!r}, data dir {data_dir}")
     bench: Bench | None = None
@@ -477,10 +491,9 @@ def main(argv: list[str]) -> int:
         inproc = bench.in_process(f"in-process limit ({IN_PROCESS_SHARD})", IN_PROCESS_SHARD,
                                   args.items)
         rows.append(inproc)
-        embed_s = bench.embedding_cost() if args.retrieval_cache == "off" else None
-        if args.retrieval_cache == "warm":
-            say(bench.cache_stats())
-        report(rows, naive, by_shard, inproc, embed_s, args.retrieval_cache)
+        embed_s = bench.embedding_cost() if args.caches == "cold" else None
+        say(bench.cache_stats())
+        report(rows, naive, by_shard, inproc, embed_s, args.caches)
     except BaseException as exc:  # noqa: BLE001 -- report, clean up, exit 1
         status = 130 if isinstance(exc, KeyboardInterrupt) else 1
         say(f"\nERROR: {type(exc).__name__}: {exc}")

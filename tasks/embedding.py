@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
+
+
+class TextEncoder(Protocol):
+    """What the stages ask of an embedder (the embedder itself, or one behind a cache)."""
+
+    model_path: str
+
+    def warm_up(self) -> None: ...
+
+    def encode(self, texts: list[str]) -> np.ndarray: ...
 
 
 def embedder_id(model_path: str) -> str:

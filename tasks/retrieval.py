@@ -23,7 +23,7 @@ from schemas.stages import (
     RetrievedChunk,
 )
 from schemas.status import Status
-from tasks.embedding import Embedder
+from tasks.embedding import TextEncoder
 from tasks.indexing import ChunkRecord, read_index
 from tasks.lexical import LEXICAL_DIRNAME, LexicalIndex, reciprocal_rank_fusion
 from tasks.vector_index import AllowedSet, VectorIndex
@@ -35,7 +35,7 @@ RRF_K = 60
 class Retriever:
     """Holds the embedder and one memory-mapped index; `warm_up()` loads both."""
 
-    def __init__(self, embedder: Embedder, index_folder: Path, index_id: str) -> None:
+    def __init__(self, embedder: TextEncoder, index_folder: Path, index_id: str) -> None:
         self.embedder = embedder
         self.index_folder = index_folder
         self.index_id = index_id

@@ -23,7 +23,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from schemas.status import ANSWER_LABELS_VERSION, AnswerClass
-from tasks.embedding import Embedder, embedder_id
+from tasks.embedding import TextEncoder, embedder_id
 
 HEAD_FORMAT = "logreg-lbfgs-1"  # bump when training or the saved layout changes meaning
 
@@ -106,7 +106,7 @@ class RouterClassifier:
     The embedder loads in `warm_up()` (or on first use), never here.
     """
 
-    def __init__(self, head: RouterHead, embedder: Embedder) -> None:
+    def __init__(self, head: RouterHead, embedder: TextEncoder) -> None:
         self.head = head
         self.embedder = embedder
 
@@ -179,7 +179,7 @@ def head_path(cache_dir: Path, version: str) -> Path:
 
 
 def train_router(examples_path: Path, params: ClassifierParams, cache_dir: Path,
-                 embedder: Embedder) -> RouterHead:
+                 embedder: TextEncoder) -> RouterHead:
     """Train the head on the examples outside the held-out split, evaluate it on the split,
     and save it as `<cache_dir>/<version>.npz`. The same inputs give the same weights."""
     version = classifier_version(examples_path, params, embedder.model_path)
@@ -198,7 +198,7 @@ def train_router(examples_path: Path, params: ClassifierParams, cache_dir: Path,
 
 
 def ensure_router_head(examples_path: Path, params: ClassifierParams, cache_dir: Path,
-                       embedder: Embedder) -> RouterHead:
+                       embedder: TextEncoder) -> RouterHead:
     """The saved head for these inputs, trained first if it is not in the cache yet."""
     version = classifier_version(examples_path, params, embedder.model_path)
     if head_path(cache_dir, version).exists():
@@ -250,7 +250,7 @@ def evaluate(head: RouterHead, vectors: np.ndarray, targets: np.ndarray,
         argmax_accuracy=float((best == targets).mean()), n_train=n_train, n_test=len(targets))
 
 
-def _example_vectors(examples_path: Path, examples: list[RouterExample], embedder: Embedder,
+def _example_vectors(examples_path: Path, examples: list[RouterExample], embedder: TextEncoder,
                      cache_dir: Path) -> np.ndarray:
     """Embeddings of the examples, cached by (file bytes, embedder): retraining with other
     parameters does not embed again."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import lru_cache
 
 from pydantic import BaseModel
 
@@ -146,6 +147,7 @@ class InjectionDetection(BaseModel):
     sanitizer_version: str = SANITIZER_VERSION
 
 
+@lru_cache(maxsize=8192)  # the same chunks come back request after request
 def scan(text: str) -> InjectionScan:
     """Score `text`: each matched signal counts once, combined as 1 - prod(1 - weight)."""
     matched = [s for s in SIGNALS if _matches(s, text)]

@@ -1,10 +1,17 @@
-"""The retrieval cache: a request's top-k chunks, keyed by everything that decides them.
+"""Caches shared by the stage workers: retrieval results and embedding vectors.
 
-The key is (index id, tenant, grants, top k, query text), hashed, so a result is never
-served across tenants or grants, and a new index (any added, changed or retired chunk
-changes its id) never serves an old result. Values expire after a TTL. The distributed mode
-keeps them in Redis, shared by every retrieval worker; the embedded mode in the process.
-Hits and misses are counted, for operators and the benchmark.
+* The retrieval cache holds a request's top-k chunks, keyed by (index id, tenant, grants,
+  top k, query text), hashed, so a result is never served across tenants or grants, and a
+  new index (any added, changed or retired chunk changes its id) never serves an old result.
+* The vector cache holds the embedder's vector of a text, keyed by (embedder id, text). The
+  router embeds a question to classify it; retrieval then reads that vector instead of
+  running the embedder on the same text again, and validation shares the vectors of the
+  chunks it checks claims against.
+
+Values expire after a TTL. The distributed mode keeps them in Redis, shared by every
+worker; the embedded mode in each process. A miss only costs the computation it saves:
+nothing depends on a value being there. Hits and misses are counted, for operators and the
+benchmark.
 """
 
 from __future__ import annotations
@@ -14,9 +21,13 @@ import json
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
+import numpy as np
+
+from tasks.embedding import Embedder, embedder_id
 from workers.settings import Settings
 
 
@@ -25,32 +36,52 @@ def cache_key(index_id: str, tenant: str, grants: list[str], top_k: int, query: 
     return hashlib.sha256(scope.encode()).hexdigest()
 
 
+def vector_key(embedder: str, text: str) -> str:
+    return hashlib.sha256(json.dumps([embedder, text], ensure_ascii=False).encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class CacheStats:
     hits: int
     misses: int
 
 
-class RetrievalCache(Protocol):
-    def get_many(self, keys: list[str]) -> dict[str, dict[str, Any]]: ...
+@dataclass(frozen=True)
+class Codec:
+    """How a value travels to Redis and back (the in-process cache keeps objects as they are)."""
 
-    def put_many(self, values: dict[str, dict[str, Any]]) -> None: ...
+    dumps: Callable[[Any], bytes]
+    loads: Callable[[bytes], Any]
+
+
+JSON = Codec(lambda value: json.dumps(value).encode(), json.loads)
+FLOAT32 = Codec(lambda value: np.asarray(value, dtype=np.float32).tobytes(),
+                lambda raw: np.frombuffer(raw, dtype=np.float32))
+
+
+class Cache(Protocol):
+    def get_many(self, keys: list[str]) -> dict[str, Any]: ...
+
+    def put_many(self, values: dict[str, Any]) -> None: ...
 
     def count(self, hits: int, misses: int) -> None: ...
 
     def stats(self) -> CacheStats: ...
 
 
+RetrievalCache = Cache  # the name its users know it by
+
+
 class NoCache:
-    """`SLUICE_RETRIEVAL_CACHE=off`: every lookup misses, nothing is kept."""
+    """A cache set to `off`: every lookup misses, nothing is kept."""
 
     def __init__(self) -> None:
         self._misses = 0
 
-    def get_many(self, keys: list[str]) -> dict[str, dict[str, Any]]:
+    def get_many(self, keys: list[str]) -> dict[str, Any]:
         return {}
 
-    def put_many(self, values: dict[str, dict[str, Any]]) -> None:
+    def put_many(self, values: dict[str, Any]) -> None:
         return None
 
     def count(self, hits: int, misses: int) -> None:
@@ -66,11 +97,11 @@ class MemoryCache:
     def __init__(self, ttl_s: float, max_entries: int = 10_000) -> None:
         self.ttl_s = ttl_s
         self.max_entries = max_entries
-        self._entries: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[float, Any]] = OrderedDict()
         self._lock = threading.Lock()
         self._hits = self._misses = 0
 
-    def get_many(self, keys: list[str]) -> dict[str, dict[str, Any]]:
+    def get_many(self, keys: list[str]) -> dict[str, Any]:
         now = time.monotonic()
         found = {}
         with self._lock:
@@ -85,7 +116,7 @@ class MemoryCache:
                 found[key] = entry[1]
         return found
 
-    def put_many(self, values: dict[str, dict[str, Any]]) -> None:
+    def put_many(self, values: dict[str, Any]) -> None:
         expires = time.monotonic() + self.ttl_s
         with self._lock:
             for key, value in values.items():
@@ -104,27 +135,30 @@ class MemoryCache:
 
 
 class RedisCache:
-    """Shared by every retrieval worker: SETEX values, INCRBY counters, under the prefix."""
+    """Shared by every worker: SET with a TTL, INCRBY counters, under the prefix and the
+    cache's namespace (`rcache` for retrieval results, `vcache` for vectors)."""
 
-    def __init__(self, url: str, prefix: str, ttl_s: float) -> None:
+    def __init__(self, url: str, prefix: str, ttl_s: float, namespace: str = "rcache",
+                 codec: Codec = JSON) -> None:
         import redis
 
         self.client = redis.Redis.from_url(url)
-        self.prefix = f"{prefix}sluice:rcache:"
+        self.prefix = f"{prefix}sluice:{namespace}:"
         self.ttl_ms = max(1, int(ttl_s * 1000))
+        self.codec = codec
 
-    def get_many(self, keys: list[str]) -> dict[str, dict[str, Any]]:
+    def get_many(self, keys: list[str]) -> dict[str, Any]:
         if not keys:
             return {}
         raw = self.client.mget([self.prefix + k for k in keys])
-        return {k: json.loads(v) for k, v in zip(keys, raw, strict=True) if v is not None}
+        return {k: self.codec.loads(v) for k, v in zip(keys, raw, strict=True) if v is not None}
 
-    def put_many(self, values: dict[str, dict[str, Any]]) -> None:
+    def put_many(self, values: dict[str, Any]) -> None:
         if not values:
             return
         pipe = self.client.pipeline(transaction=False)
         for key, value in values.items():
-            pipe.set(self.prefix + key, json.dumps(value), px=self.ttl_ms)
+            pipe.set(self.prefix + key, self.codec.dumps(value), px=self.ttl_ms)
         pipe.execute()
 
     def count(self, hits: int, misses: int) -> None:
@@ -140,16 +174,62 @@ class RedisCache:
         return CacheStats(int(hits or 0), int(misses or 0))
 
 
-def retrieval_cache(settings: Settings) -> RetrievalCache:
+CacheMode = Literal["auto", "memory", "redis", "off"]
+
+
+def _cache(settings: Settings, mode: CacheMode, ttl_s: float, namespace: str,
+           codec: Codec, variable: str) -> Cache:
     """`auto` is Redis when the broker is Redis (the distributed mode), else this process."""
-    mode = settings.retrieval_cache
     if mode == "off":
         return NoCache()
     url = settings.cache_url or (settings.broker_url if settings.broker_url.startswith(
         ("redis://", "rediss://")) else "")
     if mode == "redis" or (mode == "auto" and url):
         if not url:
-            raise ValueError("SLUICE_RETRIEVAL_CACHE=redis needs SLUICE_CACHE_URL or a Redis "
+            raise ValueError(f"{variable}=redis needs SLUICE_CACHE_URL or a Redis "
                              "SLUICE_BROKER_URL")
-        return RedisCache(url, settings.broker_key_prefix, settings.retrieval_cache_ttl_s)
-    return MemoryCache(settings.retrieval_cache_ttl_s)
+        return RedisCache(url, settings.broker_key_prefix, ttl_s, namespace, codec)
+    return MemoryCache(ttl_s)
+
+
+def retrieval_cache(settings: Settings) -> Cache:
+    return _cache(settings, settings.retrieval_cache, settings.retrieval_cache_ttl_s, "rcache",
+                  JSON, "SLUICE_RETRIEVAL_CACHE")
+
+
+def vector_cache(settings: Settings) -> Cache:
+    return _cache(settings, settings.embedding_cache, settings.embedding_cache_ttl_s, "vcache",
+                  FLOAT32, "SLUICE_EMBEDDING_CACHE")
+
+
+class CachedEmbedder:
+    """The embedder with a vector cache in front: only texts the cache lacks are encoded
+    (each once per call), and what they give is kept for the next stage or request.
+
+    It answers what the stages ask of an embedder (`model_path`, `warm_up`, `encode`), so the
+    router's classifier, the retriever and the support scorer take it as they take one.
+    """
+
+    def __init__(self, embedder: Embedder, cache: Cache) -> None:
+        self.embedder = embedder
+        self.cache = cache
+        self.model_path = embedder.model_path
+        self.name = embedder_id(embedder.model_path)
+
+    def warm_up(self) -> None:
+        self.embedder.warm_up()
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        keys = [vector_key(self.name, text) for text in texts]
+        found = self.cache.get_many(list(dict.fromkeys(keys)))
+        missing = list(dict.fromkeys(t for t, k in zip(texts, keys, strict=True)
+                                     if k not in found))
+        if missing:
+            fresh = dict(zip((vector_key(self.name, t) for t in missing),
+                             self.embedder.encode(missing), strict=True))
+            self.cache.put_many(fresh)
+            found.update(fresh)
+        self.cache.count(hits=len(texts) - len(missing), misses=len(missing))
+        if not texts:
+            return np.zeros((0, 0), dtype=np.float32)
+        return np.ascontiguousarray(np.stack([found[k] for k in keys]), dtype=np.float32)

@@ -28,7 +28,7 @@ from tasks.router import RouterRules
 from tasks.router_classifier import RouterClassifier, ensure_router_head
 from tasks.tools import ToolRegistry, default_registry
 from tasks.validators import ValidatorSuite
-from workers.cache import RetrievalCache, retrieval_cache
+from workers.cache import CachedEmbedder, RetrievalCache, retrieval_cache, vector_cache
 from workers.settings import Settings
 from workers.store.engine import session_scope
 from workers.store.models import IndexVersion
@@ -51,7 +51,7 @@ class Runtime:
         self._engine_lock = threading.Lock()
         self._templates: PromptTemplates | None = None
         self._policies: DecodingPolicies | None = None
-        self._embedder: Embedder | None = None
+        self._embedder: CachedEmbedder | None = None
         self._versions: dict[str, VersionTuple] = {}
         self._active = ActiveIndexCache(settings)
         self._retrieval_cache: RetrievalCache | None = None
@@ -85,9 +85,11 @@ class Runtime:
             self._tools = default_registry()
         return self._tools
 
-    def embedder(self) -> Embedder:
+    def embedder(self) -> CachedEmbedder:
+        """One embedder for the router, retrieval and the validators, behind the vector cache."""
         if self._embedder is None:
-            self._embedder = Embedder(self.settings.embedder_model)
+            self._embedder = CachedEmbedder(Embedder(self.settings.embedder_model),
+                                            vector_cache(self.settings))
         return self._embedder
 
     def count_tokens(self, text: str) -> int:

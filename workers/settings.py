@@ -65,7 +65,10 @@ class Settings(BaseSettings):
     top_k: int = Field(default=4, gt=0, le=50)
     retrieval_cache: Literal["auto", "memory", "redis", "off"] = "auto"
     retrieval_cache_ttl_s: float = Field(default=600.0, gt=0)
-    cache_url: str = ""  # Redis for the retrieval cache; default: the broker, when it is Redis
+    # Vectors by (embedder, text): the router's question vector serves retrieval's search
+    embedding_cache: Literal["auto", "memory", "redis", "off"] = "auto"
+    embedding_cache_ttl_s: float = Field(default=3600.0, gt=0)
+    cache_url: str = ""  # Redis for both caches; default: the broker, when it is Redis
     sanitize_action: Literal["drop", "quote"] = "drop"  # for chunks that read like instructions
     sanitize_threshold: float = Field(default=0.5, gt=0, le=1)
     max_new_tokens: int = Field(default=128, gt=0, le=4096)

@@ -219,6 +219,13 @@ def _tokens(text: str) -> tuple[str, ...]:
 
 def evidence_windows(evidence: str) -> list[str]:
     """Sentences and lines of the evidence, table rows with their header, and neighbour pairs."""
+    return list(_evidence_windows(evidence))
+
+
+# The texts below are parsed once per process: the same chunks come back request after
+# request, and every claim of a shard is checked against its sources.
+@lru_cache(maxsize=4096)
+def _evidence_windows(evidence: str) -> tuple[str, ...]:
     units: list[str] = []
     header: list[str] | None = None
     for line in evidence.splitlines():
@@ -237,7 +244,7 @@ def evidence_windows(evidence: str) -> list[str]:
             continue
         text = _plain(re.sub(r"^(?:[-*+]|\d{1,2}[.)])\s+", "", stripped))
         units.extend(s for s in _SENTENCE_END.split(text) if re.search(r"[^\W_]", s))
-    return units + [f"{a} {b}" for a, b in zip(units, units[1:], strict=False)]
+    return (*units, *(f"{a} {b}" for a, b in zip(units, units[1:], strict=False)))
 
 
 def _table_row(header: list[str], cells: list[str]) -> str:
@@ -251,8 +258,9 @@ def _plain(text: str) -> str:
     return " ".join(_MARKUP.sub("", text).split())
 
 
-def words(text: str) -> set[str]:
-    return set(re.findall(r"[a-z0-9]+", text.lower().replace("n't", " not")))
+@lru_cache(maxsize=16384)
+def words(text: str) -> frozenset[str]:
+    return frozenset(re.findall(r"[a-z0-9]+", text.lower().replace("n't", " not")))
 
 
 def _pieces(text: str) -> list[str]:
@@ -265,7 +273,8 @@ def numbers(text: str) -> set[str]:
     return {value for value, _, _ in _numbers_in_context(text)}
 
 
-def _numbers_in_context(text: str) -> list[tuple[str, tuple[str, ...], str]]:
+@lru_cache(maxsize=16384)
+def _numbers_in_context(text: str) -> tuple[tuple[str, tuple[str, ...], str], ...]:
     """Each number, the (stemmed) words right after it (its unit, if the first is a word), and
     how the text wrote them ("12 weeks").
 
@@ -291,7 +300,7 @@ def _numbers_in_context(text: str) -> list[tuple[str, tuple[str, ...], str]]:
         written = piece if suffix or not following or following[0] == _NO_UNIT else (
             f"{piece} {pieces[i + 1]}")
         found.extend((value, following, written) for value in values)
-    return found
+    return tuple(found)
 
 
 def _number(text: str) -> str:
