@@ -24,7 +24,7 @@ from workers.settings import Settings
 from workers.store.admission import AdmittedJob, admit_job, job_counts
 from workers.store.engine import session_scope
 from workers.store.models import AuditEvent, Document, Job, Request, StageRun
-from workers.store.operators import job_requests, unfinished
+from workers.store.operators import ACTIVE, job_requests
 from workers.store.timeutil import as_utc
 
 
@@ -77,8 +77,8 @@ def wait_for_job(settings: Settings, job_id: str, on_progress: Callable[[int, in
     started = time.monotonic()
     while True:
         with session_scope(settings.database_url) as session:
-            counts = job_counts(session, job_id)
-            left = unfinished(session, job_id)
+            counts = job_counts(session, job_id)  # one GROUP BY status a poll
+        left = sum(counts.get(status, 0) for status in ACTIVE)
         total = sum(counts.values())
         on_progress(total - left, total)
         if left == 0:

@@ -118,6 +118,9 @@ class ContractRegistry:
 
     contracts: dict[str, Contract] = field(default_factory=dict)
     by_class: dict[str, str] = field(default_factory=dict)
+    # The version hashes every schema; it is asked for on every shard, so it is kept until
+    # the next `register`.
+    _version: str | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def default(cls, templates: Path = TEMPLATES_PATH) -> ContractRegistry:
@@ -135,6 +138,7 @@ class ContractRegistry:
         """Add (or replace) a contract, and make it the default of `classes`."""
         self.contracts[contract.name] = contract
         self.by_class.update({str(c): contract.name for c in classes})
+        self._version = None
         return self
 
     def for_item(self, item: ValidationItem) -> Contract | None:
@@ -149,11 +153,13 @@ class ContractRegistry:
 
     @property
     def version(self) -> str:
-        digest = hashlib.sha256()
-        for name in sorted(self.contracts):
-            digest.update(self.contracts[name].fingerprint().encode())
-        digest.update(json.dumps(self.by_class, sort_keys=True).encode())
-        return f"{CONTRACT_VERSION}:{digest.hexdigest()[:8]}"
+        if self._version is None:
+            digest = hashlib.sha256()
+            for name in sorted(self.contracts):
+                digest.update(self.contracts[name].fingerprint().encode())
+            digest.update(json.dumps(self.by_class, sort_keys=True).encode())
+            self._version = f"{CONTRACT_VERSION}:{digest.hexdigest()[:8]}"
+        return self._version
 
 
 def claim_passages(parsed: BaseModel, draft: str) -> list[str]:

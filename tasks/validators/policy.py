@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 
 from schemas.stages import Reason
 from tasks.validators.rules import ValidatorRules
@@ -106,14 +107,24 @@ def check_policy(text: str, evidence: Iterable[str], rules: ValidatorRules,
     sources = list(evidence)
     for name in rules.pii:
         kind = PII[name]
-        known = {kind.normalise(v) for source in sources for v in kind.find(source)}
-        known |= {kind.normalise(source) for source in sources} if name == "postal_address" else set()
-        for value in _unique(kind.find(text)):
+        found = _unique(kind.find(text))
+        if not found:
+            continue
+        known = {value for source in sources for value in _known_values(name, source)}
+        for value in found:
             if not _in_evidence(kind, value, known):
                 reasons.append(_reason(f"pii_{name}", f"The answer contains {kind.label} "
                                        f"({_mask(value)}) that is not in the sources; remove it."))
                 leaked.append(value)
     return PolicyFindings(reasons, leaked)
+
+
+@lru_cache(maxsize=8192)  # the same chunks come back request after request
+def _known_values(name: str, source: str) -> frozenset[str]:
+    """The normalised values of one kind that a source holds (an address: the whole source too)."""
+    kind = PII[name]
+    values = {kind.normalise(v) for v in kind.find(source)}
+    return frozenset(values | {kind.normalise(source)} if name == "postal_address" else values)
 
 
 def _in_evidence(kind: PiiKind, value: str, known: set[str]) -> bool:

@@ -172,13 +172,13 @@ def _assess(sentence: str, evidence: str, windows: list[str],
     if not windows:
         return SupportAssessment(0.0, 0.0, 0.0, False, False, tuple(sorted(numbers(sentence))),
                                  tuple(names(sentence)), "")
-    cosines = np.array([float(vectors[w] @ vectors[sentence]) for w in windows])
+    cosines = np.stack([vectors[w] for w in windows]) @ vectors[sentence]
     terms = tokenize(sentence)
-    window_cover = np.array([_coverage(terms, set(_tokens(w))) for w in windows])
+    window_cover = np.array([_coverage(terms, _token_set(w)) for w in windows])
     alignment = 0.5 * cosines + 0.5 * window_cover
     best = int(np.argmax(alignment))
     near = [w for w, a in zip(windows, alignment, strict=True) if a >= alignment[best] - ALIGN_SLACK]
-    coverage = _coverage(terms, set(_tokens(evidence)))
+    coverage = _coverage(terms, _token_set(evidence))
     context = f"{windows[best]} {_headings(evidence)}"  # "## Things We Do Not Reimburse"
     negation, contrast = _negation(sentence, context), _contrast(sentence, windows[best])
     score = (WEIGHT_COSINE * float(cosines.max()) + WEIGHT_COVERAGE * coverage
@@ -208,13 +208,13 @@ def _missing_numbers(sentence: str, windows: list[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(missing))
 
 
-def _coverage(terms: list[str], available: set[str]) -> float:
+def _coverage(terms: list[str], available: frozenset[str]) -> float:
     return sum(t in available for t in terms) / len(terms) if terms else 0.0
 
 
-@lru_cache(maxsize=4096)
-def _tokens(text: str) -> tuple[str, ...]:
-    return tuple(tokenize(text))
+@lru_cache(maxsize=16384)
+def _token_set(text: str) -> frozenset[str]:
+    return frozenset(tokenize(text))
 
 
 def evidence_windows(evidence: str) -> list[str]:
@@ -312,6 +312,7 @@ def _unit(word: str) -> str:
     return stemmed[0] if stemmed else _NO_UNIT
 
 
+@lru_cache(maxsize=4096)
 def _headings(evidence: str) -> str:
     return " ".join(line.lstrip("# ") for line in evidence.splitlines() if re.match(r"^#{1,6}\s", line))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
 from schemas.events import EventKind
@@ -135,5 +135,5 @@ def job_requests(session: Session, job_id: str) -> list[Request]:
 
 
 def unfinished(session: Session, job_id: str) -> int:
-    return len(session.scalars(select(Request.id).where(Request.job_id == job_id,
-                                                        Request.status.in_(ACTIVE))).all())
+    return session.scalar(select(func.count()).select_from(Request).where(
+        Request.job_id == job_id, Request.status.in_(ACTIVE))) or 0

@@ -151,7 +151,9 @@ def release(session: Session, row_ids: list[int], owner: LeaseOwner) -> None:
 def load_records(session: Session, request_ids: list[str], key: StageKey) -> list[ItemRecord]:
     """Active requests of the claim with every earlier stage's latest output for this run up
     to this round; a repair round of generation also gets the last round's draft and verdict."""
-    requests = session.scalars(select(Request).where(Request.id.in_(request_ids))).all()
+    requests = session.execute(select(Request.id, Request.tenant_id, Request.grants, Request.kind,
+                                      Request.payload)
+                               .where(Request.id.in_(request_ids))).all()
     previous: dict[str, dict[str, dict[str, Any]]] = {rid: {} for rid in request_ids}
     earlier = [s.value for s in Stage][: list(Stage).index(key.stage)]
     if earlier:
@@ -170,8 +172,8 @@ def load_records(session: Session, request_ids: list[str], key: StageKey) -> lis
                                                               Stage.VALIDATION.value]),
                                           StageRun.round == key.hop.round - 1)):
             previous[row.request_id].setdefault(REPAIR, {})[row.stage] = row.output or {}
-    return [ItemRecord(request_id=r.id, tenant=r.tenant_id, grants=list(r.grants), kind=r.kind,
-                       payload=dict(r.payload), previous=previous[r.id], round=key.hop.round)
+    return [ItemRecord(request_id=r.id, tenant=r.tenant_id, grants=r.grants, kind=r.kind,
+                       payload=r.payload, previous=previous[r.id], round=key.hop.round)
             for r in requests]
 
 
@@ -221,10 +223,12 @@ def commit(session: Session, work: StageCommit) -> Committed:
                          f"claimed {sorted(work.row_ids)}")
     _assert_lease(session, work)
     now = utcnow()
-    session.execute(update(StageRun), [_finished_row(work, r, now) for r in work.results])
+    # Core statements, not the ORM's bulk paths: one executemany each, no per-row bookkeeping.
+    connection = session.connection()
+    connection.execute(_FINISH_ROW, [_finished_row(work, r, now) for r in work.results])
     _update_requests(session, work, now)
     if work.events:
-        session.execute(insert(AuditEvent), [
+        connection.execute(insert(AuditEvent.__table__), [
             {"request_id": e.request_id, "stage": work.key.stage.value, "run": work.key.hop.run,
              "round": work.key.hop.round, "kind": e.kind, "payload": e.payload, "created_at": now}
             for e in work.events])
@@ -235,7 +239,7 @@ def commit(session: Session, work: StageCommit) -> Committed:
     opened = [(rid, nxt, work.key.hop.round) for rid in onward if nxt is not None] + [
         (rid, Stage.GENERATION, work.key.hop.round + 1) for rid in repair]
     if opened:
-        session.execute(insert(StageRun), [
+        connection.execute(insert(StageRun.__table__), [
             {"request_id": rid, "shard_id": work.key.hop.shard_id, "stage": stage.value,
              "run": work.key.hop.run, "round": round_, "status": PENDING,
              "deliveries": 0, "created_at": now} for rid, stage, round_ in opened])
@@ -252,9 +256,12 @@ def _assert_lease(session: Session, work: StageCommit) -> None:
                         f"{len(held)} of {len(ids)} rows")
 
 
+_FINISH_ROW = update(StageRun.__table__).where(StageRun.__table__.c.id == bindparam("row_id"))
+
+
 def _finished_row(work: StageCommit, result: ItemResult, now: datetime) -> dict[str, Any]:
     outcome = result.outcome
-    return {"id": work.row_ids[result.request_id], "status": DONE, "finished_at": now,
+    return {"row_id": work.row_ids[result.request_id], "status": DONE, "finished_at": now,
             "duration_s": work.duration_s, "served_versions": work.served_versions,
             "output": result.output, "lease_expires_at": None,
             "outcome_status": outcome.status.value if outcome else None,
