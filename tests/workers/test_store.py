@@ -160,3 +160,57 @@ def test_the_reconciler_backs_off_a_row_that_stays_pending(store_url: str) -> No
     age_row(status="running", lease_expires_at=utcnow() - timedelta(seconds=1),
             redrive_after=utcnow() + timedelta(hours=1))
     assert redrive() == 1
+
+
+def test_a_commit_after_the_lease_was_taken_over_writes_nothing(store_url: str) -> None:
+    """The first delivery's lease expires and a second delivery claims the rows: the first
+    one's commit raises LeaseLost and leaves no trace; the second one's commit finishes them."""
+    from schemas.events import EventKind
+    from schemas.stages import AuditRecord, ItemResult
+    from workers.store.admission import admit_job
+    from workers.store.engine import session_scope
+    from workers.store.models import AuditEvent, StageRun
+    from workers.store.stage_runs import LeaseLost, LeaseOwner, StageCommit, StageKey, claim, commit
+
+    lines = [_line(f"l-{i}", tenant=f"tenant-{uuid.uuid4().hex[:6]}") for i in range(3)]
+    with session_scope(store_url) as session:
+        admitted = admit_job(session, name="lease.jsonl", content=uuid.uuid4().bytes,
+                             lines=lines, malformed=[], line_numbers=[1, 2, 3],
+                             versions=VERSIONS, drift_policy=DriftPolicy.STRICT, shard_size=4)
+    key = StageKey(admitted.dispatches[0].hop, Stage.ROUTER)
+    first, second = LeaseOwner("host", 1, "first"), LeaseOwner("host", 2, "second")
+    with session_scope(store_url) as session:
+        taken = claim(session, key, first, lease_s=30)
+    with session_scope(store_url) as session:  # the first lease runs out
+        session.execute(update(StageRun).where(*key.where())
+                        .values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+    with session_scope(store_url) as session:
+        retaken = claim(session, key, second, lease_s=30)
+    assert set(retaken.row_ids.values()) == set(taken.row_ids.values())
+
+    def work(owner: LeaseOwner) -> StageCommit:
+        results = [ItemResult(request_id=rid, output={"by": owner.task_id})
+                   for rid in taken.row_ids]
+        events = [AuditRecord(request_id=rid, kind=EventKind.ROUTE_DECISION,
+                              payload={"by": owner.task_id}) for rid in taken.row_ids]
+        return StageCommit(key, owner, taken.row_ids, results, events, {}, 0.1)
+
+    with pytest.raises(LeaseLost, match="lease held on 0 of 3 rows"), \
+            session_scope(store_url) as session:
+        commit(session, work(first))
+    with session_scope(store_url) as session:
+        assert session.scalar(select(func.count()).select_from(StageRun).where(
+            *key.where(), StageRun.status == "done")) == 0
+        assert session.scalar(select(func.count()).select_from(StageRun).where(
+            StageRun.stage == Stage.RETRIEVAL.value,
+            StageRun.shard_id == key.hop.shard_id)) == 0
+    with session_scope(store_url) as session:
+        committed = commit(session, work(second))
+    assert sorted(committed.onward) == sorted(taken.row_ids)
+    with session_scope(store_url) as session:
+        outputs = session.scalars(select(StageRun.output).where(*key.where())).all()
+        assert outputs == [{"by": "second"}] * 3
+        payloads = session.scalars(select(AuditEvent.payload).where(
+            AuditEvent.request_id.in_(list(taken.row_ids)),
+            AuditEvent.stage == Stage.ROUTER.value)).all()
+        assert payloads == [{"by": "second"}] * 3

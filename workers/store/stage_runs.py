@@ -221,11 +221,18 @@ def commit(session: Session, work: StageCommit) -> Committed:
     if covered != set(work.row_ids):
         raise ValueError(f"{work.key.stage} returned results for {sorted(covered)}, "
                          f"claimed {sorted(work.row_ids)}")
-    _assert_lease(session, work)
     now = utcnow()
     # Core statements, not the ORM's bulk paths: one executemany each, no per-row bookkeeping.
+    # A row finishes only while this delivery holds its lease; if any was taken over, the
+    # whole commit rolls back (the rows stay the other delivery's to finish).
     connection = session.connection()
-    connection.execute(_FINISH_ROW, [_finished_row(work, r, now) for r in work.results])
+    finished = connection.execute(
+        _FINISH_ROW.where(_RUN_TABLE.c.lease_owner == str(work.owner),
+                          _RUN_TABLE.c.status == RUNNING),
+        [_finished_row(work, r, now) for r in work.results])
+    if finished.rowcount != len(work.results):
+        raise LeaseLost(f"{work.key.stage} of shard {work.key.hop.shard_id}: lease held on "
+                        f"{finished.rowcount} of {len(work.results)} rows")
     _update_requests(session, work, now)
     if work.events:
         connection.execute(insert(AuditEvent.__table__), [
@@ -246,17 +253,8 @@ def commit(session: Session, work: StageCommit) -> Committed:
     return Committed(onward if nxt is not None else [], repair)
 
 
-def _assert_lease(session: Session, work: StageCommit) -> None:
-    ids = list(work.row_ids.values())
-    held = session.scalars(select(StageRun.id).where(
-        StageRun.id.in_(ids), StageRun.lease_owner == str(work.owner), StageRun.status == RUNNING
-    ).with_for_update()).all()
-    if len(held) != len(ids):
-        raise LeaseLost(f"{work.key.stage} of shard {work.key.hop.shard_id}: lease held on "
-                        f"{len(held)} of {len(ids)} rows")
-
-
-_FINISH_ROW = update(StageRun.__table__).where(StageRun.__table__.c.id == bindparam("row_id"))
+_RUN_TABLE = StageRun.__table__
+_FINISH_ROW = update(_RUN_TABLE).where(_RUN_TABLE.c.id == bindparam("row_id"))
 
 
 def _finished_row(work: StageCommit, result: ItemResult, now: datetime) -> dict[str, Any]:
