@@ -124,10 +124,48 @@ class Measurement:
     counts: dict[str, int] = field(default_factory=dict)
     stage_runs: int = 0
     events: int = 0
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds by process group
 
     @property
     def rate(self) -> float:
         return self.items / self.seconds if self.seconds > 0 else 0.0
+
+
+# -- CPU accounting --------------------------------------------------------------------------
+
+
+def cpu_seconds(workers: dict[str, int]) -> dict[str, float]:
+    """CPU seconds (user + system) used so far, by group: each stage's worker with its pool
+    children, the Postgres backends, Redis, and this process. Linux /proc only ({} elsewhere).
+    A process that exits between two readings takes its seconds with it (a Postgres backend
+    closed by the pool), so the groups are a floor."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return {}
+    tick = os.sysconf("SC_CLK_TCK")
+    by_pid = {pid: stage for stage, pid in workers.items()}
+    totals: dict[str, float] = {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "stat").read_text()
+        except OSError:
+            continue
+        name = raw[raw.index("(") + 1:raw.rindex(")")]
+        fields = raw[raw.rindex(")") + 2:].split()
+        pid, ppid = int(entry.name), int(fields[1])
+        group = (by_pid.get(pid) or by_pid.get(ppid)
+                 or ("postgres" if name.startswith("postgres") else None)
+                 or ("redis" if name.startswith("redis-server") else None)
+                 or ("benchmark" if pid == os.getpid() else None))
+        if group is not None:
+            totals[group] = totals.get(group, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return totals
+
+
+def cpu_since(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {group: max(0.0, after[group] - before.get(group, 0.0)) for group in after}
 
 
 # -- environment, database, redis -------------------------------------------------------------
@@ -289,6 +327,8 @@ class Bench:
 
         settings = Settings(shard_size=shard_size)  # admission cuts shards with this
         path = self._job_file(label, shard_size, items)
+        workers = {s.value: p.pid for s, p in (self.fleet.processes.items() if self.fleet else [])}
+        cpu_before = cpu_seconds(workers)
         started = time.perf_counter()
         admitted = submit_job(settings, path)
         if not admitted.created:
@@ -296,12 +336,15 @@ class Bench:
         done = wait_for_job(settings, admitted.job_id, self._check_workers,
                             timeout_s=timeout_s or self.args.timeout_s, poll_s=self.args.poll_s)
         seconds = time.perf_counter() - started
+        cpu = cpu_since(cpu_before, cpu_seconds(workers))
         if not done:
             raise BenchError(f"{label}: not every request terminal after "
                              f"{timeout_s or self.args.timeout_s:.0f}s: "
                              f"{self._counts(admitted.job_id)}")
-        return self._finish(label, shard_size, items, len(admitted.dispatches), seconds,
-                            admitted.job_id)
+        result = self._finish(label, shard_size, items, len(admitted.dispatches), seconds,
+                              admitted.job_id)
+        result.cpu = cpu
+        return result
 
     def _check_workers(self, _done: int, _total: int) -> None:
         for stage, process in (self.fleet.processes.items() if self.fleet else []):
@@ -435,9 +478,44 @@ def report(rows: list[Measurement], naive: Measurement, by_shard: dict[int, Meas
               f"{embed_s * 1000:.2f} ms/query; naive run: {naive_s * 1000:.2f} ms/item")
         print(f"ceiling of any batched/naive ratio while every query embeds: "
               f"{naive_s / embed_s:.1f}x")
+    report_cpu([m for m in rows if m.cpu], naive, by_shard)
     failed = sum(m.counts.get("failed", 0) for m in rows)
     if failed:
         print(f"\nnote: {failed} request(s) ended failed (terminal, but see the counts above)")
+
+
+CPU_GROUPS = ("router", "retrieval", "generation", "validation", "postgres", "redis", "benchmark")
+
+
+def report_cpu(rows: list[Measurement], naive: Measurement,
+               by_shard: dict[int, Measurement]) -> None:
+    """CPU milliseconds per item by process group, and what they say about the goals: a run's
+    CPU per item is F/s + P (F: each shard's fixed cost over the four stages, P: each item's),
+    so shards 32 and 64 give F and P, and a goal g at shard s needs P <= naive/g - F/s."""
+    if not rows:
+        return
+    print()
+    header = (f"{'CPU ms per item':<24} " + " ".join(f"{g[:10]:>10}" for g in CPU_GROUPS)
+              + f" {'total':>8} {'cores':>6}")
+    print(header)
+    print("-" * len(header))
+    for m in rows:
+        total = sum(m.cpu.values())
+        print(f"{m.label:<24} " + " ".join(f"{m.cpu.get(g, 0.0) * 1000 / m.items:>10.2f}"
+                                            for g in CPU_GROUPS)
+              + f" {total * 1000 / m.items:>8.2f} {total / m.seconds:>6.2f}")
+    if not (naive.cpu and 32 in by_shard and 64 in by_shard):
+        return
+    per_item = {s: sum(by_shard[s].cpu.values()) * 1000 / by_shard[s].items for s in (32, 64)}
+    fixed = (per_item[32] - per_item[64]) / (1 / 32 - 1 / 64)
+    item = per_item[64] - fixed / 64
+    naive_ms = sum(naive.cpu.values()) * 1000 / naive.items
+    print(f"\nCPU model: F = {fixed:.1f} ms per shard (four stages), P = {item:.2f} ms per item; "
+          f"naive {naive_ms:.1f} ms per item")
+    for name, shard, against, goal in GOALS:
+        if against == "naive":
+            print(f"  {name} >= {goal:g}x needs P <= {naive_ms / goal - fixed / shard:.2f} ms "
+                  f"(now {item:.2f})")
 
 
 def say(message: str) -> None:
