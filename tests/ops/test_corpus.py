@@ -111,8 +111,14 @@ def test_ingest_is_incremental_reports_bad_files_and_prunes(settings: Settings, 
 
 def test_a_new_acl_makes_a_new_index_and_rollback_returns_to_the_previous(settings: Settings,
                                                                           docs: Path) -> None:
-    from ops.corpus import CorpusError, activate_index, build_index, ingest_paths, list_indexes
-    from ops.corpus import rollback_index
+    from ops.corpus import (
+        CorpusError,
+        activate_index,
+        build_index,
+        ingest_paths,
+        list_indexes,
+        rollback_index,
+    )
 
     with pytest.raises(CorpusError, match="no live chunks"):
         build_index(settings)

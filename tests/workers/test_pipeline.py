@@ -397,9 +397,9 @@ def test_replay_of_a_failed_request_succeeds_and_is_audited(pipeline: Pipeline) 
     # And a replay cannot skip the router's refusal by starting after it
     from workers.store.admission import AdmissionError
 
-    with pytest.raises(AdmissionError, match="never reached retrieval"):
-        with session_scope(settings.database_url) as session:  # type: ignore[attr-defined]
-            replay(session, request_id, Stage.RETRIEVAL, pinned_versions_now(settings), True)  # type: ignore[arg-type]
+    with pytest.raises(AdmissionError, match="never reached retrieval"), \
+            session_scope(settings.database_url) as session:  # type: ignore[attr-defined]
+        replay(session, request_id, Stage.RETRIEVAL, pinned_versions_now(settings), True)  # type: ignore[arg-type]
 
 
 def _finished_run(client, request_id: str, run: int):  # type: ignore[no-untyped-def]

@@ -1,0 +1,68 @@
+"""The orchestration benchmark, run small from the command line: every measurement completes,
+the report holds the ratios, the CPU table and the cost model, and nothing is left behind.
+It measures nothing here; the benchmark script is where the figures are read."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "ops" / "bench_orchestration.py"
+
+
+@pytest.mark.unit
+def test_cold_questions_are_never_asked_twice_and_warm_ones_repeat() -> None:
+    sys.path.insert(0, str(ROOT))
+    from ops.bench_orchestration import question_text
+
+    fresh = [question_text(n, fresh=True) for n in range(10_240)]
+    assert len(set(fresh)) == len(fresh)
+    warm = [question_text(n, fresh=False) for n in range(160)]
+    assert len(set(warm)) == 80 and warm[:80] == warm[80:]
+    assert fresh[0].endswith(warm[0]) and fresh[0] != warm[0]
+
+
+@pytest.mark.unit
+def test_cpu_seconds_counts_this_process_and_grows_with_work() -> None:
+    sys.path.insert(0, str(ROOT))
+    from ops.bench_orchestration import cpu_seconds, cpu_since
+
+    before = cpu_seconds({})
+    sum(i * i for i in range(3_000_000))
+    spent = cpu_since(before, cpu_seconds({}))
+    assert spent["benchmark"] > 0
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.usefixtures("services")
+def test_small_warm_run_reports_ratios_cpu_and_cost_model_and_cleans_up() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
+    command = [sys.executable, str(SCRIPT), "--items", "64", "--naive-items", "8",
+               "--caches", "warm"]
+
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=900)
+
+    assert done.returncode == 0, done.stderr[-4000:]
+    out = done.stdout
+    for label in ("naive (shard 1)", "shard 32", "shard 64", "in-process limit (32)"):
+        assert re.search(rf"^{re.escape(label)}\s+\d+", out, re.M), out
+    assert re.search(r"^shard32 / naive\s+[\d.]+x\s+>=20x\s+(yes|NO)$", out, re.M), out
+    assert re.search(r"^shard 32\s+(\s+\d+\.\d\d){9}$", out, re.M), out  # the CPU table row
+    assert re.search(r"CPU model: F = -?[\d.]+ ms per shard", out), out
+    assert "cleaned up" in done.stderr
+    database = re.search(r"database (sluice_bench_\w+)", done.stderr)
+    assert database is not None
+    import psycopg
+
+    with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres") as conn:
+        left = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s",
+                            (database.group(1),)).fetchone()
+    assert left is None
