@@ -95,6 +95,7 @@ ASKERS = ["Ana", "Bo", "Chen", "Dana", "Eli", "Femi", "Gus", "Hana", "Ivo", "Jun
           "Mo", "Nia", "Oli", "Pia", "Quin", "Rosa", "Sam", "Tess", "Uma", "Vik", "Wen", "Xia",
           "Yuri", "Zoe", "Abel", "Bea", "Cas", "Dev", "Eva", "Finn"]
 TEAMS = ["ops", "billing", "fleet", "support"]
+FRESH_QUESTIONS = len(ASKERS) * len(TEAMS) * len(QUESTIONS) * len(PHRASINGS)
 
 
 def question_text(n: int, fresh: bool) -> str:
@@ -136,9 +137,10 @@ class Measurement:
 
 def cpu_seconds(workers: dict[str, int]) -> dict[str, float]:
     """CPU seconds (user + system) used so far, by group: each stage's worker with its pool
-    children, the Postgres backends, Redis, and this process. Linux /proc only ({} elsewhere).
-    A process that exits between two readings takes its seconds with it (a Postgres backend
-    closed by the pool), so the groups are a floor."""
+    children, every Postgres and Redis process of this machine (other databases' work too:
+    run it on a quiet machine), and this process. Linux /proc only ({} elsewhere). A process
+    that exits between two readings takes its seconds with it (a Postgres backend closed by
+    the pool), so the groups are a floor."""
     proc = Path("/proc")
     if not proc.is_dir():
         return {}
@@ -171,9 +173,10 @@ def cpu_since(before: dict[str, float], after: dict[str, float]) -> dict[str, fl
 # -- environment, database, redis -------------------------------------------------------------
 
 
-def prepare_environment(db_name: str, prefix: str, data_dir: Path) -> str:
+def prepare_environment(db_name: str, prefix: str, data_dir: Path, caches: str = "redis") -> str:
     """SLUICE_* for this process and (through worker_env) its workers: before any import of
-    workers.app, which builds the Celery app from the settings at import time."""
+    workers.app, which builds the Celery app from the settings at import time. `caches` is
+    the mode of both caches (`redis` here; `off` for a benchmark that must not use them)."""
     url = PG_URL.format(name=db_name)
     os.environ.update({
         "SLUICE_ENVIRONMENT": "development",  # the null generator is refused in production
@@ -182,8 +185,8 @@ def prepare_environment(db_name: str, prefix: str, data_dir: Path) -> str:
         "SLUICE_DATABASE_URL": url,
         "SLUICE_BROKER_URL": REDIS_URL,
         "SLUICE_BROKER_KEY_PREFIX": prefix,
-        "SLUICE_RETRIEVAL_CACHE": "redis",
-        "SLUICE_EMBEDDING_CACHE": "redis",
+        "SLUICE_RETRIEVAL_CACHE": caches,
+        "SLUICE_EMBEDDING_CACHE": caches,
         # The same one thread per process the workers get from worker_env, so the in-process
         # limit is not flattered by a multi-threaded embedder.
         "OMP_NUM_THREADS": "1",
@@ -291,9 +294,9 @@ class Bench:
         started = time.perf_counter()
         self.through_queues("warm-up (queues)", 4, 8, timeout_s=self.args.warmup_timeout_s)
         self.in_process("warm-up (in-process)", 4, 4)
-        # Every distinct benchmark query once, in both modes: the validators' per-process
-        # vectors of the chunks warm the same way for every run (and, with --caches warm,
-        # both Redis caches fill).
+        # 80 questions more (with --caches warm: every distinct one, so both Redis caches
+        # fill): the validators' per-process vectors of the chunks warm the same way for
+        # every run in both modes.
         self.through_queues("warm-up (all queries)", 32, len(QUESTIONS) * len(PHRASINGS),
                             timeout_s=self.args.warmup_timeout_s)
         say(f"warmed up ({time.perf_counter() - started:.1f}s)")
@@ -303,7 +306,8 @@ class Bench:
         from tasks.embedding import Embedder
 
         embedder = Embedder(self.settings.embedder_model)
-        texts = [p.format(q=q) for p in PHRASINGS for q in QUESTIONS]
+        texts = [question_text(n, self.args.caches == "cold")
+                 for n in range(len(QUESTIONS) * len(PHRASINGS))]
         embedder.encode(texts[:IN_PROCESS_SHARD])
         started = time.perf_counter()
         for _ in range(2):
@@ -428,6 +432,9 @@ class Bench:
 
     def _job_file(self, label: str, shard_size: int, items: int) -> Path:
         fresh = self.args.caches == "cold"
+        if fresh and self.asked + items > FRESH_QUESTIONS:
+            raise BenchError(f"--caches cold has {FRESH_QUESTIONS} distinct questions; this "
+                             f"run would ask {self.asked + items}: lower --items")
         path = write_job_file(self.jobs_dir, self._tag(label, shard_size), items,
                               self.asked if fresh else 0, fresh)
         self.asked += items
@@ -491,7 +498,9 @@ def report_cpu(rows: list[Measurement], naive: Measurement,
                by_shard: dict[int, Measurement]) -> None:
     """CPU milliseconds per item by process group, and what they say about the goals: a run's
     CPU per item is F/s + P (F: each shard's fixed cost over the four stages, P: each item's),
-    so shards 32 and 64 give F and P, and a goal g at shard s needs P <= naive/g - F/s."""
+    so shards 32 and 64 give F and P, and a goal g at shard s needs P <= naive/g - F/s. That
+    reads CPU time for wall time: it holds while the runs keep the same cores as busy (the
+    `cores` column)."""
     if not rows:
         return
     print()

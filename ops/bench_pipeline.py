@@ -392,7 +392,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def configure(args: argparse.Namespace, db_name: str, prefix: str, data_dir: Path) -> str:
     """bench_orchestration's environment, with the real generator and this run's knobs."""
-    url = prepare_environment(db_name, prefix, data_dir, cache="off")
+    url = prepare_environment(db_name, prefix, data_dir, caches="off")
     os.environ.update({"SLUICE_GENERATOR_BACKEND": "transformers",
                        "SLUICE_MAX_REPAIR_ROUNDS": "0",
                        "SLUICE_MAX_NEW_TOKENS": str(args.max_new_tokens),

@@ -3,15 +3,16 @@
 * The retrieval cache holds a request's top-k chunks, keyed by (index id, tenant, grants,
   top k, query text), hashed, so a result is never served across tenants or grants, and a
   new index (any added, changed or retired chunk changes its id) never serves an old result.
-* The vector cache holds the embedder's vector of a text, keyed by (embedder id, text). The
-  router embeds a question to classify it; retrieval then reads that vector instead of
-  running the embedder on the same text again, and validation shares the vectors of the
-  chunks it checks claims against.
+* The vector cache holds the embedder's vector of a text, keyed by (vector space, text),
+  where the space names the embedder by its configuration files and a hash of its weights.
+  In the distributed mode the router embeds a question to classify it and retrieval reads
+  that vector instead of running the embedder on the same text again; validation workers
+  share the vectors of the chunks they check claims against.
 
 Values expire after a TTL. The distributed mode keeps them in Redis, shared by every
 worker; the embedded mode in each process. A miss only costs the computation it saves:
-nothing depends on a value being there. Hits and misses are counted, for operators and the
-benchmark.
+nothing depends on a value being there, and a value that does not decode to a vector of the
+space's width is a miss. Hits and misses are counted, for operators and the benchmark.
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import numpy as np
 
 from tasks.embedding import Embedder, embedder_id
 from workers.settings import Settings
+from workers.versions import weights_hash
 
 
 def cache_key(index_id: str, tenant: str, grants: list[str], top_k: int, query: str) -> str:
@@ -36,8 +39,22 @@ def cache_key(index_id: str, tenant: str, grants: list[str], top_k: int, query: 
     return hashlib.sha256(scope.encode()).hexdigest()
 
 
-def vector_key(embedder: str, text: str) -> str:
-    return hashlib.sha256(json.dumps([embedder, text], ensure_ascii=False).encode()).hexdigest()
+def vector_key(space: str, text: str) -> str:
+    return hashlib.sha256(json.dumps([space, text], ensure_ascii=False).encode()).hexdigest()
+
+
+def vector_space(model_path: str, hashes_file: Path) -> str:
+    """The embedder's name for cache keys: its id (folder name and main configuration files),
+    its pooling and sequence-length files, and its weights' hash (computed once per weights
+    version, see `weights_hash`). Another model, a fine-tune in the same folder or a changed
+    pooling never reads the vectors of this one."""
+    folder = Path(model_path)
+    digest = hashlib.sha256()
+    for name in ("sentence_bert_config.json", "1_Pooling/config.json"):
+        if (folder / name).exists():
+            digest.update((folder / name).read_bytes())
+    return (f"{embedder_id(model_path)}:{digest.hexdigest()[:8]}:"
+            f"{weights_hash(folder, hashes_file)}")
 
 
 @dataclass(frozen=True)
@@ -67,9 +84,6 @@ class Cache(Protocol):
     def count(self, hits: int, misses: int) -> None: ...
 
     def stats(self) -> CacheStats: ...
-
-
-RetrievalCache = Cache  # the name its users know it by
 
 
 class NoCache:
@@ -193,11 +207,13 @@ def _cache(settings: Settings, mode: CacheMode, ttl_s: float, namespace: str,
 
 
 def retrieval_cache(settings: Settings) -> Cache:
+    """Top-k results by `cache_key`, as JSON (`SLUICE_RETRIEVAL_CACHE`)."""
     return _cache(settings, settings.retrieval_cache, settings.retrieval_cache_ttl_s, "rcache",
                   JSON, "SLUICE_RETRIEVAL_CACHE")
 
 
 def vector_cache(settings: Settings) -> Cache:
+    """Embedder vectors by `vector_key`, as float32 bytes (`SLUICE_EMBEDDING_CACHE`)."""
     return _cache(settings, settings.embedding_cache, settings.embedding_cache_ttl_s, "vcache",
                   FLOAT32, "SLUICE_EMBEDDING_CACHE")
 
@@ -210,26 +226,31 @@ class CachedEmbedder:
     router's classifier, the retriever and the support scorer take it as they take one.
     """
 
-    def __init__(self, embedder: Embedder, cache: Cache) -> None:
+    def __init__(self, embedder: Embedder, cache: Cache, space: str) -> None:
         self.embedder = embedder
         self.cache = cache
         self.model_path = embedder.model_path
-        self.name = embedder_id(embedder.model_path)
+        self.space = space
+        self._width: int | None = None  # the vectors' length, once one was encoded here
 
     def warm_up(self) -> None:
         self.embedder.warm_up()
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        keys = [vector_key(self.name, text) for text in texts]
-        found = self.cache.get_many(list(dict.fromkeys(keys)))
+        keys = [vector_key(self.space, text) for text in texts]
+        found = {k: v for k, v in self.cache.get_many(list(dict.fromkeys(keys))).items()
+                 if self._width is None or v.shape == (self._width,)}
         missing = list(dict.fromkeys(t for t, k in zip(texts, keys, strict=True)
                                      if k not in found))
+        self.cache.count(hits=len(found), misses=len(missing))  # distinct texts
         if missing:
-            fresh = dict(zip((vector_key(self.name, t) for t in missing),
-                             self.embedder.encode(missing), strict=True))
+            vectors = self.embedder.encode(missing)
+            self._width = int(vectors.shape[1])
+            # Copies: a row view would keep the whole batch alive in the in-process cache.
+            fresh = {vector_key(self.space, t): row.copy()
+                     for t, row in zip(missing, vectors, strict=True)}
             self.cache.put_many(fresh)
             found.update(fresh)
-        self.cache.count(hits=len(texts) - len(missing), misses=len(missing))
         if not texts:
-            return np.zeros((0, 0), dtype=np.float32)
+            return np.zeros((0, self._width or 0), dtype=np.float32)
         return np.ascontiguousarray(np.stack([found[k] for k in keys]), dtype=np.float32)

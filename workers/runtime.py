@@ -28,7 +28,7 @@ from tasks.router import RouterRules
 from tasks.router_classifier import RouterClassifier, ensure_router_head
 from tasks.tools import ToolRegistry, default_registry
 from tasks.validators import ValidatorSuite
-from workers.cache import CachedEmbedder, RetrievalCache, retrieval_cache, vector_cache
+from workers.cache import Cache, CachedEmbedder, retrieval_cache, vector_cache, vector_space
 from workers.settings import Settings
 from workers.store.engine import session_scope
 from workers.store.models import IndexVersion
@@ -54,7 +54,7 @@ class Runtime:
         self._embedder: CachedEmbedder | None = None
         self._versions: dict[str, VersionTuple] = {}
         self._active = ActiveIndexCache(settings)
-        self._retrieval_cache: RetrievalCache | None = None
+        self._retrieval_cache: Cache | None = None
         self._classifier: RouterClassifier | None = None
         self._validators: ValidatorSuite | None = None
         self._tools: ToolRegistry | None = None
@@ -88,8 +88,9 @@ class Runtime:
     def embedder(self) -> CachedEmbedder:
         """One embedder for the router, retrieval and the validators, behind the vector cache."""
         if self._embedder is None:
-            self._embedder = CachedEmbedder(Embedder(self.settings.embedder_model),
-                                            vector_cache(self.settings))
+            path = self.settings.embedder_model
+            space = vector_space(path, self.settings.data_dir / "weights-hashes.json")
+            self._embedder = CachedEmbedder(Embedder(path), vector_cache(self.settings), space)
         return self._embedder
 
     def count_tokens(self, text: str) -> int:
@@ -119,7 +120,7 @@ class Runtime:
             self._retriever.warm_up()
         return self._retriever
 
-    def retrieval_cache(self) -> RetrievalCache:
+    def retrieval_cache(self) -> Cache:
         if self._retrieval_cache is None:
             self._retrieval_cache = retrieval_cache(self.settings)
         return self._retrieval_cache

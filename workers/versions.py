@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from importlib import metadata
 from pathlib import Path
 
@@ -94,7 +95,8 @@ def weights_hash(folder: Path, cache_file: Path, files: list[Path] | None = None
                     digest.update(block)
         cache[key] = digest.hexdigest()[:16]
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp")
+        # A name of this process's own: workers warming up together each write the file.
+        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(cache))
         tmp.replace(cache_file)
     return str(cache[key])

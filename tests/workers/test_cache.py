@@ -88,23 +88,77 @@ def embedder():  # type: ignore[no-untyped-def]
     return model
 
 
+class Recording:
+    """The real embedder, with a record of the texts each call asked it to encode."""
+
+    def __init__(self, embedder) -> None:  # type: ignore[no-untyped-def]
+        self.embedder = embedder
+        self.model_path = embedder.model_path
+        self.calls: list[list[str]] = []
+
+    def warm_up(self) -> None:
+        self.embedder.warm_up()
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        self.calls.append(list(texts))
+        return self.embedder.encode(texts)
+
+
 @pytest.mark.unit
 def test_cached_embedder_encodes_each_new_text_once_and_gives_the_embedders_vectors(
         embedder) -> None:  # type: ignore[no-untyped-def]
-    cache = MemoryCache(ttl_s=60)
-    cached = CachedEmbedder(embedder, cache)
+    cache, recording = MemoryCache(ttl_s=60), Recording(embedder)
+    cached = CachedEmbedder(recording, cache, "space-1")  # type: ignore[arg-type]
     texts = ["How do I roll back a bad deploy?", "Who owns the billing API?",
              "How do I roll back a bad deploy?"]
     first = cached.encode(texts)
     assert first.shape == (3, 384) and first.dtype == np.float32
     assert np.allclose(first, embedder.encode(texts), atol=1e-5)
     assert np.array_equal(first[0], first[2])
-    assert cache.stats() == CacheStats(hits=1, misses=2)  # the repeat in one call encodes once
+    assert recording.calls == [texts[:2]]  # the repeat in one call is encoded once
+    assert cache.stats() == CacheStats(hits=0, misses=2)
 
     again = cached.encode(["Who owns the billing API?", "A text never seen before"])
     assert np.array_equal(again[0], first[1])
-    assert cache.stats() == CacheStats(hits=2, misses=3)
-    assert cached.encode([]).shape[0] == 0
+    assert recording.calls == [texts[:2], ["A text never seen before"]]
+    assert cache.stats() == CacheStats(hits=1, misses=3)
+    assert cached.encode([]).shape == (0, 384)
+
+    other = CachedEmbedder(recording, cache, "space-2")  # type: ignore[arg-type]
+    other.encode(["Who owns the billing API?"])  # another space never reads these vectors
+    assert recording.calls[-1] == ["Who owns the billing API?"]
+
+
+@pytest.mark.unit
+def test_a_cached_value_of_the_wrong_width_is_a_miss(embedder) -> None:  # type: ignore[no-untyped-def]
+    from workers.cache import vector_key
+
+    cache, recording = MemoryCache(ttl_s=60), Recording(embedder)
+    cached = CachedEmbedder(recording, cache, "space-1")  # type: ignore[arg-type]
+    cached.encode(["How long are backups kept?"])
+    cache.put_many({vector_key("space-1", "Who owns billing?"): np.zeros(7, np.float32)})
+    vectors = cached.encode(["Who owns billing?"])
+    assert vectors.shape == (1, 384) and recording.calls[-1] == ["Who owns billing?"]
+
+
+@pytest.mark.unit
+def test_the_vector_space_names_the_weights_and_the_pooling(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    from workers.cache import vector_space
+    from workers.settings import Settings
+
+    model = tmp_path / "model"
+    shutil.copytree(Settings().embedder_model, model)
+    hashes = tmp_path / "hashes.json"
+    first = vector_space(str(model), hashes)
+    assert first == vector_space(str(model), hashes)
+    weights = next(model.glob("*.safetensors"))
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))  # a fine-tune in place
+    second = vector_space(str(model), hashes)
+    (model / "1_Pooling" / "config.json").write_text("{}")
+    assert len({first, second, vector_space(str(model), hashes)}) == 3
 
 
 @pytest.mark.integration

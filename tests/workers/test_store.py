@@ -163,14 +163,24 @@ def test_the_reconciler_backs_off_a_row_that_stays_pending(store_url: str) -> No
 
 
 def test_a_commit_after_the_lease_was_taken_over_writes_nothing(store_url: str) -> None:
-    """The first delivery's lease expires and a second delivery claims the rows: the first
-    one's commit raises LeaseLost and leaves no trace; the second one's commit finishes them."""
+    """The first delivery's lease runs out on one of three rows and a second delivery claims
+    it: the first one's commit raises LeaseLost and leaves no trace, though it still held two
+    rows; it gives those back, the second delivery claims them too and its commit finishes
+    all three."""
     from schemas.events import EventKind
     from schemas.stages import AuditRecord, ItemResult
     from workers.store.admission import admit_job
     from workers.store.engine import session_scope
     from workers.store.models import AuditEvent, StageRun
-    from workers.store.stage_runs import LeaseLost, LeaseOwner, StageCommit, StageKey, claim, commit
+    from workers.store.stage_runs import (
+        LeaseLost,
+        LeaseOwner,
+        StageCommit,
+        StageKey,
+        claim,
+        commit,
+        release,
+    )
 
     lines = [_line(f"l-{i}", tenant=f"tenant-{uuid.uuid4().hex[:6]}") for i in range(3)]
     with session_scope(store_url) as session:
@@ -181,12 +191,13 @@ def test_a_commit_after_the_lease_was_taken_over_writes_nothing(store_url: str) 
     first, second = LeaseOwner("host", 1, "first"), LeaseOwner("host", 2, "second")
     with session_scope(store_url) as session:
         taken = claim(session, key, first, lease_s=30)
-    with session_scope(store_url) as session:  # the first lease runs out
-        session.execute(update(StageRun).where(*key.where())
+    lost = min(taken.row_ids.values())
+    with session_scope(store_url) as session:  # the first lease runs out on one row
+        session.execute(update(StageRun).where(StageRun.id == lost)
                         .values(lease_expires_at=utcnow() - timedelta(seconds=1)))
     with session_scope(store_url) as session:
         retaken = claim(session, key, second, lease_s=30)
-    assert set(retaken.row_ids.values()) == set(taken.row_ids.values())
+    assert list(retaken.row_ids.values()) == [lost]
 
     def work(owner: LeaseOwner) -> StageCommit:
         results = [ItemResult(request_id=rid, output={"by": owner.task_id})
@@ -195,7 +206,7 @@ def test_a_commit_after_the_lease_was_taken_over_writes_nothing(store_url: str) 
                               payload={"by": owner.task_id}) for rid in taken.row_ids]
         return StageCommit(key, owner, taken.row_ids, results, events, {}, 0.1)
 
-    with pytest.raises(LeaseLost, match="lease held on 0 of 3 rows"), \
+    with pytest.raises(LeaseLost, match="lease held on 2 of 3 rows"), \
             session_scope(store_url) as session:
         commit(session, work(first))
     with session_scope(store_url) as session:
@@ -204,6 +215,13 @@ def test_a_commit_after_the_lease_was_taken_over_writes_nothing(store_url: str) 
         assert session.scalar(select(func.count()).select_from(StageRun).where(
             StageRun.stage == Stage.RETRIEVAL.value,
             StageRun.shard_id == key.hop.shard_id)) == 0
+        assert session.scalar(select(func.count()).select_from(AuditEvent).where(
+            AuditEvent.stage == Stage.ROUTER.value,
+            AuditEvent.request_id.in_(list(taken.row_ids)))) == 0
+    with session_scope(store_url) as session:
+        release(session, [i for i in taken.row_ids.values() if i != lost], first)
+    with session_scope(store_url) as session:
+        assert len(claim(session, key, second, lease_s=30).row_ids) == 2
     with session_scope(store_url) as session:
         committed = commit(session, work(second))
     assert sorted(committed.onward) == sorted(taken.row_ids)

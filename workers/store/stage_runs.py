@@ -216,20 +216,29 @@ class Committed:
 
 def commit(session: Session, work: StageCommit) -> Committed:
     """Finish the claimed rows, end decided requests, append events, open the next stage
-    (or, for drafts sent back, generation in the next round)."""
-    covered = {r.request_id for r in work.results}
-    if covered != set(work.row_ids):
+    (or, for drafts sent back, generation in the next round).
+
+    A row finishes only while this delivery holds its lease. When any was taken over, this
+    raises `LeaseLost` after the finishing UPDATE and before anything else: the caller's
+    transaction must then roll back (`session_scope` does), and the rows stay the other
+    delivery's to finish.
+    """
+    covered = [r.request_id for r in work.results]
+    if len(covered) != len(set(covered)) or set(covered) != set(work.row_ids):
         raise ValueError(f"{work.key.stage} returned results for {sorted(covered)}, "
                          f"claimed {sorted(work.row_ids)}")
     now = utcnow()
     # Core statements, not the ORM's bulk paths: one executemany each, no per-row bookkeeping.
-    # A row finishes only while this delivery holds its lease; if any was taken over, the
-    # whole commit rolls back (the rows stay the other delivery's to finish).
     connection = session.connection()
+    if not connection.dialect.supports_sane_multi_rowcount:  # psycopg 3 and sqlite3 do
+        raise RuntimeError(f"{connection.dialect.name}: the lease check needs the rows an "
+                           "executemany changed")
+    # In row id order, the order the lease heartbeat's UPDATE locks them in: no deadlock.
+    rows = sorted((_finished_row(work, r, now) for r in work.results),
+                  key=lambda row: row["row_id"])
     finished = connection.execute(
         _FINISH_ROW.where(_RUN_TABLE.c.lease_owner == str(work.owner),
-                          _RUN_TABLE.c.status == RUNNING),
-        [_finished_row(work, r, now) for r in work.results])
+                          _RUN_TABLE.c.status == RUNNING), rows)
     if finished.rowcount != len(work.results):
         raise LeaseLost(f"{work.key.stage} of shard {work.key.hop.shard_id}: lease held on "
                         f"{finished.rowcount} of {len(work.results)} rows")
