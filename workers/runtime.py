@@ -35,6 +35,7 @@ from workers.store.models import IndexVersion
 from workers.versions import current_versions, decoding_policies
 
 NO_INDEX = "index-none"
+ACTIVE_INDEX_TTL_S = 2.0  # an activated index reaches every worker within this time
 
 
 class NoActiveIndex(RuntimeError):
@@ -194,7 +195,7 @@ class ActiveIndexCache:
     """The active index, re-read at most every `ttl_s`: an activation reaches workers
     within that time without a query on every hop."""
 
-    def __init__(self, settings: Settings, ttl_s: float = 2.0) -> None:
+    def __init__(self, settings: Settings, ttl_s: float = ACTIVE_INDEX_TTL_S) -> None:
         self.settings = settings
         self.ttl_s = ttl_s
         self._value: IndexVersion | None = None

@@ -437,7 +437,7 @@ def test_a_newly_activated_index_is_served_without_a_restart_and_rolled_back(
 
     from ops.client import SluiceClient
     from ops.corpus import activate_index, rollback_index
-    from workers.runtime import active_index
+    from workers.runtime import ACTIVE_INDEX_TTL_S, active_index
     from workers.store.engine import session_scope
     from workers.store.models import AuditEvent, IndexVersion
 
@@ -453,6 +453,9 @@ def test_a_newly_activated_index_is_served_without_a_restart_and_rolled_back(
     client = SluiceClient(settings)  # type: ignore[arg-type]
     try:
         assert activate_index(settings, copy_id) == old.id  # type: ignore[arg-type]
+        # The promise is pickup within the workers' re-read interval, not at once: a request
+        # that reaches retrieval sooner may still be served by the index it replaced.
+        time.sleep(ACTIVE_INDEX_TTL_S + 0.5)
         pinned_old = _admit_pinned(pipeline, "index-pinned-old", QUESTIONS[1], DriftPolicy.STRICT,
                                    index=old.id)
         fresh = client.submit({"custom_id": "index-fresh", "tenant": "acme",
