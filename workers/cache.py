@@ -25,12 +25,12 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from tasks.embedding import Embedder, embedder_id
-from workers.settings import Settings
+from workers.settings import CacheMode, Settings
 from workers.versions import weights_hash
 
 
@@ -188,9 +188,6 @@ class RedisCache:
         return CacheStats(int(hits or 0), int(misses or 0))
 
 
-CacheMode = Literal["auto", "memory", "redis", "off"]
-
-
 def _cache(settings: Settings, mode: CacheMode, ttl_s: float, namespace: str,
            codec: Codec, variable: str) -> Cache:
     """`auto` is Redis when the broker is Redis (the distributed mode), else this process."""
@@ -237,20 +234,19 @@ class CachedEmbedder:
         self.embedder.warm_up()
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        keys = [vector_key(self.space, text) for text in texts]
-        found = {k: v for k, v in self.cache.get_many(list(dict.fromkeys(keys))).items()
+        key_of = {text: vector_key(self.space, text) for text in texts}  # distinct texts
+        found = {k: v for k, v in self.cache.get_many(list(key_of.values())).items()
                  if self._width is None or v.shape == (self._width,)}
-        missing = list(dict.fromkeys(t for t, k in zip(texts, keys, strict=True)
-                                     if k not in found))
-        self.cache.count(hits=len(found), misses=len(missing))  # distinct texts
+        missing = [text for text, key in key_of.items() if key not in found]
+        self.cache.count(hits=len(found), misses=len(missing))
         if missing:
             vectors = self.embedder.encode(missing)
             self._width = int(vectors.shape[1])
             # Copies: a row view would keep the whole batch alive in the in-process cache.
-            fresh = {vector_key(self.space, t): row.copy()
-                     for t, row in zip(missing, vectors, strict=True)}
+            fresh = {key_of[t]: row.copy() for t, row in zip(missing, vectors, strict=True)}
             self.cache.put_many(fresh)
             found.update(fresh)
         if not texts:
             return np.zeros((0, self._width or 0), dtype=np.float32)
-        return np.ascontiguousarray(np.stack([found[k] for k in keys]), dtype=np.float32)
+        return np.ascontiguousarray(np.stack([found[key_of[t]] for t in texts]),
+                                    dtype=np.float32)

@@ -15,6 +15,9 @@ DEFAULT_GENERATOR_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_BROKER_SCHEME = "sluicesql"
 
 
+# Where a cache lives: `auto` is Redis when the broker is Redis, else the process.
+CacheMode = Literal["auto", "memory", "redis", "off"]
+
 class StageLimits(BaseSettings):
     """Declared soft and hard time limits per queue, in seconds."""
 
@@ -63,10 +66,10 @@ class Settings(BaseSettings):
     corpus_dir: Path = Path(__file__).resolve().parent.parent / "ops" / "examples" / "corpus"
     shard_size: int = Field(default=32, gt=0, le=1024)
     top_k: int = Field(default=4, gt=0, le=50)
-    retrieval_cache: Literal["auto", "memory", "redis", "off"] = "auto"
+    retrieval_cache: CacheMode = "auto"
     retrieval_cache_ttl_s: float = Field(default=600.0, gt=0)
     # Vectors by (embedder, text): the router's question vector serves retrieval's search
-    embedding_cache: Literal["auto", "memory", "redis", "off"] = "auto"
+    embedding_cache: CacheMode = "auto"
     embedding_cache_ttl_s: float = Field(default=3600.0, gt=0)
     cache_url: str = ""  # Redis for both caches; default: the broker, when it is Redis
     sanitize_action: Literal["drop", "quote"] = "drop"  # for chunks that read like instructions
