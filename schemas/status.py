@@ -41,7 +41,8 @@ class Stage(StrEnum):
 
 
 class StageRunStatus(StrEnum):
-    """A stage run: pending until claimed, running under a lease, then done."""
+    """A shard stage: pending until claimed, running under a lease, then done. The stage
+    runs it records, one per item, are written when it is done."""
 
     PENDING = "pending"
     RUNNING = "running"

@@ -103,11 +103,11 @@ class StageTask(Task):  # type: ignore[misc]
     def _run_claimed(self, runtime: Runtime, key: runs.StageKey, owner: runs.LeaseOwner,
                      claim: runs.Claim, compute: Compute) -> None:
         settings = runtime.settings
-        ids = list(claim.row_ids)
+        ids = claim.request_ids
         started = time.monotonic()
         # The lease is renewed from the claim on: warm-up and hashing count as work too.
-        with _lease_heartbeat(settings.database_url, list(claim.row_ids.values()), owner,
-                              settings.lease_s):
+        assert claim.lease_id is not None
+        with _lease_heartbeat(settings.database_url, claim.lease_id, owner, settings.lease_s):
             with session_scope(settings.database_url) as session:
                 states = runs.request_states(session, ids)
                 records = runs.load_records(session, ids, key)
@@ -121,7 +121,7 @@ class StageTask(Task):  # type: ignore[misc]
                 budget = _budget_s([states[r.request_id].deadline_at for r in active])
                 results, stage_events = compute(runtime, active, budget)
                 events += stage_events
-            work = runs.StageCommit(key, owner, claim.row_ids, list(decided.values()) + results,
+            work = runs.StageCommit(key, owner, claim, list(decided.values()) + results,
                                     events, served.model_dump(), time.monotonic() - started)
             with session_scope(settings.database_url) as session:
                 committed = runs.commit(session, work)
@@ -150,7 +150,8 @@ class StageTask(Task):  # type: ignore[misc]
             self._fail_claimed(runtime, key, owner, claim, exc)
             return
         with session_scope(settings.database_url) as session:
-            runs.release(session, list(claim.row_ids.values()), owner)
+            assert claim.lease_id is not None
+            runs.release(session, claim.lease_id, owner)
         raise self.retry(exc=exc, countdown=self._backoff_s(runtime),
                          max_retries=settings.max_retries)
 
@@ -160,23 +161,24 @@ class StageTask(Task):  # type: ignore[misc]
         outcome = Outcome(status=Status.FAILED, error_class=type(exc).__name__,
                           message=str(exc)[:2000] or type(exc).__name__)
         results = [ItemResult(request_id=rid, output={"error": outcome.model_dump()},
-                              outcome=outcome) for rid in claim.row_ids]
+                              outcome=outcome) for rid in claim.request_ids]
         events = [AuditRecord(request_id=rid, kind=EventKind.STAGE_FAILED,
-                              payload=outcome.model_dump(mode="json")) for rid in claim.row_ids]
-        work = runs.StageCommit(key, owner, claim.row_ids, results, events, {}, 0.0)
+                              payload=outcome.model_dump(mode="json"))
+                  for rid in claim.request_ids]
+        work = runs.StageCommit(key, owner, claim, results, events, {}, 0.0)
         with session_scope(runtime.settings.database_url) as session:
             runs.commit(session, work)
 
 
 def _decide_before_stage(stage: Stage, run: int, states: dict[str, runs.RequestState],
-                         deliveries: dict[str, int], served: VersionTuple,
+                         deliveries: int, served: VersionTuple,
                          max_deliveries: int) -> tuple[dict[str, ItemResult], list[AuditRecord]]:
     """Outcomes settled without running the stage, and the drift events of `follow`."""
     decided: dict[str, ItemResult] = {}
     events: list[AuditRecord] = []
     now = utcnow()
     for rid, state in states.items():
-        result, event = _gate_one(stage, run, rid, state, deliveries[rid], served,
+        result, event = _gate_one(stage, run, rid, state, deliveries, served,
                                   max_deliveries, now)
         if result is not None:
             decided[rid] = result
@@ -234,7 +236,7 @@ def _budget_s(deadlines: list[datetime | None]) -> float | None:
 
 
 @contextmanager
-def _lease_heartbeat(url: str, row_ids: list[int], owner: runs.LeaseOwner,
+def _lease_heartbeat(url: str, lease_id: int, owner: runs.LeaseOwner,
                      lease_s: float) -> Iterator[None]:
     """Renew the lease every third of its length while the stage computes."""
     stop = threading.Event()
@@ -243,7 +245,7 @@ def _lease_heartbeat(url: str, row_ids: list[int], owner: runs.LeaseOwner,
         while not stop.wait(lease_s / 3):
             try:
                 with session_scope(url) as session:
-                    runs.renew_lease(session, row_ids, owner, lease_s)
+                    runs.renew_lease(session, lease_id, owner, lease_s)
             except Exception:  # a missed beat only shortens the lease; commit re-checks it
                 log.warning("lease renewal failed for %s", owner, exc_info=True)
 

@@ -1,8 +1,8 @@
 """The store, not the broker, is the source of truth: re-drive shards that stopped moving.
 
-A stage run whose lease expired (its worker was killed) is put back on its queue at once.
+A shard stage whose lease expired (its worker was killed) is put back on its queue at once.
 One that has waited unclaimed for longer than `stall_s` (its message was lost, or is still
-queued behind a backlog) is re-driven too, backing off: each re-drive of a row doubles the
+queued behind a backlog) is re-driven too, backing off: each re-drive of a shard stage doubles the
 wait before the next, up to 2**MAX_BACKOFF_DOUBLINGS x `stall_s`, so a long backlog is not
 flooded with copies. Duplicate messages are harmless: claims let one delivery compute and
 the others forward or stop.
@@ -23,7 +23,7 @@ from schemas.status import Lane, Stage, StageRunStatus
 from workers.settings import Settings
 from workers.store.admission import Dispatch
 from workers.store.engine import session_scope
-from workers.store.models import Shard, StageRun
+from workers.store.models import Shard, ShardStage
 from workers.store.timeutil import utcnow
 
 log = logging.getLogger("sluice.reconciler")
@@ -37,33 +37,33 @@ class Redrive:
 
 
 def find_and_reset(session: Session, stall_s: float) -> list[Redrive]:
-    """Stalled stage runs, reset to pending with a fresh clock, one re-drive per shard stage.
-    The reset re-checks its condition, so a row a worker claims meanwhile is left alone."""
+    """Stalled shard stages, reset to pending with a fresh clock, one re-drive each. The
+    reset re-checks its condition, so a shard stage a worker claims meanwhile is left alone."""
     now = utcnow()
-    expired = (StageRun.status == StageRunStatus.RUNNING.value) & (StageRun.lease_expires_at < now)
-    first_stall = StageRun.redrive_after.is_(None) & (
-        StageRun.created_at < now - timedelta(seconds=stall_s))
-    stalled = (StageRun.status == StageRunStatus.PENDING.value) & (
-        first_stall | (StageRun.redrive_after < now))
+    expired = (ShardStage.status == StageRunStatus.RUNNING.value) & (
+        ShardStage.lease_expires_at < now)
+    first_stall = ShardStage.redrive_after.is_(None) & (
+        ShardStage.created_at < now - timedelta(seconds=stall_s))
+    stalled = (ShardStage.status == StageRunStatus.PENDING.value) & (
+        first_stall | (ShardStage.redrive_after < now))
     rows = session.execute(
-        update(StageRun).where(expired | stalled)
+        update(ShardStage).where(expired | stalled)
         .values(status=StageRunStatus.PENDING.value, lease_owner=None, lease_expires_at=None,
-                created_at=now, redrives=StageRun.redrives + 1)
-        .returning(StageRun.id, StageRun.shard_id, StageRun.stage, StageRun.run, StageRun.round,
-                   StageRun.redrives)
+                created_at=now, redrives=ShardStage.redrives + 1)
+        .returning(ShardStage.id, ShardStage.shard_id, ShardStage.stage, ShardStage.run,
+                   ShardStage.round, ShardStage.redrives)
         .execution_options(synchronize_session=False)).all()
     if not rows:
         return []
     session.connection().execute(
-        update(StageRun).where(StageRun.id == bindparam("row_id")),
+        update(ShardStage).where(ShardStage.id == bindparam("row_id")),
         [{"row_id": r.id, "redrive_after": now + timedelta(seconds=backoff_s(stall_s, r.redrives))}
          for r in rows])
     lanes = dict(session.execute(select(Shard.id, Shard.lane)
                                  .where(Shard.id.in_({r.shard_id for r in rows}))).all())
-    keys = {(r.shard_id, r.stage, r.run, r.round) for r in rows}
-    return [Redrive(Dispatch(Hop(shard_id=shard, run=run, round=round_), Stage(stage),
-                             Lane(lanes[shard])), "lease expired or stalled")
-            for shard, stage, run, round_ in sorted(keys)]
+    return [Redrive(Dispatch(Hop(shard_id=r.shard_id, run=r.run, round=r.round), Stage(r.stage),
+                             Lane(lanes[r.shard_id])), "lease expired or stalled")
+            for r in sorted(rows, key=lambda r: (r.shard_id, r.stage, r.run, r.round))]
 
 
 def backoff_s(stall_s: float, redrives: int) -> float:

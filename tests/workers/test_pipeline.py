@@ -200,25 +200,25 @@ def test_two_concurrent_deliveries_compute_once(pipeline: Pipeline) -> None:
 
 def _running_generation(pipeline: Pipeline, job_id: str) -> list[str]:
     from workers.store.engine import session_scope
-    from workers.store.models import Request, StageRun
+    from workers.store.models import Shard, ShardStage
 
     with session_scope(pipeline.settings.database_url) as session:  # type: ignore[attr-defined]
         return list(session.scalars(
-            select(StageRun.lease_owner).join(Request, Request.id == StageRun.request_id)
-            .where(Request.job_id == job_id, StageRun.stage == Stage.GENERATION,
-                   StageRun.status == StageRunStatus.RUNNING)))
+            select(ShardStage.lease_owner).join(Shard, Shard.id == ShardStage.shard_id)
+            .where(Shard.job_id == job_id, ShardStage.stage == Stage.GENERATION,
+                   ShardStage.status == StageRunStatus.RUNNING)))
 
 
 def _claims_after(pipeline: Pipeline, job_id: str, moment: float) -> float | None:
     """Seconds from `moment` to the first generation claim that started after it."""
     from workers.store.engine import session_scope
-    from workers.store.models import Request, StageRun
+    from workers.store.models import Shard, ShardStage
     from workers.store.timeutil import as_utc
 
     with session_scope(pipeline.settings.database_url) as session:  # type: ignore[attr-defined]
-        starts = session.scalars(
-            select(StageRun.started_at).join(Request, Request.id == StageRun.request_id)
-            .where(Request.job_id == job_id, StageRun.stage == Stage.GENERATION)).all()
+        starts = session.scalars(  # a shard stage's started_at is its latest claim's
+            select(ShardStage.started_at).join(Shard, Shard.id == ShardStage.shard_id)
+            .where(Shard.job_id == job_id, ShardStage.stage == Stage.GENERATION)).all()
     later = [as_utc(s).timestamp() for s in starts if s and as_utc(s).timestamp() > moment]  # type: ignore[union-attr]
     return min(later) - moment if later else None
 

@@ -56,7 +56,7 @@ def _race(count: int, work: Callable[[], Any]) -> list[Any]:
 def test_concurrent_admissions_of_one_job_file_admit_it_once(store_url: str) -> None:
     from workers.store.admission import admit_job
     from workers.store.engine import session_scope
-    from workers.store.models import Request, StageRun
+    from workers.store.models import Request, ShardStage
 
     lines = [_line(f"c-{i}", tenant=f"tenant-{uuid.uuid4().hex[:6]}") for i in range(6)]
     content = ("\n".join(line.model_dump_json() for line in lines)).encode()
@@ -72,7 +72,10 @@ def test_concurrent_admissions_of_one_job_file_admit_it_once(store_url: str) -> 
     assert sorted(a.created for a in admitted) == [False, False, True]
     with session_scope(store_url) as session:
         assert session.scalar(select(func.count()).select_from(Request)) == 6
-        assert session.scalar(select(func.count()).select_from(StageRun)) == 6
+        stages = session.scalars(select(ShardStage.request_ids)).all()
+        assert sorted(len(ids) for ids in stages) == [2, 4]  # one pending router stage a shard
+        assert sorted(rid for ids in stages for rid in ids) == sorted(
+            session.scalars(select(Request.id)))
     # The losers resume the winner's shards: both still pending at the router.
     for loser in (a for a in admitted if not a.created):
         assert {d.stage for d in loser.dispatches} == {Stage.ROUTER}
@@ -112,7 +115,7 @@ def test_a_repeated_idempotency_key_enqueues_again_only_a_never_delivered_first_
     with session_scope(store_url) as session:
         taken = claim(session, StageKey(first[0].hop, Stage.ROUTER),
                       LeaseOwner("host", 1, "task"), lease_s=30)
-    assert taken.row_ids
+    assert taken.request_ids == [request_id]
     with session_scope(store_url) as session:
         third, none = admit_one(session, _line("once", key="key-2"), VERSIONS,
                                 DriftPolicy.STRICT, Lane.ONLINE)
@@ -123,7 +126,7 @@ def test_the_reconciler_backs_off_a_row_that_stays_pending(store_url: str) -> No
     from workers.reconciler import backoff_s, find_and_reset
     from workers.store.admission import admit_one
     from workers.store.engine import session_scope
-    from workers.store.models import StageRun
+    from workers.store.models import ShardStage
 
     stall_s = 60.0
     with session_scope(store_url) as session:
@@ -131,11 +134,11 @@ def test_the_reconciler_backs_off_a_row_that_stays_pending(store_url: str) -> No
 
     def age_row(**values: Any) -> None:
         with session_scope(store_url) as session:
-            session.execute(update(StageRun).values(**values))
+            session.execute(update(ShardStage).values(**values))
 
     def row() -> Any:
         with session_scope(store_url) as session:
-            return session.execute(select(StageRun.redrives, StageRun.redrive_after)).one()
+            return session.execute(select(ShardStage.redrives, ShardStage.redrive_after)).one()
 
     def redrive() -> int:
         with session_scope(store_url) as session:
@@ -163,23 +166,23 @@ def test_the_reconciler_backs_off_a_row_that_stays_pending(store_url: str) -> No
 
 
 def test_a_commit_after_the_lease_was_taken_over_writes_nothing(store_url: str) -> None:
-    """The first delivery's lease runs out on one of three rows and a second delivery claims
-    it: the first one's commit raises LeaseLost and leaves no trace, though it still held two
-    rows; it gives those back, the second delivery claims them too and its commit finishes
-    all three."""
+    """The first delivery's lease on a shard stage runs out and a second delivery claims it:
+    the first one's commit raises LeaseLost and leaves no trace (no stage run, no event, no
+    next stage); the second one's commit records all three items once."""
     from schemas.events import EventKind
     from schemas.stages import AuditRecord, ItemResult
     from workers.store.admission import admit_job
     from workers.store.engine import session_scope
-    from workers.store.models import AuditEvent, StageRun
+    from workers.store.models import AuditEvent, ShardStage, StageRun
     from workers.store.stage_runs import (
+        Claim,
+        ClaimState,
         LeaseLost,
         LeaseOwner,
         StageCommit,
         StageKey,
         claim,
         commit,
-        release,
     )
 
     lines = [_line(f"l-{i}", tenant=f"tenant-{uuid.uuid4().hex[:6]}") for i in range(3)]
@@ -191,44 +194,49 @@ def test_a_commit_after_the_lease_was_taken_over_writes_nothing(store_url: str) 
     first, second = LeaseOwner("host", 1, "first"), LeaseOwner("host", 2, "second")
     with session_scope(store_url) as session:
         taken = claim(session, key, first, lease_s=30)
-    lost = min(taken.row_ids.values())
-    with session_scope(store_url) as session:  # the first lease runs out on one row
-        session.execute(update(StageRun).where(StageRun.id == lost)
+    assert taken.state == ClaimState.CLAIMED and len(taken.request_ids) == 3
+    with session_scope(store_url) as session:  # held and live: a second delivery waits
+        assert claim(session, key, second, lease_s=30).state == ClaimState.BUSY
+    with session_scope(store_url) as session:  # the first lease runs out
+        session.execute(update(ShardStage).where(ShardStage.id == taken.lease_id)
                         .values(lease_expires_at=utcnow() - timedelta(seconds=1)))
     with session_scope(store_url) as session:
         retaken = claim(session, key, second, lease_s=30)
-    assert list(retaken.row_ids.values()) == [lost]
+    assert retaken.lease_id == taken.lease_id and retaken.deliveries == 2
+    assert sorted(retaken.request_ids) == sorted(taken.request_ids)
 
-    def work(owner: LeaseOwner) -> StageCommit:
+    def work(owner: LeaseOwner, held: Claim) -> StageCommit:
         results = [ItemResult(request_id=rid, output={"by": owner.task_id})
-                   for rid in taken.row_ids]
+                   for rid in held.request_ids]
         events = [AuditRecord(request_id=rid, kind=EventKind.ROUTE_DECISION,
-                              payload={"by": owner.task_id}) for rid in taken.row_ids]
-        return StageCommit(key, owner, taken.row_ids, results, events, {}, 0.1)
+                              payload={"by": owner.task_id}) for rid in held.request_ids]
+        return StageCommit(key, owner, held, results, events, {}, 0.1)
 
-    with pytest.raises(LeaseLost, match="lease held on 2 of 3 rows"), \
-            session_scope(store_url) as session:
-        commit(session, work(first))
+    with pytest.raises(LeaseLost, match="taken over"), session_scope(store_url) as session:
+        commit(session, work(first, taken))
     with session_scope(store_url) as session:
         assert session.scalar(select(func.count()).select_from(StageRun).where(
-            *key.where(), StageRun.status == "done")) == 0
-        assert session.scalar(select(func.count()).select_from(StageRun).where(
-            StageRun.stage == Stage.RETRIEVAL.value,
             StageRun.shard_id == key.hop.shard_id)) == 0
+        assert session.scalar(select(func.count()).select_from(ShardStage).where(
+            ShardStage.shard_id == key.hop.shard_id,
+            ShardStage.stage == Stage.RETRIEVAL.value)) == 0
         assert session.scalar(select(func.count()).select_from(AuditEvent).where(
             AuditEvent.stage == Stage.ROUTER.value,
-            AuditEvent.request_id.in_(list(taken.row_ids)))) == 0
+            AuditEvent.request_id.in_(taken.request_ids))) == 0
     with session_scope(store_url) as session:
-        release(session, [i for i in taken.row_ids.values() if i != lost], first)
+        committed = commit(session, work(second, retaken))
+    assert sorted(committed.onward) == sorted(taken.request_ids)
     with session_scope(store_url) as session:
-        assert len(claim(session, key, second, lease_s=30).row_ids) == 2
+        assert claim(session, key, first, lease_s=30).state == ClaimState.DONE
     with session_scope(store_url) as session:
-        committed = commit(session, work(second))
-    assert sorted(committed.onward) == sorted(taken.row_ids)
-    with session_scope(store_url) as session:
-        outputs = session.scalars(select(StageRun.output).where(*key.where())).all()
-        assert outputs == [{"by": "second"}] * 3
+        rows = session.execute(select(StageRun.output, StageRun.deliveries).where(
+            StageRun.shard_id == key.hop.shard_id, StageRun.stage == Stage.ROUTER.value)).all()
+        assert [tuple(r) for r in rows] == [({"by": "second"}, 2)] * 3
         payloads = session.scalars(select(AuditEvent.payload).where(
-            AuditEvent.request_id.in_(list(taken.row_ids)),
+            AuditEvent.request_id.in_(taken.request_ids),
             AuditEvent.stage == Stage.ROUTER.value)).all()
         assert payloads == [{"by": "second"}] * 3
+        opened = session.scalars(select(ShardStage.request_ids).where(
+            ShardStage.shard_id == key.hop.shard_id,
+            ShardStage.stage == Stage.RETRIEVAL.value)).all()
+        assert [sorted(ids) for ids in opened] == [sorted(taken.request_ids)]

@@ -16,7 +16,7 @@ from schemas.requests import MalformedLine, RequestLine
 from schemas.stages import Hop
 from schemas.status import DriftPolicy, Lane, Stage, StageRunStatus, Status
 from schemas.versions import VersionTuple
-from workers.store.models import AuditEvent, Job, Request, Shard, StageRun, Tenant
+from workers.store.models import AuditEvent, Job, Request, Shard, ShardStage, Tenant
 from workers.store.timeutil import utcnow
 
 
@@ -102,16 +102,20 @@ def _by_idempotency_key(session: Session, line: RequestLine) -> str | None:
 
 
 def _undelivered(session: Session, request_id: str) -> list[Dispatch]:
-    """The request's first stage, if it is still pending and no worker ever received it."""
+    """The first stage of an upstream request's current run (a shard of one), if it is
+    still pending and no worker ever received it."""
+    request = session.execute(select(Request.status, Request.run, Request.job_id)
+                              .where(Request.id == request_id)).one()
+    if request.status != Status.QUEUED.value:
+        return []
+    shard_id = shard_id_for([request_id], request.job_id, request.run, index=request.run)
     row = session.execute(
-        select(StageRun.shard_id, StageRun.stage, StageRun.run, StageRun.round, Shard.lane,
-               Shard.start_stage)
-        .join(Shard, Shard.id == StageRun.shard_id)
-        .join(Request, Request.id == StageRun.request_id)
-        .where(StageRun.request_id == request_id, StageRun.status == StageRunStatus.PENDING.value,
-               StageRun.deliveries == 0, StageRun.stage == Shard.start_stage,
-               Request.status == Status.QUEUED.value)
-        .limit(1)).first()
+        select(ShardStage.shard_id, ShardStage.stage, ShardStage.run, ShardStage.round,
+               Shard.lane)
+        .join(Shard, Shard.id == ShardStage.shard_id)
+        .where(ShardStage.shard_id == shard_id, ShardStage.run == request.run,
+               ShardStage.status == StageRunStatus.PENDING.value, ShardStage.deliveries == 0,
+               ShardStage.stage == Shard.start_stage)).first()
     if row is None:
         return []
     return [Dispatch(Hop(shard_id=row.shard_id, run=row.run, round=row.round), Stage(row.stage),
@@ -150,19 +154,21 @@ def _persist(session: Session, requests: list[Request], job_id: str | None, lane
     return dispatches
 
 
+def shard_id_for(request_ids: list[str], job_id: str | None, run: int, index: int) -> str:
+    seed = f"{job_id}:{run}:{index}:{','.join(request_ids)}"
+    return "shd-" + hashlib.sha256(seed.encode()).hexdigest()[:20]
+
+
 def new_shard(session: Session, request_ids: list[str], job_id: str | None, *, run: int,
               lane: Lane, stage: Stage, index: int = 0) -> str:
-    """A shard and its first stage's pending rows."""
-    seed = f"{job_id}:{run}:{index}:{','.join(request_ids)}"
-    shard_id = "shd-" + hashlib.sha256(seed.encode()).hexdigest()[:20]
+    """A shard and its first stage, pending."""
+    shard_id = shard_id_for(request_ids, job_id, run, index)
     session.add(Shard(id=shard_id, job_id=job_id, run=run, lane=lane.value,
                       start_stage=stage.value, request_ids=request_ids))
     session.flush()
-    now = utcnow()
-    session.execute(insert(StageRun), [
-        {"request_id": rid, "shard_id": shard_id, "stage": stage.value, "run": run, "round": 0,
-         "status": StageRunStatus.PENDING.value, "deliveries": 0, "created_at": now}
-        for rid in request_ids])
+    session.execute(insert(ShardStage).values(
+        shard_id=shard_id, stage=stage.value, run=run, round=0, request_ids=request_ids,
+        status=StageRunStatus.PENDING.value, deliveries=0, redrives=0, created_at=utcnow()))
     return shard_id
 
 
@@ -181,14 +187,16 @@ def ensure_tenants(session: Session, tenants: set[str]) -> None:
 
 def resume_dispatches(session: Session, job_id: str) -> list[Dispatch]:
     """For every shard with unfinished requests, the stage its chain must restart from."""
+    if not session.scalar(select(Request.id).where(
+            Request.job_id == job_id,
+            Request.status.in_([Status.QUEUED.value, Status.RUNNING.value])).limit(1)):
+        return []
     rows = session.execute(
-        select(StageRun.shard_id, StageRun.stage, StageRun.run, StageRun.round, Shard.lane)
-        .join(Shard, Shard.id == StageRun.shard_id)
-        .join(Request, Request.id == StageRun.request_id)
-        .where(Shard.job_id == job_id, StageRun.status != StageRunStatus.DONE.value,
-               Request.status.in_([Status.QUEUED.value, Status.RUNNING.value]))
-        .group_by(StageRun.shard_id, StageRun.stage, StageRun.run, StageRun.round, Shard.lane)
-    ).all()
+        select(ShardStage.shard_id, ShardStage.stage, ShardStage.run, ShardStage.round,
+               Shard.lane)
+        .join(Shard, Shard.id == ShardStage.shard_id)
+        .where(Shard.job_id == job_id, ShardStage.status != StageRunStatus.DONE.value)
+        .order_by(ShardStage.id)).all()
     return [Dispatch(Hop(shard_id=r.shard_id, run=r.run, round=r.round), Stage(r.stage),
                      Lane(r.lane)) for r in rows]
 

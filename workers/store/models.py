@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -111,14 +112,44 @@ class Shard(Base):
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
 
 
+class ShardStage(Base):
+    """One stage of one shard for one (run, round): the unit a message delivers and a lease
+    covers. Pending until claimed, running under a lease, then done; `request_ids` are the
+    items it takes (a repair round takes only the drafts sent back)."""
+
+    __tablename__ = "shard_stages"
+    __table_args__ = (
+        UniqueConstraint("shard_id", "stage", "run", "round", name="uq_shard_stages_key"),
+        # The reconciler's scan: live rows only, so the index stays small.
+        Index("ix_shard_stages_live", "status", "lease_expires_at",
+              postgresql_where=text("status <> 'done'"), sqlite_where=text("status <> 'done'")),
+    )
+    id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
+    shard_id: Mapped[str] = mapped_column(ForeignKey("shards.id"))
+    stage: Mapped[str] = mapped_column(String(32))
+    run: Mapped[int] = mapped_column(Integer)
+    round: Mapped[int] = mapped_column(Integer, default=0)
+    request_ids: Mapped[list[Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16))
+    deliveries: Mapped[int] = mapped_column(Integer, default=0)
+    # The reconciler's re-drives of a pending row back off: not again before redrive_after.
+    redrives: Mapped[int] = mapped_column(Integer, default=0)
+    redrive_after: Mapped[datetime | None] = mapped_column(Timestamp)
+    lease_owner: Mapped[str | None] = mapped_column(String(256))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    finished_at: Mapped[datetime | None] = mapped_column(Timestamp)
+
+
 class StageRun(Base):
-    """One stage of one request for one (run, round): claimed under a lease, then done."""
+    """What one stage did for one request in one (run, round), written once, when the
+    stage commits (status `done`). The unique key is what makes effects exactly-once; the
+    pending and leased states live in the shard's `ShardStage`."""
 
     __tablename__ = "stage_runs"
     __table_args__ = (
         UniqueConstraint("request_id", "stage", "run", "round", name="uq_stage_runs_key"),
-        Index("ix_stage_runs_shard", "shard_id", "stage", "run", "round"),
-        Index("ix_stage_runs_status_lease", "status", "lease_expires_at"),
     )
     id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
     request_id: Mapped[str] = mapped_column(ForeignKey("requests.id"))
@@ -127,12 +158,7 @@ class StageRun(Base):
     run: Mapped[int] = mapped_column(Integer)
     round: Mapped[int] = mapped_column(Integer, default=0)
     status: Mapped[str] = mapped_column(String(16))
-    deliveries: Mapped[int] = mapped_column(Integer, default=0)
-    # The reconciler's re-drives of a pending row back off: not again before redrive_after.
-    redrives: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
-    redrive_after: Mapped[datetime | None] = mapped_column(Timestamp)
-    lease_owner: Mapped[str | None] = mapped_column(String(256))
-    lease_expires_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    deliveries: Mapped[int] = mapped_column(Integer, default=0)  # of its shard stage
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(Timestamp)
     finished_at: Mapped[datetime | None] = mapped_column(Timestamp)

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from schemas.stages import REPAIR, AuditRecord, Hop, ItemRecord, ItemResult
 from schemas.status import Stage, StageRunStatus, Status
-from workers.store.models import AuditEvent, Request, Shard, StageRun
+from workers.store.models import AuditEvent, Request, Shard, ShardStage, StageRun
 from workers.store.timeutil import utcnow
 
 RUNNING = StageRunStatus.RUNNING.value
@@ -40,15 +40,17 @@ class StageKey:
     stage: Stage
 
     def where(self) -> list[Any]:
-        return [StageRun.shard_id == self.hop.shard_id, StageRun.stage == self.stage.value,
-                StageRun.run == self.hop.run, StageRun.round == self.hop.round]
+        return [ShardStage.shard_id == self.hop.shard_id, ShardStage.stage == self.stage.value,
+                ShardStage.run == self.hop.run, ShardStage.round == self.hop.round]
 
 
 @dataclass(frozen=True)
 class Claim:
     state: ClaimState
-    row_ids: dict[str, int] = field(default_factory=dict)  # request id -> stage run id
-    deliveries: dict[str, int] = field(default_factory=dict)
+    lease_id: int | None = None  # the shard stage this delivery holds
+    request_ids: list[str] = field(default_factory=list)
+    deliveries: int = 0  # of the shard stage, this one included
+    started_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -87,65 +89,61 @@ def process_is_gone(pid: int) -> bool:
 
 
 def claim(session: Session, key: StageKey, owner: LeaseOwner, lease_s: float) -> Claim:
-    """Take the shard's rows for this stage under a lease, in one statement. Rows leased by
-    a process of this host that no longer exists are taken over without waiting."""
+    """Take the shard stage under a lease, in one statement. A lease held by a process of
+    this host that no longer exists is taken over without waiting for it to expire."""
     now = utcnow()
-    claimable = (StageRun.status == PENDING) | (
-        (StageRun.status == RUNNING) & (StageRun.lease_expires_at < now))
-    rows = _take(session, key, owner, lease_s, claimable, now)
-    if not rows:
-        dead = _dead_owners(session, key, owner.host)
-        if dead:
-            rows = _take(session, key, owner, lease_s,
-                         (StageRun.status == RUNNING) & StageRun.lease_owner.in_(dead), now)
-    if rows:
-        return Claim(ClaimState.CLAIMED, {r.request_id: r.id for r in rows},
-                     {r.request_id: r.deliveries for r in rows})
-    statuses = set(session.scalars(select(StageRun.status).where(*key.where())))
-    if not statuses:
-        return Claim(ClaimState.EMPTY)
-    return Claim(ClaimState.BUSY if RUNNING in statuses else ClaimState.DONE)
+    claimable = (ShardStage.status == PENDING) | (
+        (ShardStage.status == RUNNING) & (ShardStage.lease_expires_at < now))
+    taken = _take(session, key, owner, lease_s, claimable, now)
+    if taken is None:
+        found = session.execute(select(ShardStage.status, ShardStage.lease_owner)
+                                .where(*key.where())).first()
+        if found is None:
+            return Claim(ClaimState.EMPTY)
+        if found.status == DONE:
+            return Claim(ClaimState.DONE)
+        holder = LeaseOwner.parse(found.lease_owner or "")
+        if found.status == RUNNING and holder and holder.host == owner.host \
+                and process_is_gone(holder.pid):
+            taken = _take(session, key, owner, lease_s,
+                          (ShardStage.status == RUNNING)
+                          & (ShardStage.lease_owner == found.lease_owner), now)
+        if taken is None:
+            return Claim(ClaimState.BUSY)
+    return Claim(ClaimState.CLAIMED, taken.id, list(taken.request_ids), taken.deliveries, now)
 
 
 def _take(session: Session, key: StageKey, owner: LeaseOwner, lease_s: float, claimable: Any,
-          now: datetime) -> list[Any]:
-    return list(session.execute(
-        update(StageRun).where(*key.where(), claimable)
+          now: datetime) -> Any:
+    return session.execute(
+        update(ShardStage).where(*key.where(), claimable)
         .values(status=RUNNING, lease_owner=str(owner),
                 lease_expires_at=now + timedelta(seconds=lease_s),
-                deliveries=StageRun.deliveries + 1, started_at=now)
-        .returning(StageRun.id, StageRun.request_id, StageRun.deliveries)
-        .execution_options(synchronize_session=False)).all())
+                deliveries=ShardStage.deliveries + 1, started_at=now)
+        .returning(ShardStage.id, ShardStage.request_ids, ShardStage.deliveries)
+        .execution_options(synchronize_session=False)).first()
 
 
-def _dead_owners(session: Session, key: StageKey, host: str) -> list[str]:
-    owners = session.scalars(select(StageRun.lease_owner).distinct()
-                             .where(*key.where(), StageRun.status == RUNNING))
-    dead = []
-    for raw in owners:
-        parsed = LeaseOwner.parse(raw or "")
-        if parsed and parsed.host == host and process_is_gone(parsed.pid):
-            dead.append(str(raw))
-    return dead
-
-
-def renew_lease(session: Session, row_ids: list[int], owner: LeaseOwner, lease_s: float) -> int:
+def renew_lease(session: Session, lease_id: int, owner: LeaseOwner, lease_s: float) -> bool:
     result = session.execute(
-        update(StageRun).where(StageRun.id.in_(row_ids), StageRun.lease_owner == str(owner),
-                               StageRun.status == RUNNING)
+        update(ShardStage).where(*_held(lease_id, owner))
         .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
         .execution_options(synchronize_session=False))
-    return int(result.rowcount)  # type: ignore[attr-defined]
+    return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
-def release(session: Session, row_ids: list[int], owner: LeaseOwner) -> None:
-    """Give the rows back (before a retry) so the next delivery can claim them at once."""
+def release(session: Session, lease_id: int, owner: LeaseOwner) -> None:
+    """Give the shard stage back (before a retry) so the next delivery can claim it at once."""
     session.execute(
-        update(StageRun).where(StageRun.id.in_(row_ids), StageRun.lease_owner == str(owner),
-                               StageRun.status == RUNNING)
+        update(ShardStage).where(*_held(lease_id, owner))
         .values(status=PENDING, lease_owner=None, lease_expires_at=None, created_at=utcnow(),
                 redrive_after=None)
         .execution_options(synchronize_session=False))
+
+
+def _held(lease_id: int, owner: LeaseOwner) -> list[Any]:
+    return [ShardStage.id == lease_id, ShardStage.lease_owner == str(owner),
+            ShardStage.status == RUNNING]
 
 
 def load_records(session: Session, request_ids: list[str], key: StageKey) -> list[ItemRecord]:
@@ -201,7 +199,7 @@ class StageCommit:
 
     key: StageKey
     owner: LeaseOwner
-    row_ids: dict[str, int]
+    claim: Claim
     results: list[ItemResult]
     events: list[AuditRecord]
     served_versions: dict[str, Any]
@@ -215,36 +213,36 @@ class Committed:
 
 
 def commit(session: Session, work: StageCommit) -> Committed:
-    """Finish the claimed rows, end decided requests, append events, open the next stage
-    (or, for drafts sent back, generation in the next round).
+    """Finish the shard stage, record each item's stage run, end decided requests, append
+    events, open the next shard stage (or, for drafts sent back, generation in the next
+    round).
 
-    A row finishes only while this delivery holds its lease. When any was taken over, this
-    raises `LeaseLost` after the finishing UPDATE and before anything else: the caller's
-    transaction must then roll back (`session_scope` does), and the rows stay the other
-    delivery's to finish.
+    The shard stage finishes only while this delivery holds its lease. When it was taken
+    over, this raises `LeaseLost` before writing anything else, and the other delivery
+    commits. A stage run is unique on (request, stage, run, round): a second commit of the
+    same work fails instead of recording it twice.
     """
+    claimed = work.claim.request_ids
     covered = [r.request_id for r in work.results]
-    if len(covered) != len(set(covered)) or set(covered) != set(work.row_ids):
+    if len(covered) != len(set(covered)) or set(covered) != set(claimed):
         raise ValueError(f"{work.key.stage} returned results for {sorted(covered)}, "
-                         f"claimed {sorted(work.row_ids)}")
+                         f"claimed {sorted(claimed)}")
+    assert work.claim.lease_id is not None, "commit needs a claimed shard stage"
     now = utcnow()
-    # Core statements, not the ORM's bulk paths: one executemany each, no per-row bookkeeping.
+    finished = session.execute(
+        update(ShardStage).where(*_held(work.claim.lease_id, work.owner))
+        .values(status=DONE, finished_at=now, lease_expires_at=None)
+        .execution_options(synchronize_session=False))
+    if finished.rowcount != 1:  # type: ignore[attr-defined]
+        raise LeaseLost(f"{work.key.stage} of shard {work.key.hop.shard_id}: the lease was "
+                        f"taken over")
+    # Core statements, not the ORM's bulk paths: one statement each, no per-row bookkeeping.
     connection = session.connection()
-    if not connection.dialect.supports_sane_multi_rowcount:  # psycopg 3 and sqlite3 do
-        raise RuntimeError(f"{connection.dialect.name}: the lease check needs the rows an "
-                           "executemany changed")
-    # In row id order, the order the lease heartbeat's UPDATE locks them in: no deadlock.
-    rows = sorted((_finished_row(work, r, now) for r in work.results),
-                  key=lambda row: row["row_id"])
-    finished = connection.execute(
-        _FINISH_ROW.where(_RUN_TABLE.c.lease_owner == str(work.owner),
-                          _RUN_TABLE.c.status == RUNNING), rows)
-    if finished.rowcount != len(work.results):
-        raise LeaseLost(f"{work.key.stage} of shard {work.key.hop.shard_id}: lease held on "
-                        f"{finished.rowcount} of {len(work.results)} rows")
+    if work.results:
+        connection.execute(_INSERT_RUNS, [_stage_run(work, r, now) for r in work.results])
     _update_requests(session, work, now)
     if work.events:
-        connection.execute(insert(AuditEvent.__table__), [
+        connection.execute(_INSERT_EVENTS, [
             {"request_id": e.request_id, "stage": work.key.stage.value, "run": work.key.hop.run,
              "round": work.key.hop.round, "kind": e.kind, "payload": e.payload, "created_at": now}
             for e in work.events])
@@ -252,25 +250,32 @@ def commit(session: Session, work: StageCommit) -> Committed:
     onward = [r.request_id for r in going if not r.repair]
     repair = [r.request_id for r in going if r.repair]
     nxt = work.key.stage.next
-    opened = [(rid, nxt, work.key.hop.round) for rid in onward if nxt is not None] + [
-        (rid, Stage.GENERATION, work.key.hop.round + 1) for rid in repair]
+    opened = [(nxt, work.key.hop.round, onward)] if nxt is not None and onward else []
+    if repair:
+        opened.append((Stage.GENERATION, work.key.hop.round + 1, repair))
     if opened:
-        connection.execute(insert(StageRun.__table__), [
-            {"request_id": rid, "shard_id": work.key.hop.shard_id, "stage": stage.value,
-             "run": work.key.hop.run, "round": round_, "status": PENDING,
-             "deliveries": 0, "created_at": now} for rid, stage, round_ in opened])
+        connection.execute(insert(ShardStage.__table__), [
+            {"shard_id": work.key.hop.shard_id, "stage": stage.value, "run": work.key.hop.run,
+             "round": round_, "request_ids": ids, "status": PENDING, "deliveries": 0,
+             "redrives": 0, "created_at": now} for stage, round_, ids in opened])
     return Committed(onward if nxt is not None else [], repair)
 
 
-_RUN_TABLE = StageRun.__table__
-_FINISH_ROW = update(_RUN_TABLE).where(_RUN_TABLE.c.id == bindparam("row_id"))
+# Plain executemany: psycopg pipelines the rows through one prepared statement. (With
+# RETURNING, SQLAlchemy would send one multi-row INSERT instead, whose long, ever-different
+# text psycopg re-parses each time: measured slower here.)
+_INSERT_RUNS = insert(StageRun.__table__)
+_INSERT_EVENTS = insert(AuditEvent.__table__)
 
 
-def _finished_row(work: StageCommit, result: ItemResult, now: datetime) -> dict[str, Any]:
+def _stage_run(work: StageCommit, result: ItemResult, now: datetime) -> dict[str, Any]:
     outcome = result.outcome
-    return {"row_id": work.row_ids[result.request_id], "status": DONE, "finished_at": now,
-            "duration_s": work.duration_s, "served_versions": work.served_versions,
-            "output": result.output, "lease_expires_at": None,
+    return {"request_id": result.request_id, "shard_id": work.key.hop.shard_id,
+            "stage": work.key.stage.value, "run": work.key.hop.run, "round": work.key.hop.round,
+            "status": DONE, "deliveries": work.claim.deliveries,
+            "created_at": work.claim.started_at or now, "started_at": work.claim.started_at,
+            "finished_at": now, "duration_s": work.duration_s,
+            "served_versions": work.served_versions, "output": result.output,
             "outcome_status": outcome.status.value if outcome else None,
             "error_class": outcome.error_class if outcome else None,
             "error_message": outcome.message if outcome and outcome.error_class else None}
@@ -318,5 +323,5 @@ def next_stage_waiting(session: Session, key: StageKey) -> bool:
     if nxt is None:
         return False
     next_key = StageKey(key.hop, nxt)
-    return session.scalar(select(StageRun.id).where(*next_key.where(), StageRun.status == PENDING)
-                          .limit(1)) is not None
+    return session.scalar(select(ShardStage.id).where(*next_key.where(),
+                                                      ShardStage.status == PENDING)) is not None
