@@ -5,7 +5,7 @@
 
 It measures what the orchestration costs, not what a model costs: generation uses the
 `null` backend (a fixed cited sentence), while the router, retrieval (real embedder, real
-FAISS index over the example corpus), validation, the stage-run leases and every audit
+FAISS index over the example corpus), validation, the shard-stage leases and every audit
 write are the real ones. The numbers are items per second through:
 
 * the naive baseline: shard size 1, i.e. one Celery chain per item;

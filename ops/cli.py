@@ -106,7 +106,8 @@ def ingest(
         _fail(str(exc))
     skipped = [item for report in reports for item in report.skipped]
     for path, reason in skipped:
-        console.print(f"[yellow]skipped[/yellow] {path}: {reason}")
+        # soft_wrap: a long path stays on one line, whole, whatever the terminal's width
+        console.print(f"[yellow]skipped[/yellow] {path}: {reason}", soft_wrap=True)
     totals = {name: sum(getattr(r, name) for r in reports)
               for name in ("added", "updated", "unchanged", "restored", "retired", "chunks")}
     console.print("documents: " + ", ".join(f"{n} {name}" for name, n in totals.items()
@@ -387,7 +388,10 @@ def _trail_json(trail: dict[str, Any]) -> dict[str, Any]:
         "stage_runs": [{"stage": s.stage, "run": s.run, "round": s.round, "status": s.status,
                         "deliveries": s.deliveries, "outcome": s.outcome_status,
                         "error_class": s.error_class, "duration_s": s.duration_s,
-                        "served_versions": s.served_versions} for s in trail["stage_runs"]],
+                        "served_versions": s.served_versions} for s in trail["stage_runs"]]
+        + [{"stage": s.stage, "run": s.run, "round": s.round, "status": s.status,
+            "deliveries": s.deliveries, "outcome": None, "error_class": None,
+            "duration_s": None, "served_versions": None} for s in trail["waiting"]],
         "events": [{"stage": e.stage, "run": e.run, "kind": e.kind, "payload": e.payload,
                     "at": str(e.created_at)} for e in trail["events"]],
     }

@@ -40,7 +40,7 @@ class Stage(StrEnum):
         return order[index + 1] if index + 1 < len(order) else None
 
 
-class StageRunStatus(StrEnum):
+class ShardStageStatus(StrEnum):
     """A shard stage: pending until claimed, running under a lease, then done. The stage
     runs it records, one per item, are written when it is done."""
 

@@ -75,17 +75,15 @@ def _drop_redis_keys() -> None:
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A migrated, empty audit store of its own for one test: SQLite (the embedded mode) and
-    a fresh Postgres database (the distributed mode), which requires the services."""
+def empty_store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database of its own for one test, not migrated: SQLite (the embedded mode)
+    and a fresh Postgres database (the distributed mode), which requires the services."""
     import uuid
 
     from workers.store.engine import get_engine
-    from workers.store.migrate import upgrade
 
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'audit.db'}"
-        upgrade(url)
         yield url
         get_engine(url).dispose()
         return
@@ -95,12 +93,20 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         conn.execute(f'CREATE DATABASE "{name}"')
     url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
     try:
-        upgrade(url)
         yield url
     finally:
         get_engine(url).dispose()
         with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def store_url(empty_store_url: str) -> str:
+    """A migrated, empty audit store of its own for one test, on SQLite and on Postgres."""
+    from workers.store.migrate import upgrade
+
+    upgrade(empty_store_url)
+    return empty_store_url
 
 
 @dataclass

@@ -1,10 +1,10 @@
 """The one task base class: every stage's I/O, leases, versions, deadlines and retries.
 
 A stage task body is one line: `return self.execute(stage, hop, compute)`. This class
-claims the shard's rows under a lease, loads the active records in one query, decides what
-ends before the stage runs (poison, cancelled, deadline, strict drift), calls the stage,
-and commits outputs, request outcomes and audit events in one transaction. Only transient
-trouble raises; it is retried with capped exponential backoff and full jitter.
+claims the message's shard stage under a lease, loads the active records in one query,
+decides what ends before the stage runs (poison, cancelled, deadline, strict drift), calls
+the stage, and commits outputs, request outcomes and audit events in one transaction. Only
+transient trouble raises; it is retried with capped exponential backoff and full jitter.
 """
 
 from __future__ import annotations
@@ -73,18 +73,19 @@ class StageTask(Task):  # type: ignore[misc]
         except TRANSIENT_ERRORS as exc:  # nothing claimed yet: just try the message again
             raise self.retry(exc=exc, countdown=self._backoff_s(runtime),
                              max_retries=runtime.settings.max_retries) from exc
-        if claim.state != runs.ClaimState.CLAIMED:
+        lease = claim.lease
+        if claim.state != runs.ClaimState.CLAIMED or lease is None:
             raise Ignore()  # another live delivery computes, or nothing is left
         try:
-            self._run_claimed(runtime, key, owner, claim, compute)
+            self._run_claimed(runtime, key, owner, lease, compute)
         except runs.LeaseLost:
             log.warning("lease lost on %s %s; the other delivery commits", stage, key.hop)
             raise Ignore() from None
         except TRANSIENT_ERRORS as exc:
-            self._retry_or_fail(runtime, key, owner, claim, exc)
+            self._retry_or_fail(runtime, key, owner, lease, exc)
         except Exception as exc:  # permanent: a bug or bad state must not loop forever
             log.exception("%s failed permanently on shard %s", stage, key.hop.shard_id)
-            self._fail_claimed(runtime, key, owner, claim, exc)
+            self._fail_claimed(runtime, key, owner, lease, exc)
         return hop_data
 
     def _backoff_s(self, runtime: Runtime) -> float:
@@ -101,19 +102,18 @@ class StageTask(Task):  # type: ignore[misc]
         return hop_data
 
     def _run_claimed(self, runtime: Runtime, key: runs.StageKey, owner: runs.LeaseOwner,
-                     claim: runs.Claim, compute: Compute) -> None:
+                     lease: runs.Lease, compute: Compute) -> None:
         settings = runtime.settings
-        ids = claim.request_ids
+        ids = lease.request_ids
         started = time.monotonic()
         # The lease is renewed from the claim on: warm-up and hashing count as work too.
-        assert claim.lease_id is not None
-        with _lease_heartbeat(settings.database_url, claim.lease_id, owner, settings.lease_s):
+        with _lease_heartbeat(settings.database_url, lease.id, owner, settings.lease_s):
             with session_scope(settings.database_url) as session:
                 states = runs.request_states(session, ids)
                 records = runs.load_records(session, ids, key)
             served = runtime.served_versions(key.stage)
             decided, events = _decide_before_stage(key.stage, key.hop.run, states,
-                                                   claim.deliveries, served,
+                                                   lease.deliveries, served,
                                                    settings.max_deliveries)
             active = [r for r in records if r.request_id not in decided]
             results: list[ItemResult] = []
@@ -121,7 +121,7 @@ class StageTask(Task):  # type: ignore[misc]
                 budget = _budget_s([states[r.request_id].deadline_at for r in active])
                 results, stage_events = compute(runtime, active, budget)
                 events += stage_events
-            work = runs.StageCommit(key, owner, claim, list(decided.values()) + results,
+            work = runs.StageCommit(key, owner, lease, list(decided.values()) + results,
                                     events, served.model_dump(), time.monotonic() - started)
             with session_scope(settings.database_url) as session:
                 committed = runs.commit(session, work)
@@ -132,7 +132,7 @@ class StageTask(Task):  # type: ignore[misc]
     @staticmethod
     def _send_back(runtime: Runtime, key: runs.StageKey, lane: Lane, count: int) -> None:
         """Drafts that failed validation go through generation again in the next round. The
-        rows are committed; if this enqueue fails, the reconciler re-drives them."""
+        shard stage is committed; if this enqueue fails, the reconciler re-drives it."""
         from workers.dispatch import enqueue
         from workers.store.admission import Dispatch
 
@@ -144,28 +144,27 @@ class StageTask(Task):  # type: ignore[misc]
                           "the reconciler will", hop.round, hop.shard_id, count)
 
     def _retry_or_fail(self, runtime: Runtime, key: runs.StageKey, owner: runs.LeaseOwner,
-                       claim: runs.Claim, exc: BaseException) -> None:
+                       lease: runs.Lease, exc: BaseException) -> None:
         settings = runtime.settings
         if self.request.retries >= settings.max_retries:
-            self._fail_claimed(runtime, key, owner, claim, exc)
+            self._fail_claimed(runtime, key, owner, lease, exc)
             return
         with session_scope(settings.database_url) as session:
-            assert claim.lease_id is not None
-            runs.release(session, claim.lease_id, owner)
+            runs.release(session, lease.id, owner)
         raise self.retry(exc=exc, countdown=self._backoff_s(runtime),
                          max_retries=settings.max_retries)
 
     def _fail_claimed(self, runtime: Runtime, key: runs.StageKey, owner: runs.LeaseOwner,
-                      claim: runs.Claim, exc: BaseException) -> None:
+                      lease: runs.Lease, exc: BaseException) -> None:
         """End every claimed item as failed at this stage, with the error's class and text."""
         outcome = Outcome(status=Status.FAILED, error_class=type(exc).__name__,
                           message=str(exc)[:2000] or type(exc).__name__)
         results = [ItemResult(request_id=rid, output={"error": outcome.model_dump()},
-                              outcome=outcome) for rid in claim.request_ids]
+                              outcome=outcome) for rid in lease.request_ids]
         events = [AuditRecord(request_id=rid, kind=EventKind.STAGE_FAILED,
                               payload=outcome.model_dump(mode="json"))
-                  for rid in claim.request_ids]
-        work = runs.StageCommit(key, owner, claim, results, events, {}, 0.0)
+                  for rid in lease.request_ids]
+        work = runs.StageCommit(key, owner, lease, results, events, {}, 0.0)
         with session_scope(runtime.settings.database_url) as session:
             runs.commit(session, work)
 

@@ -2,8 +2,8 @@
 
 A shard stage whose lease expired (its worker was killed) is put back on its queue at once.
 One that has waited unclaimed for longer than `stall_s` (its message was lost, or is still
-queued behind a backlog) is re-driven too, backing off: each re-drive of a shard stage doubles the
-wait before the next, up to 2**MAX_BACKOFF_DOUBLINGS x `stall_s`, so a long backlog is not
+queued behind a backlog) is re-driven too, backing off: each re-drive doubles the wait
+before the next, up to 2**MAX_BACKOFF_DOUBLINGS x `stall_s`, so a long backlog is not
 flooded with copies. Duplicate messages are harmless: claims let one delivery compute and
 the others forward or stop.
 """
@@ -19,7 +19,7 @@ from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from schemas.stages import Hop
-from schemas.status import Lane, Stage, StageRunStatus
+from schemas.status import Lane, ShardStageStatus, Stage
 from workers.settings import Settings
 from workers.store.admission import Dispatch
 from workers.store.engine import session_scope
@@ -40,15 +40,15 @@ def find_and_reset(session: Session, stall_s: float) -> list[Redrive]:
     """Stalled shard stages, reset to pending with a fresh clock, one re-drive each. The
     reset re-checks its condition, so a shard stage a worker claims meanwhile is left alone."""
     now = utcnow()
-    expired = (ShardStage.status == StageRunStatus.RUNNING.value) & (
+    expired = (ShardStage.status == ShardStageStatus.RUNNING.value) & (
         ShardStage.lease_expires_at < now)
     first_stall = ShardStage.redrive_after.is_(None) & (
         ShardStage.created_at < now - timedelta(seconds=stall_s))
-    stalled = (ShardStage.status == StageRunStatus.PENDING.value) & (
+    stalled = (ShardStage.status == ShardStageStatus.PENDING.value) & (
         first_stall | (ShardStage.redrive_after < now))
     rows = session.execute(
         update(ShardStage).where(expired | stalled)
-        .values(status=StageRunStatus.PENDING.value, lease_owner=None, lease_expires_at=None,
+        .values(status=ShardStageStatus.PENDING.value, lease_owner=None, lease_expires_at=None,
                 created_at=now, redrives=ShardStage.redrives + 1)
         .returning(ShardStage.id, ShardStage.shard_id, ShardStage.stage, ShardStage.run,
                    ShardStage.round, ShardStage.redrives)
@@ -67,7 +67,8 @@ def find_and_reset(session: Session, stall_s: float) -> list[Redrive]:
 
 
 def backoff_s(stall_s: float, redrives: int) -> float:
-    """How long after its `redrives`-th re-drive a still-pending row waits for the next."""
+    """How long after its `redrives`-th re-drive a still-pending shard stage waits for the
+    next."""
     return stall_s * 2 ** min(max(redrives, 0), MAX_BACKOFF_DOUBLINGS)
 
 

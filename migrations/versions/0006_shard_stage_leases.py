@@ -25,7 +25,6 @@ down_revision = "0005"
 branch_labels = None
 depends_on = None
 
-LIVE = sa.text("status <> 'done'")
 KEY = ("shard_id", "stage", "run", "round")
 
 
@@ -53,8 +52,8 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_shard_stages")),
         sa.UniqueConstraint(*KEY, name="uq_shard_stages_key"),
     )
-    op.create_index("ix_shard_stages_live", "shard_stages", ["status", "lease_expires_at"],
-                    unique=False, postgresql_where=LIVE, sqlite_where=LIVE)
+    op.create_index("ix_shard_stages_status_lease", "shard_stages",
+                    ["status", "lease_expires_at"], unique=False)
     _move_live_stage_runs()
     with op.batch_alter_table("stage_runs", schema=None) as batch_op:
         batch_op.drop_index("ix_stage_runs_status_lease")
@@ -67,7 +66,9 @@ def upgrade() -> None:
 
 def _move_live_stage_runs() -> None:
     """Pending or running stage runs become pending shard stages (the reconciler re-drives
-    them); a running one's lease is dropped, so its worker's commit will find it lost."""
+    them); a running one's lease is dropped, so its worker's commit will find it lost. All
+    rows of one (shard, stage, run, round) shared a claim before, so a key is never split
+    between done and live rows; the unique key would refuse the next stage if it were."""
     bind = op.get_bind()
     runs = sa.table("stage_runs", *(sa.column(c) for c in (
         "id", "request_id", "status", "deliveries", *KEY)))
@@ -91,6 +92,8 @@ def _move_live_stage_runs() -> None:
 
 
 def downgrade() -> None:
+    """Back to a pending stage-run row per item of each live shard stage; each row takes
+    its shard stage's delivery count, the per-item counts having never existed."""
     with op.batch_alter_table("stage_runs", schema=None) as batch_op:
         batch_op.add_column(sa.Column("lease_owner", sa.String(length=256), nullable=True))
         batch_op.add_column(sa.Column("lease_expires_at", sa.DateTime(timezone=True),
@@ -115,5 +118,5 @@ def downgrade() -> None:
             {"request_id": rid, "shard_id": s.shard_id, "stage": s.stage, "run": s.run,
              "round": s.round, "status": "pending", "deliveries": s.deliveries,
              "created_at": now} for s in live for rid in s.request_ids])
-    op.drop_index("ix_shard_stages_live", table_name="shard_stages")
+    op.drop_index("ix_shard_stages_status_lease", table_name="shard_stages")
     op.drop_table("shard_stages")

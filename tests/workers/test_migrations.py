@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-pytestmark = pytest.mark.unit
 
-
+@pytest.mark.unit
 def test_migrating_an_empty_store_to_head_matches_the_models(tmp_path: Path) -> None:
     from workers.store.engine import get_engine
     from workers.store.migrate import upgrade
@@ -28,63 +26,63 @@ def test_migrating_an_empty_store_to_head_matches_the_models(tmp_path: Path) -> 
     assert diff == []
 
 
-def test_live_stage_runs_become_pending_shard_stages(tmp_path: Path) -> None:
+@pytest.mark.integration
+def test_live_stage_runs_become_pending_shard_stages(empty_store_url: str) -> None:
     """0006 moves the per-item leases into one shard stage per (shard, stage, run, round):
     a store upgraded mid-job keeps its unfinished work, as pending shard stages the
-    reconciler re-drives, and its finished stage runs as they were."""
+    reconciler re-drives, and its finished stage runs as they were; a downgrade turns them
+    back into a pending row per item."""
     import sqlalchemy as sa
     from alembic import command
 
     from workers.store.engine import get_engine
     from workers.store.migrate import alembic_config, upgrade
 
-    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    url = empty_store_url
     upgrade(url, "0005")
     engine = get_engine(url)
-    now = "2026-12-01 00:00:00"
-    try:
-        with engine.begin() as conn:
-            conn.execute(sa.text("insert into tenants (id, created_at) values ('t', :now)"),
-                         {"now": now})
+    now = "2026-12-01 00:00:00+00:00"
+    with engine.begin() as conn:
+        conn.execute(sa.text("insert into tenants (id, created_at) values ('t', :now)"),
+                     {"now": now})
+        conn.execute(sa.text(
+            "insert into shards (id, run, lane, start_stage, request_ids, created_at) "
+            "values ('shd-1', 0, 'batch', 'router', '[\"r1\", \"r2\", \"r3\"]', :now)"),
+            {"now": now})
+        for rid in ("r1", "r2", "r3"):
             conn.execute(sa.text(
-                "insert into shards (id, run, lane, start_stage, request_ids, created_at) "
-                "values ('shd-1', 0, 'batch', 'router', '[\"r1\", \"r2\", \"r3\"]', :now)"),
-                {"now": now})
-            for rid in ("r1", "r2", "r3"):
-                conn.execute(sa.text(
-                    "insert into requests (id, custom_id, tenant_id, grants, kind, payload, "
-                    "lane, status, run, pinned_versions, drift_policy, citations, "
-                    "prompt_tokens, completion_tokens, created_at, admitted_at) values "
-                    "(:id, :id, 't', '[]', 'answer', '{}', 'batch', 'running', 0, '{}', "
-                    "'follow', '[]', 0, 0, :now, :now)"), {"id": rid, "now": now})
-            rows = [("r1", "router", "done", 1), ("r2", "router", "done", 1),
-                    ("r3", "router", "done", 1), ("r1", "retrieval", "running", 2),
-                    ("r2", "retrieval", "pending", 0)]
-            for rid, stage, status, deliveries in rows:
-                conn.execute(sa.text(
-                    "insert into stage_runs (request_id, shard_id, stage, run, round, status, "
-                    "deliveries, redrives, created_at) values "
-                    "(:rid, 'shd-1', :stage, 0, 0, :status, :deliveries, 0, :now)"),
-                    {"rid": rid, "stage": stage, "status": status, "deliveries": deliveries,
-                     "now": now})
-        command.upgrade(alembic_config(url), "head")
-        with engine.connect() as conn:
-            stages = conn.execute(sa.text(
-                "select shard_id, stage, request_ids, status, deliveries from shard_stages"
-            )).all()
-            runs = conn.execute(sa.text("select request_id, stage, status from stage_runs "
-                                        "order by id")).all()
-        command.downgrade(alembic_config(url), "0005")  # and back: one pending row an item
-        with engine.connect() as conn:
-            restored = conn.execute(sa.text(
-                "select request_id, stage, status, deliveries from stage_runs "
-                "where status <> 'done' order by request_id")).all()
-    finally:
-        engine.dispose()
-    assert [(s.shard_id, s.stage, s.status, s.deliveries) for s in stages] == [
+                "insert into requests (id, custom_id, tenant_id, grants, kind, payload, "
+                "lane, status, run, pinned_versions, drift_policy, citations, "
+                "prompt_tokens, completion_tokens, created_at, admitted_at) values "
+                "(:id, :id, 't', '[]', 'answer', '{}', 'batch', 'running', 0, '{}', "
+                "'follow', '[]', 0, 0, :now, :now)"), {"id": rid, "now": now})
+        rows = [("r1", "router", "done", 1), ("r2", "router", "done", 1),
+                ("r3", "router", "done", 1), ("r1", "retrieval", "running", 2),
+                ("r2", "retrieval", "pending", 0)]
+        for rid, stage, status, deliveries in rows:
+            conn.execute(sa.text(
+                "insert into stage_runs (request_id, shard_id, stage, run, round, status, "
+                "deliveries, redrives, created_at) values "
+                "(:rid, 'shd-1', :stage, 0, 0, :status, :deliveries, 0, :now)"),
+                {"rid": rid, "stage": stage, "status": status, "deliveries": deliveries,
+                 "now": now})
+    command.upgrade(alembic_config(url), "head")
+    stages = sa.table("shard_stages", sa.column("shard_id"), sa.column("stage"),
+                      sa.column("status"), sa.column("deliveries"),
+                      sa.column("request_ids", sa.JSON()))
+    with engine.connect() as conn:
+        moved = conn.execute(sa.select(stages)).all()
+        runs = conn.execute(sa.text("select request_id, stage, status from stage_runs "
+                                    "order by id")).all()
+    assert [(s.shard_id, s.stage, s.status, s.deliveries) for s in moved] == [
         ("shd-1", "retrieval", "pending", 2)]
-    assert sorted(json.loads(stages[0].request_ids)) == ["r1", "r2"]
+    assert sorted(moved[0].request_ids) == ["r1", "r2"]
     assert [tuple(r) for r in runs] == [("r1", "router", "done"), ("r2", "router", "done"),
                                         ("r3", "router", "done")]
+    command.downgrade(alembic_config(url), "0005")
+    with engine.connect() as conn:
+        restored = conn.execute(sa.text(
+            "select request_id, stage, status, deliveries from stage_runs "
+            "where status <> 'done' order by request_id")).all()
     assert [tuple(r) for r in restored] == [("r1", "retrieval", "pending", 2),
                                             ("r2", "retrieval", "pending", 2)]

@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 
 from schemas.events import EventKind
 from schemas.requests import RequestLine
-from schemas.status import DriftPolicy, Lane, Stage, StageRunStatus, Status
+from schemas.status import DriftPolicy, Lane, ShardStageStatus, Stage, Status
 from tests.services import Pipeline, wait_until
 
 pytestmark = [pytest.mark.integration]
@@ -170,7 +170,7 @@ def test_a_stage_delivered_twice_commits_once(pipeline: Pipeline) -> None:
     route_shard.apply(args=(hop,))
     # Then one output per request and one set of route decisions
     rows = _router_rows(pipeline, hop["shard_id"])
-    assert len(rows) == 3 and all(r.status == StageRunStatus.DONE for r in rows)
+    assert len(rows) == 3 and all(r.status == ShardStageStatus.DONE for r in rows)
     assert all(r.deliveries == 1 for r in rows)
     decisions = _events(pipeline.settings, EventKind.ROUTE_DECISION)
     assert all(decisions[(r.request_id, 0)] == 1 for r in rows)
@@ -206,7 +206,7 @@ def _running_generation(pipeline: Pipeline, job_id: str) -> list[str]:
         return list(session.scalars(
             select(ShardStage.lease_owner).join(Shard, Shard.id == ShardStage.shard_id)
             .where(Shard.job_id == job_id, ShardStage.stage == Stage.GENERATION,
-                   ShardStage.status == StageRunStatus.RUNNING)))
+                   ShardStage.status == ShardStageStatus.RUNNING)))
 
 
 def _claims_after(pipeline: Pipeline, job_id: str, moment: float) -> float | None:

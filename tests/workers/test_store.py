@@ -115,7 +115,7 @@ def test_a_repeated_idempotency_key_enqueues_again_only_a_never_delivered_first_
     with session_scope(store_url) as session:
         taken = claim(session, StageKey(first[0].hop, Stage.ROUTER),
                       LeaseOwner("host", 1, "task"), lease_s=30)
-    assert taken.request_ids == [request_id]
+    assert taken.lease is not None and taken.lease.request_ids == [request_id]
     with session_scope(store_url) as session:
         third, none = admit_one(session, _line("once", key="key-2"), VERSIONS,
                                 DriftPolicy.STRICT, Lane.ONLINE)
@@ -175,8 +175,8 @@ def test_a_commit_after_the_lease_was_taken_over_writes_nothing(store_url: str) 
     from workers.store.engine import session_scope
     from workers.store.models import AuditEvent, ShardStage, StageRun
     from workers.store.stage_runs import (
-        Claim,
         ClaimState,
+        Lease,
         LeaseLost,
         LeaseOwner,
         StageCommit,
@@ -193,19 +193,19 @@ def test_a_commit_after_the_lease_was_taken_over_writes_nothing(store_url: str) 
     key = StageKey(admitted.dispatches[0].hop, Stage.ROUTER)
     first, second = LeaseOwner("host", 1, "first"), LeaseOwner("host", 2, "second")
     with session_scope(store_url) as session:
-        taken = claim(session, key, first, lease_s=30)
-    assert taken.state == ClaimState.CLAIMED and len(taken.request_ids) == 3
+        taken = claim(session, key, first, lease_s=30).lease
+    assert taken is not None and len(taken.request_ids) == 3
     with session_scope(store_url) as session:  # held and live: a second delivery waits
         assert claim(session, key, second, lease_s=30).state == ClaimState.BUSY
     with session_scope(store_url) as session:  # the first lease runs out
-        session.execute(update(ShardStage).where(ShardStage.id == taken.lease_id)
+        session.execute(update(ShardStage).where(ShardStage.id == taken.id)
                         .values(lease_expires_at=utcnow() - timedelta(seconds=1)))
     with session_scope(store_url) as session:
-        retaken = claim(session, key, second, lease_s=30)
-    assert retaken.lease_id == taken.lease_id and retaken.deliveries == 2
+        retaken = claim(session, key, second, lease_s=30).lease
+    assert retaken is not None and retaken.id == taken.id and retaken.deliveries == 2
     assert sorted(retaken.request_ids) == sorted(taken.request_ids)
 
-    def work(owner: LeaseOwner, held: Claim) -> StageCommit:
+    def work(owner: LeaseOwner, held: Lease) -> StageCommit:
         results = [ItemResult(request_id=rid, output={"by": owner.task_id})
                    for rid in held.request_ids]
         events = [AuditRecord(request_id=rid, kind=EventKind.ROUTE_DECISION,
@@ -240,3 +240,67 @@ def test_a_commit_after_the_lease_was_taken_over_writes_nothing(store_url: str) 
             ShardStage.shard_id == key.hop.shard_id,
             ShardStage.stage == Stage.RETRIEVAL.value)).all()
         assert [sorted(ids) for ids in opened] == [sorted(taken.request_ids)]
+
+
+def test_a_resubmitted_key_finds_the_undelivered_first_stage_of_a_replay(
+        store_url: str) -> None:
+    """After a replay the request's current run is a new shard: a resubmit with its key
+    re-dispatches that shard's first stage while no worker has received it, and the audit
+    trail shows it waiting there."""
+    from workers.store.admission import admit_one
+    from workers.store.engine import session_scope
+    from workers.store.models import Request
+    from workers.store.operators import audit_trail, replay
+
+    with session_scope(store_url) as session:
+        request_id, _ = admit_one(session, _line("replayed", key="key-3"), VERSIONS,
+                                  DriftPolicy.STRICT, Lane.ONLINE)
+    with session_scope(store_url) as session:  # it ended (say it failed) before routing
+        session.execute(update(Request).where(Request.id == request_id)
+                        .values(status="failed"))
+    with session_scope(store_url) as session:
+        replayed = replay(session, request_id, Stage.ROUTER, VERSIONS,
+                          follow_current_versions=False)
+    assert replayed.hop.run == 1
+    with session_scope(store_url) as session:
+        again, dispatches = admit_one(session, _line("replayed", key="key-3"), VERSIONS,
+                                      DriftPolicy.STRICT, Lane.ONLINE)
+        waiting = audit_trail(session, request_id)["waiting"]
+    assert again == request_id and dispatches == [replayed]
+    assert [(s.stage, s.run, s.status, s.deliveries) for s in waiting] == [
+        ("router", 1, "pending", 0)]
+
+
+def test_a_request_cancelled_while_waiting_replays_from_the_stage_that_held_it(
+        store_url: str) -> None:
+    """Routed, then cancelled while its retrieval shard stage was pending: a replay from
+    retrieval reuses the routing (retrieval held it); one from generation, which it never
+    reached, is refused."""
+    from schemas.stages import ItemResult
+    from workers.store.admission import AdmissionError, admit_job
+    from workers.store.engine import session_scope
+    from workers.store.operators import cancel_job, replay
+    from workers.store.stage_runs import LeaseOwner, StageCommit, StageKey, claim, commit
+
+    with session_scope(store_url) as session:
+        admitted = admit_job(session, name="cancel.jsonl", content=uuid.uuid4().bytes,
+                             lines=[_line("waits")], malformed=[], line_numbers=[1],
+                             versions=VERSIONS, drift_policy=DriftPolicy.STRICT, shard_size=4)
+    key = StageKey(admitted.dispatches[0].hop, Stage.ROUTER)
+    owner = LeaseOwner("host", 1, "router")
+    with session_scope(store_url) as session:
+        lease = claim(session, key, owner, lease_s=30).lease
+    assert lease is not None
+    (request_id,) = lease.request_ids
+    with session_scope(store_url) as session:
+        commit(session, StageCommit(key, owner, lease, [ItemResult(
+            request_id=request_id, output={"answer_class": "grounded_answer"})], [], {}, 0.1))
+    with session_scope(store_url) as session:
+        assert cancel_job(session, admitted.job_id) == 1
+    with session_scope(store_url) as session, \
+            pytest.raises(AdmissionError, match="never reached generation"):
+        replay(session, request_id, Stage.GENERATION, VERSIONS, follow_current_versions=False)
+    with session_scope(store_url) as session:
+        replayed = replay(session, request_id, Stage.RETRIEVAL, VERSIONS,
+                          follow_current_versions=False)
+    assert (replayed.stage, replayed.hop.run) == (Stage.RETRIEVAL, 1)

@@ -241,7 +241,7 @@ def test_a_tool_over_its_timeout_is_an_error_result_and_its_writes_roll_back(
     assert _count(seeded_url, ToolCallRecord, id=slow_write.call_id, executions=2) == 1
 
 
-@pytest.mark.parametrize("store_url", ["postgres"], indirect=True)  # statement timeouts
+@pytest.mark.parametrize("empty_store_url", ["postgres"], indirect=True)  # statement timeouts
 def test_postgres_cancels_a_tool_stuck_on_a_lock_at_its_timeout(seeded_url: str) -> None:
     from workers.store.engine import get_engine
     from workers.store.models import TicketNote
@@ -260,7 +260,7 @@ def test_postgres_cancels_a_tool_stuck_on_a_lock_at_its_timeout(seeded_url: str)
     assert _count(seeded_url, TicketNote) == 0
 
 
-@pytest.mark.parametrize("store_url", ["postgres"], indirect=True)  # statement timeouts
+@pytest.mark.parametrize("empty_store_url", ["postgres"], indirect=True)  # statement timeouts
 def test_a_tool_leaves_the_callers_statement_timeout_as_it_was(seeded_url: str) -> None:
     from workers.store.engine import session_scope
     from workers.store.records import execute

@@ -6,6 +6,7 @@ import hashlib
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import func, insert, select
 from sqlalchemy.exc import IntegrityError
@@ -14,7 +15,7 @@ from sqlalchemy.orm import Session
 from schemas.events import EventKind
 from schemas.requests import MalformedLine, RequestLine
 from schemas.stages import Hop
-from schemas.status import DriftPolicy, Lane, Stage, StageRunStatus, Status
+from schemas.status import DriftPolicy, Lane, ShardStageStatus, Stage, Status
 from schemas.versions import VersionTuple
 from workers.store.models import AuditEvent, Job, Request, Shard, ShardStage, Tenant
 from workers.store.timeutil import utcnow
@@ -65,7 +66,8 @@ def admit_job(session: Session, *, name: str, content: bytes, lines: list[Reques
         # A concurrent admission of the same file won; its insert waited for its commit,
         # so everything it admitted is visible now: resume it.
         return AdmittedJob(job_id, False, resume_dispatches(session, job_id), malformed)
-    requests = [_new_request(line, request_id_for(job_id, line.custom_id), versions,
+    pinned = versions.model_dump()
+    requests = [_new_request(line, request_id_for(job_id, line.custom_id), pinned,
                              drift_policy, lane, job_id, line_no)
                 for line, line_no in zip(lines, line_numbers, strict=True)]
     dispatches = _persist(session, requests, job_id, lane, shard_size)
@@ -83,7 +85,7 @@ def admit_one(session: Session, line: RequestLine, versions: VersionTuple,
             return existing, _undelivered(session, existing)
     scope = line.idempotency_key or uuid.uuid4().hex
     request = _new_request(line, request_id_for(f"{line.tenant}:{scope}", line.custom_id),
-                           versions, drift_policy, lane, None, None)
+                           versions.model_dump(), drift_policy, lane, None, None)
     try:
         with session.begin_nested():
             dispatches = _persist(session, [request], None, lane, 1)
@@ -93,7 +95,7 @@ def admit_one(session: Session, line: RequestLine, versions: VersionTuple,
         if existing is None:
             raise
         return existing, _undelivered(session, existing)
-    return request.id, dispatches
+    return str(request["id"]), dispatches
 
 
 def _by_idempotency_key(session: Session, line: RequestLine) -> str | None:
@@ -102,73 +104,79 @@ def _by_idempotency_key(session: Session, line: RequestLine) -> str | None:
 
 
 def _undelivered(session: Session, request_id: str) -> list[Dispatch]:
-    """The first stage of an upstream request's current run (a shard of one), if it is
-    still pending and no worker ever received it."""
-    request = session.execute(select(Request.status, Request.run, Request.job_id)
-                              .where(Request.id == request_id)).one()
+    """The first stage of the request's current run, if it is still pending and no worker
+    ever received it."""
+    request = session.get_one(Request, request_id)
     if request.status != Status.QUEUED.value:
         return []
-    shard_id = shard_id_for([request_id], request.job_id, request.run, index=request.run)
-    row = session.execute(
-        select(ShardStage.shard_id, ShardStage.stage, ShardStage.run, ShardStage.round,
-               Shard.lane)
-        .join(Shard, Shard.id == ShardStage.shard_id)
-        .where(ShardStage.shard_id == shard_id, ShardStage.run == request.run,
-               ShardStage.status == StageRunStatus.PENDING.value, ShardStage.deliveries == 0,
-               ShardStage.stage == Shard.start_stage)).first()
-    if row is None:
-        return []
-    return [Dispatch(Hop(shard_id=row.shard_id, run=row.run, round=row.round), Stage(row.stage),
-                     Lane(row.lane))]
+    for stage, shard in live_shard_stages(session, request):
+        if stage.status == ShardStageStatus.PENDING.value and stage.deliveries == 0 \
+                and stage.stage == shard.start_stage and stage.round == 0:
+            return [Dispatch(Hop(shard_id=shard.id, run=stage.run), Stage(stage.stage),
+                             Lane(shard.lane))]
+    return []
 
 
-def _new_request(line: RequestLine, request_id: str, versions: VersionTuple,
+def live_shard_stages(session: Session, request: Request) -> list[tuple[ShardStage, Shard]]:
+    """The pending or running shard stages that hold the request in its current run, with
+    their shard: its work still to do."""
+    job = Shard.job_id.is_(None) if request.job_id is None else Shard.job_id == request.job_id
+    rows = session.execute(
+        select(ShardStage, Shard).join(Shard, Shard.id == ShardStage.shard_id)
+        .where(job, ShardStage.run == request.run,
+               ShardStage.status != ShardStageStatus.DONE.value)
+        .order_by(ShardStage.id)).all()
+    return [(stage, shard) for stage, shard in rows if request.id in stage.request_ids]
+
+
+def _new_request(line: RequestLine, request_id: str, pinned: dict[str, Any],
                  drift_policy: DriftPolicy, lane: Lane, job_id: str | None,
-                 line_no: int | None) -> Request:
+                 line_no: int | None) -> dict[str, Any]:
+    """A request's row, queued, with its pinned versions."""
     now = utcnow()
     deadline = now + timedelta(seconds=line.deadline_s) if line.deadline_s else None
-    return Request(id=request_id, job_id=job_id, line_no=line_no, custom_id=line.custom_id,
-                   tenant_id=line.tenant, grants=line.grants, kind=line.request.kind,
-                   payload=line.request.model_dump(), lane=lane.value, status=Status.QUEUED.value,
-                   run=0, pinned_versions=versions.model_dump(), drift_policy=drift_policy.value,
-                   deadline_at=deadline, idempotency_key=line.idempotency_key, citations=[],
-                   created_at=now, admitted_at=now)
+    return {"id": request_id, "job_id": job_id, "line_no": line_no,
+            "custom_id": line.custom_id, "tenant_id": line.tenant, "grants": line.grants,
+            "kind": line.request.kind, "payload": line.request.model_dump(),
+            "lane": lane.value, "status": Status.QUEUED.value, "run": 0,
+            "pinned_versions": pinned, "drift_policy": drift_policy.value,
+            "deadline_at": deadline, "idempotency_key": line.idempotency_key, "citations": [],
+            "prompt_tokens": 0, "completion_tokens": 0, "created_at": now, "admitted_at": now}
 
 
-def _persist(session: Session, requests: list[Request], job_id: str | None, lane: Lane,
+def _persist(session: Session, requests: list[dict[str, Any]], job_id: str | None, lane: Lane,
              shard_size: int) -> list[Dispatch]:
-    ensure_tenants(session, {r.tenant_id for r in requests})
-    session.add_all(requests)
-    session.flush()
-    session.execute(insert(AuditEvent), [
-        {"request_id": r.id, "stage": None, "run": 0, "round": 0, "kind": EventKind.ADMITTED,
-         "payload": {"job_id": job_id, "versions": r.pinned_versions,
-                     "drift_policy": r.drift_policy, "lane": lane.value}}
+    """Insert the requests and their admission events (Core executemany statements, not
+    the ORM's unit of work: a job can be large), then cut them into shards."""
+    ensure_tenants(session, {r["tenant_id"] for r in requests})
+    connection = session.connection()
+    connection.execute(insert(Request.__table__), requests)
+    connection.execute(insert(AuditEvent.__table__), [
+        {"request_id": r["id"], "stage": None, "run": 0, "round": 0,
+         "kind": EventKind.ADMITTED, "created_at": r["admitted_at"],
+         "payload": {"job_id": job_id, "versions": r["pinned_versions"],
+                     "drift_policy": r["drift_policy"], "lane": lane.value}}
         for r in requests])
     dispatches = []
     for start in range(0, len(requests), shard_size):
-        members = [r.id for r in requests[start:start + shard_size]]
+        members = [r["id"] for r in requests[start:start + shard_size]]
         shard_id = new_shard(session, members, job_id, run=0, lane=lane, stage=Stage.ROUTER,
                              index=start // shard_size)
         dispatches.append(Dispatch(Hop(shard_id=shard_id, run=0), Stage.ROUTER, lane))
     return dispatches
 
 
-def shard_id_for(request_ids: list[str], job_id: str | None, run: int, index: int) -> str:
-    seed = f"{job_id}:{run}:{index}:{','.join(request_ids)}"
-    return "shd-" + hashlib.sha256(seed.encode()).hexdigest()[:20]
-
-
 def new_shard(session: Session, request_ids: list[str], job_id: str | None, *, run: int,
               lane: Lane, stage: Stage, index: int = 0) -> str:
     """A shard and its first stage, pending."""
-    shard_id = shard_id_for(request_ids, job_id, run, index)
+    seed = f"{job_id}:{run}:{index}:{','.join(request_ids)}"
+    shard_id = "shd-" + hashlib.sha256(seed.encode()).hexdigest()[:20]
     session.add(Shard(id=shard_id, job_id=job_id, run=run, lane=lane.value,
                       start_stage=stage.value, request_ids=request_ids))
     session.flush()
     session.execute(insert(ShardStage).values(
         shard_id=shard_id, stage=stage.value, run=run, round=0, request_ids=request_ids,
-        status=StageRunStatus.PENDING.value, deliveries=0, redrives=0, created_at=utcnow()))
+        status=ShardStageStatus.PENDING.value, deliveries=0, redrives=0, created_at=utcnow()))
     return shard_id
 
 
@@ -195,7 +203,7 @@ def resume_dispatches(session: Session, job_id: str) -> list[Dispatch]:
         select(ShardStage.shard_id, ShardStage.stage, ShardStage.run, ShardStage.round,
                Shard.lane)
         .join(Shard, Shard.id == ShardStage.shard_id)
-        .where(Shard.job_id == job_id, ShardStage.status != StageRunStatus.DONE.value)
+        .where(Shard.job_id == job_id, ShardStage.status != ShardStageStatus.DONE.value)
         .order_by(ShardStage.id)).all()
     return [Dispatch(Hop(shard_id=r.shard_id, run=r.run, round=r.round), Stage(r.stage),
                      Lane(r.lane)) for r in rows]

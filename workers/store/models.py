@@ -19,7 +19,6 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
-    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -120,9 +119,7 @@ class ShardStage(Base):
     __tablename__ = "shard_stages"
     __table_args__ = (
         UniqueConstraint("shard_id", "stage", "run", "round", name="uq_shard_stages_key"),
-        # The reconciler's scan: live rows only, so the index stays small.
-        Index("ix_shard_stages_live", "status", "lease_expires_at",
-              postgresql_where=text("status <> 'done'"), sqlite_where=text("status <> 'done'")),
+        Index("ix_shard_stages_status_lease", "status", "lease_expires_at"),  # the reconciler
     )
     id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
     shard_id: Mapped[str] = mapped_column(ForeignKey("shards.id"))
@@ -132,7 +129,8 @@ class ShardStage(Base):
     request_ids: Mapped[list[Any]] = mapped_column(JSON)
     status: Mapped[str] = mapped_column(String(16))
     deliveries: Mapped[int] = mapped_column(Integer, default=0)
-    # The reconciler's re-drives of a pending row back off: not again before redrive_after.
+    # The reconciler's re-drives of a pending shard stage back off: not again before
+    # redrive_after.
     redrives: Mapped[int] = mapped_column(Integer, default=0)
     redrive_after: Mapped[datetime | None] = mapped_column(Timestamp)
     lease_owner: Mapped[str | None] = mapped_column(String(256))

@@ -10,9 +10,9 @@ from sqlalchemy.orm import Session
 
 from schemas.events import EventKind
 from schemas.stages import Hop
-from schemas.status import DriftPolicy, Lane, Stage, StageRunStatus, Status
+from schemas.status import DriftPolicy, Lane, ShardStageStatus, Stage, Status
 from schemas.versions import VersionTuple
-from workers.store.admission import AdmissionError, Dispatch, new_shard
+from workers.store.admission import AdmissionError, Dispatch, live_shard_stages, new_shard
 from workers.store.models import AuditEvent, Job, Request, StageRun
 from workers.store.timeutil import as_utc, utcnow
 
@@ -27,7 +27,8 @@ def failed_requests(session: Session, job_id: str | None = None, limit: int = 10
 
 
 def audit_trail(session: Session, request_id: str) -> dict[str, Any]:
-    """A request, its stage runs and its events, oldest first."""
+    """A request, its stage runs, the shard stages still holding it (pending or running,
+    with their deliveries) and its events, oldest first."""
     request = session.get(Request, request_id)
     if request is None:
         raise AdmissionError(f"no request with id {request_id!r}")
@@ -35,7 +36,9 @@ def audit_trail(session: Session, request_id: str) -> dict[str, Any]:
                                  .order_by(StageRun.run, StageRun.round, StageRun.id)).all()
     events = session.scalars(select(AuditEvent).where(AuditEvent.request_id == request_id)
                              .order_by(AuditEvent.id)).all()
-    return {"request": request, "stage_runs": list(stage_rows), "events": list(events)}
+    waiting = [stage for stage, _ in live_shard_stages(session, request)]
+    return {"request": request, "stage_runs": list(stage_rows), "waiting": waiting,
+            "events": list(events)}
 
 
 def cancel_job(session: Session, job_id: str) -> int:
@@ -69,7 +72,7 @@ def replay(session: Session, request_id: str, from_stage: Stage, current: Versio
     if request.status in ACTIVE:
         raise AdmissionError(f"request {request_id} is still {request.status}; replay ends work")
     previous_run, run = request.run, request.run + 1
-    _require_stage_reached(session, request_id, previous_run, from_stage)
+    _require_stage_reached(session, request, from_stage)
     _copy_earlier_stages(session, request_id, previous_run, run, from_stage)
     policy = DriftPolicy.FOLLOW if follow_current_versions else DriftPolicy.STRICT
     if follow_current_versions:
@@ -97,16 +100,19 @@ def _replay_shard(session: Session, request: Request, run: int, from_stage: Stag
     return shard_id
 
 
-def _require_stage_reached(session: Session, request_id: str, run: int, stage: Stage) -> None:
+def _require_stage_reached(session: Session, request: Request, stage: Stage) -> None:
     """Replaying from a stage reuses earlier decisions only if they passed the request on:
-    a refusal by the router is never skipped by replaying from retrieval."""
+    a refusal by the router is never skipped by replaying from retrieval. Reached means the
+    stage ran for it in its current run, or holds it still (cancelled while waiting there)."""
     if stage == Stage.ROUTER:
         return
-    reached = session.scalar(select(StageRun.id).where(
-        StageRun.request_id == request_id, StageRun.run == run, StageRun.stage == stage.value))
-    if reached is None:
-        raise AdmissionError(f"request {request_id} never reached {stage} in run {run}; "
-                             f"replay it from an earlier stage")
+    ran = session.scalar(select(StageRun.id).where(
+        StageRun.request_id == request.id, StageRun.run == request.run,
+        StageRun.stage == stage.value).limit(1))
+    if ran is None and not any(s.stage == stage.value
+                               for s, _ in live_shard_stages(session, request)):
+        raise AdmissionError(f"request {request.id} never reached {stage} in run "
+                             f"{request.run}; replay it from an earlier stage")
 
 
 def _copy_earlier_stages(session: Session, request_id: str, previous_run: int, run: int,
@@ -114,7 +120,7 @@ def _copy_earlier_stages(session: Session, request_id: str, previous_run: int, r
     earlier = [s.value for s in Stage][: list(Stage).index(from_stage)]
     rows = session.scalars(select(StageRun).where(
         StageRun.request_id == request_id, StageRun.run == previous_run,
-        StageRun.stage.in_(earlier), StageRun.status == StageRunStatus.DONE.value)).all()
+        StageRun.stage.in_(earlier), StageRun.status == ShardStageStatus.DONE.value)).all()
     found = {r.stage for r in rows}
     missing = [s for s in earlier if s not in found]
     if missing:
@@ -123,7 +129,7 @@ def _copy_earlier_stages(session: Session, request_id: str, previous_run: int, r
     now = utcnow()
     for row in rows:
         session.add(StageRun(request_id=request_id, shard_id=row.shard_id, stage=row.stage,
-                             run=run, round=0, status=StageRunStatus.DONE.value, deliveries=0,
+                             run=run, round=0, status=ShardStageStatus.DONE.value, deliveries=0,
                              created_at=now, finished_at=now, duration_s=0.0,
                              served_versions=row.served_versions, output=row.output))
     session.flush()

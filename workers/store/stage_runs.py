@@ -1,9 +1,15 @@
-"""Claims, leases and commits of stage runs: exactly-once effects over at-least-once delivery."""
+"""Claims, leases and commits of shard stages: exactly-once effects over at-least-once delivery.
+
+A message delivers one stage of one shard for one (run, round): its `ShardStage` row. A
+delivery claims it under a lease, computes, then commits the shard stage done, one
+`StageRun` per item, request outcomes, audit events and the next shard stage, in one
+transaction, and only while it still holds the lease.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
@@ -13,25 +19,25 @@ from sqlalchemy import bindparam, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from schemas.stages import REPAIR, AuditRecord, Hop, ItemRecord, ItemResult
-from schemas.status import Stage, StageRunStatus, Status
+from schemas.status import ShardStageStatus, Stage, Status
 from workers.store.models import AuditEvent, Request, Shard, ShardStage, StageRun
 from workers.store.timeutil import utcnow
 
-RUNNING = StageRunStatus.RUNNING.value
-PENDING = StageRunStatus.PENDING.value
-DONE = StageRunStatus.DONE.value
+RUNNING = ShardStageStatus.RUNNING.value
+PENDING = ShardStageStatus.PENDING.value
+DONE = ShardStageStatus.DONE.value
 ACTIVE = (Status.QUEUED.value, Status.RUNNING.value)
 
 
 class LeaseLost(RuntimeError):
-    """Another delivery took this stage run over; this one must not commit."""
+    """Another delivery took this shard stage over; this one must not commit."""
 
 
 class ClaimState(StrEnum):
     CLAIMED = "claimed"  # this delivery computes
     BUSY = "busy"  # another live delivery holds the lease
     DONE = "done"  # already committed: forward, do not recompute
-    EMPTY = "empty"  # no rows: every item ended earlier
+    EMPTY = "empty"  # no such shard stage: every item ended earlier
 
 
 @dataclass(frozen=True)
@@ -45,12 +51,19 @@ class StageKey:
 
 
 @dataclass(frozen=True)
+class Lease:
+    """A claimed shard stage: what this delivery computes and must commit."""
+
+    id: int  # the shard stage's
+    request_ids: list[str]
+    deliveries: int  # of the shard stage, this one included
+    claimed_at: datetime
+
+
+@dataclass(frozen=True)
 class Claim:
     state: ClaimState
-    lease_id: int | None = None  # the shard stage this delivery holds
-    request_ids: list[str] = field(default_factory=list)
-    deliveries: int = 0  # of the shard stage, this one included
-    started_at: datetime | None = None
+    lease: Lease | None = None  # set when CLAIMED
 
 
 @dataclass(frozen=True)
@@ -102,15 +115,24 @@ def claim(session: Session, key: StageKey, owner: LeaseOwner, lease_s: float) ->
             return Claim(ClaimState.EMPTY)
         if found.status == DONE:
             return Claim(ClaimState.DONE)
-        holder = LeaseOwner.parse(found.lease_owner or "")
-        if found.status == RUNNING and holder and holder.host == owner.host \
-                and process_is_gone(holder.pid):
-            taken = _take(session, key, owner, lease_s,
-                          (ShardStage.status == RUNNING)
-                          & (ShardStage.lease_owner == found.lease_owner), now)
+        taken = _take_from_dead_owner(session, key, owner, lease_s, found, now)
         if taken is None:
             return Claim(ClaimState.BUSY)
-    return Claim(ClaimState.CLAIMED, taken.id, list(taken.request_ids), taken.deliveries, now)
+    return Claim(ClaimState.CLAIMED,
+                 Lease(taken.id, list(taken.request_ids), taken.deliveries, now))
+
+
+def _take_from_dead_owner(session: Session, key: StageKey, owner: LeaseOwner, lease_s: float,
+                          found: Any, now: datetime) -> Any:
+    """The shard stage, if its lease holder is a process of this host that is gone. The
+    UPDATE re-checks the holder, so two deliveries cannot both take it over."""
+    holder = LeaseOwner.parse(found.lease_owner or "")
+    if found.status != RUNNING or holder is None or holder.host != owner.host \
+            or not process_is_gone(holder.pid):
+        return None
+    return _take(session, key, owner, lease_s,
+                 (ShardStage.status == RUNNING) & (ShardStage.lease_owner == found.lease_owner),
+                 now)
 
 
 def _take(session: Session, key: StageKey, owner: LeaseOwner, lease_s: float, claimable: Any,
@@ -199,7 +221,7 @@ class StageCommit:
 
     key: StageKey
     owner: LeaseOwner
-    claim: Claim
+    lease: Lease
     results: list[ItemResult]
     events: list[AuditRecord]
     served_versions: dict[str, Any]
@@ -222,15 +244,14 @@ def commit(session: Session, work: StageCommit) -> Committed:
     commits. A stage run is unique on (request, stage, run, round): a second commit of the
     same work fails instead of recording it twice.
     """
-    claimed = work.claim.request_ids
+    claimed = work.lease.request_ids
     covered = [r.request_id for r in work.results]
     if len(covered) != len(set(covered)) or set(covered) != set(claimed):
         raise ValueError(f"{work.key.stage} returned results for {sorted(covered)}, "
                          f"claimed {sorted(claimed)}")
-    assert work.claim.lease_id is not None, "commit needs a claimed shard stage"
     now = utcnow()
     finished = session.execute(
-        update(ShardStage).where(*_held(work.claim.lease_id, work.owner))
+        update(ShardStage).where(*_held(work.lease.id, work.owner))
         .values(status=DONE, finished_at=now, lease_expires_at=None)
         .execution_options(synchronize_session=False))
     if finished.rowcount != 1:  # type: ignore[attr-defined]
@@ -272,8 +293,8 @@ def _stage_run(work: StageCommit, result: ItemResult, now: datetime) -> dict[str
     outcome = result.outcome
     return {"request_id": result.request_id, "shard_id": work.key.hop.shard_id,
             "stage": work.key.stage.value, "run": work.key.hop.run, "round": work.key.hop.round,
-            "status": DONE, "deliveries": work.claim.deliveries,
-            "created_at": work.claim.started_at or now, "started_at": work.claim.started_at,
+            "status": DONE, "deliveries": work.lease.deliveries,
+            "created_at": work.lease.claimed_at, "started_at": work.lease.claimed_at,
             "finished_at": now, "duration_s": work.duration_s,
             "served_versions": work.served_versions, "output": result.output,
             "outcome_status": outcome.status.value if outcome else None,
@@ -318,7 +339,7 @@ def shard_lane(session: Session, shard_id: str) -> str:
 
 
 def next_stage_waiting(session: Session, key: StageKey) -> bool:
-    """True when the next stage's rows exist and nobody has claimed them yet."""
+    """True when the next shard stage exists and nobody has claimed it yet."""
     nxt = key.stage.next
     if nxt is None:
         return False
