@@ -109,8 +109,7 @@ class StageTask(Task):  # type: ignore[misc]
         # The lease is renewed from the claim on: warm-up and hashing count as work too.
         with _lease_heartbeat(settings.database_url, lease.id, owner, settings.lease_s):
             with session_scope(settings.database_url) as session:
-                states = runs.request_states(session, ids)
-                records = runs.load_records(session, ids, key)
+                states, records = runs.load_shard(session, ids, key)
             served = runtime.served_versions(key.stage)
             decided, events = _decide_before_stage(key.stage, key.hop.run, states,
                                                    lease.deliveries, served,

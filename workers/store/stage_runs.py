@@ -168,35 +168,6 @@ def _held(lease_id: int, owner: LeaseOwner) -> list[Any]:
             ShardStage.status == RUNNING]
 
 
-def load_records(session: Session, request_ids: list[str], key: StageKey) -> list[ItemRecord]:
-    """Active requests of the claim with every earlier stage's latest output for this run up
-    to this round; a repair round of generation also gets the last round's draft and verdict."""
-    requests = session.execute(select(Request.id, Request.tenant_id, Request.grants, Request.kind,
-                                      Request.payload)
-                               .where(Request.id.in_(request_ids))).all()
-    previous: dict[str, dict[str, dict[str, Any]]] = {rid: {} for rid in request_ids}
-    earlier = [s.value for s in Stage][: list(Stage).index(key.stage)]
-    if earlier:
-        for row in session.execute(select(StageRun.request_id, StageRun.stage, StageRun.output)
-                                   .where(StageRun.request_id.in_(request_ids),
-                                          StageRun.run == key.hop.run,
-                                          StageRun.stage.in_(earlier), StageRun.status == DONE,
-                                          StageRun.round <= key.hop.round)
-                                   .order_by(StageRun.round)):  # a later round overrides
-            previous[row.request_id][row.stage] = row.output or {}
-    if key.stage == Stage.GENERATION and key.hop.round > 0:
-        for row in session.execute(select(StageRun.request_id, StageRun.stage, StageRun.output)
-                                   .where(StageRun.request_id.in_(request_ids),
-                                          StageRun.run == key.hop.run, StageRun.status == DONE,
-                                          StageRun.stage.in_([Stage.GENERATION.value,
-                                                              Stage.VALIDATION.value]),
-                                          StageRun.round == key.hop.round - 1)):
-            previous[row.request_id].setdefault(REPAIR, {})[row.stage] = row.output or {}
-    return [ItemRecord(request_id=r.id, tenant=r.tenant_id, grants=r.grants, kind=r.kind,
-                       payload=r.payload, previous=previous[r.id], round=key.hop.round)
-            for r in requests]
-
-
 @dataclass(frozen=True)
 class RequestState:
     status: Status
@@ -206,13 +177,52 @@ class RequestState:
     deadline_at: datetime | None
 
 
-def request_states(session: Session, request_ids: list[str]) -> dict[str, RequestState]:
-    rows = session.execute(
-        select(Request.id, Request.status, Request.run, Request.pinned_versions,
-               Request.drift_policy, Request.deadline_at)
+def load_shard(session: Session, request_ids: list[str],
+               key: StageKey) -> tuple[dict[str, RequestState], list[ItemRecord]]:
+    """The claimed requests' states (status, run, pin, deadline: what decides whether the
+    stage runs for each) and records, in one read of their rows; each record carries every
+    earlier stage's latest output for this run up to this round, and a repair round of
+    generation also the last round's draft and verdict."""
+    requests = session.execute(
+        select(Request.id, Request.tenant_id, Request.grants, Request.kind, Request.payload,
+               Request.status, Request.run, Request.pinned_versions, Request.drift_policy,
+               Request.deadline_at)
         .where(Request.id.in_(request_ids))).all()
-    return {r.id: RequestState(Status(r.status), r.run, r.pinned_versions, r.drift_policy,
-                               r.deadline_at) for r in rows}
+    previous = _previous_outputs(session, request_ids, key)
+    states = {r.id: RequestState(Status(r.status), r.run, r.pinned_versions, r.drift_policy,
+                                 r.deadline_at) for r in requests}
+    records = [ItemRecord(request_id=r.id, tenant=r.tenant_id, grants=r.grants, kind=r.kind,
+                          payload=r.payload, previous=previous[r.id], round=key.hop.round)
+               for r in requests]
+    return states, records
+
+
+def load_records(session: Session, request_ids: list[str], key: StageKey) -> list[ItemRecord]:
+    """The claimed requests' records, as `load_shard` reads them."""
+    return load_shard(session, request_ids, key)[1]
+
+
+def _previous_outputs(session: Session, request_ids: list[str],
+                      key: StageKey) -> dict[str, dict[str, dict[str, Any]]]:
+    previous: dict[str, dict[str, dict[str, Any]]] = {rid: {} for rid in request_ids}
+    earlier = [s.value for s in Stage][: list(Stage).index(key.stage)]
+    if earlier:
+        for row in session.execute(select(StageRun.request_id, StageRun.stage, StageRun.output)
+                                   .where(StageRun.request_id.in_(request_ids),
+                                          StageRun.run == key.hop.run,
+                                          StageRun.stage.in_(earlier),
+                                          StageRun.round <= key.hop.round)
+                                   .order_by(StageRun.round)):  # a later round overrides
+            previous[row.request_id][row.stage] = row.output or {}
+    if key.stage == Stage.GENERATION and key.hop.round > 0:
+        for row in session.execute(select(StageRun.request_id, StageRun.stage, StageRun.output)
+                                   .where(StageRun.request_id.in_(request_ids),
+                                          StageRun.run == key.hop.run,
+                                          StageRun.stage.in_([Stage.GENERATION.value,
+                                                              Stage.VALIDATION.value]),
+                                          StageRun.round == key.hop.round - 1)):
+            previous[row.request_id].setdefault(REPAIR, {})[row.stage] = row.output or {}
+    return previous
 
 
 @dataclass
