@@ -189,7 +189,8 @@ class TransformersBackend:
         logits = self._forward(ids, mask, positions, cache)
         while True:
             chosen = self._choose(logits, [rows[i] for i in live])
-            keep = [k for k, i in enumerate(live) if self._advance(rows[i], chosen[k]) is None]
+            tokens = chosen.tolist()  # one copy from the device a step, not one a row
+            keep = [k for k, i in enumerate(live) if self._advance(rows[i], tokens[k]) is None]
             if not keep:
                 return
             if len(keep) < len(live):
@@ -221,9 +222,8 @@ class TransformersBackend:
                                     row.request.policy.top_p, row.sampler)
         return chosen.to(torch.long)
 
-    def _advance(self, row: _Row, token: Any) -> str | None:
+    def _advance(self, row: _Row, token_id: int) -> str | None:
         """Append one token; returns the finish reason when the row is done."""
-        token_id = int(token)
         policy = row.request.policy
         if row.constraint is not None and (token_id not in self._eos or policy.ignore_eos):
             row.constraint.accept(token_id)
