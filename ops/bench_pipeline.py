@@ -11,7 +11,7 @@ the same engine alone, on the same prompts and the same model, in one run.
    ops/examples/retrieval_eval.jsonl) is timed from admission until every request is
    terminal: T_pipeline. Its tokens and engine figures come from its model-call events.
 2. Engine alone: with the workers stopped, this process rebuilds the generation stage's
-   inputs of that job from the store (`load_records`, run 0 round 0, as the worker loads
+   inputs of that job from the store (`load_shard`, run 0 round 0, as the worker loads
    them) and calls the generation stage function `compute_generation` (generation_input,
    then generate on the engine) on a fresh `Runtime`, i.e. a fresh GenerationEngine over
    TransformersBackend with the worker's settings. `--engine-submit shards` (default): the
@@ -189,7 +189,7 @@ class PipelineBench(Bench):
         from schemas.status import Stage
         from workers.store.engine import session_scope
         from workers.store.models import Request, StageRun
-        from workers.store.stage_runs import StageKey, load_records
+        from workers.store.stage_runs import StageKey, load_shard
 
         with session_scope(self.settings.database_url) as session:
             shards: dict[str, list[str]] = defaultdict(list)
@@ -201,8 +201,8 @@ class PipelineBench(Bench):
                     .order_by(Request.line_no)):
                 if rid in request_ids:
                     shards[shard_id].append(rid)
-            return [load_records(session, ids, StageKey(Hop(shard_id=sid, run=0, round=0),
-                                                        Stage.GENERATION))
+            return [load_shard(session, ids, StageKey(Hop(shard_id=sid, run=0, round=0),
+                                                      Stage.GENERATION))[1]
                     for sid, ids in shards.items()]
 
     def stage_spans(self, job: JobRun) -> dict[str, dict[str, float]]:

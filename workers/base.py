@@ -73,8 +73,8 @@ class StageTask(Task):  # type: ignore[misc]
         except TRANSIENT_ERRORS as exc:  # nothing claimed yet: just try the message again
             raise self.retry(exc=exc, countdown=self._backoff_s(runtime),
                              max_retries=runtime.settings.max_retries) from exc
-        lease = claim.lease
-        if claim.state != runs.ClaimState.CLAIMED or lease is None:
+        lease = claim.lease  # set exactly when CLAIMED
+        if lease is None:
             raise Ignore()  # another live delivery computes, or nothing is left
         try:
             self._run_claimed(runtime, key, owner, lease, compute)

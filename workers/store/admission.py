@@ -18,6 +18,7 @@ from schemas.stages import Hop
 from schemas.status import DriftPolicy, Lane, ShardStageStatus, Stage, Status
 from schemas.versions import VersionTuple
 from workers.store.models import AuditEvent, Job, Request, Shard, ShardStage, Tenant
+from workers.store.stage_runs import pending_shard_stage
 from workers.store.timeutil import utcnow
 
 
@@ -174,9 +175,8 @@ def new_shard(session: Session, request_ids: list[str], job_id: str | None, *, r
     session.add(Shard(id=shard_id, job_id=job_id, run=run, lane=lane.value,
                       start_stage=stage.value, request_ids=request_ids))
     session.flush()
-    session.execute(insert(ShardStage).values(
-        shard_id=shard_id, stage=stage.value, run=run, round=0, request_ids=request_ids,
-        status=ShardStageStatus.PENDING.value, deliveries=0, redrives=0, created_at=utcnow()))
+    session.execute(insert(ShardStage.__table__).values(
+        pending_shard_stage(shard_id, stage, run, 0, request_ids, utcnow())))
     return shard_id
 
 

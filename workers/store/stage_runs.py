@@ -197,11 +197,6 @@ def load_shard(session: Session, request_ids: list[str],
     return states, records
 
 
-def load_records(session: Session, request_ids: list[str], key: StageKey) -> list[ItemRecord]:
-    """The claimed requests' records, as `load_shard` reads them."""
-    return load_shard(session, request_ids, key)[1]
-
-
 def _previous_outputs(session: Session, request_ids: list[str],
                       key: StageKey) -> dict[str, dict[str, dict[str, Any]]]:
     previous: dict[str, dict[str, dict[str, Any]]] = {rid: {} for rid in request_ids}
@@ -286,10 +281,17 @@ def commit(session: Session, work: StageCommit) -> Committed:
         opened.append((Stage.GENERATION, work.key.hop.round + 1, repair))
     if opened:
         connection.execute(insert(ShardStage.__table__), [
-            {"shard_id": work.key.hop.shard_id, "stage": stage.value, "run": work.key.hop.run,
-             "round": round_, "request_ids": ids, "status": PENDING, "deliveries": 0,
-             "redrives": 0, "created_at": now} for stage, round_, ids in opened])
+            pending_shard_stage(work.key.hop.shard_id, stage, work.key.hop.run, round_, ids, now)
+            for stage, round_, ids in opened])
     return Committed(onward if nxt is not None else [], repair)
+
+
+def pending_shard_stage(shard_id: str, stage: Stage, run: int, round_: int,
+                        request_ids: list[str], now: datetime) -> dict[str, Any]:
+    """The row of a shard stage that waits for its first delivery."""
+    return {"shard_id": shard_id, "stage": stage.value, "run": run, "round": round_,
+            "request_ids": request_ids, "status": PENDING, "deliveries": 0, "redrives": 0,
+            "created_at": now}
 
 
 # Plain executemany: psycopg pipelines the rows through one prepared statement. (With
