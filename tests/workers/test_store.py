@@ -304,3 +304,54 @@ def test_a_request_cancelled_while_waiting_replays_from_the_stage_that_held_it(
         replayed = replay(session, request_id, Stage.RETRIEVAL, VERSIONS,
                           follow_current_versions=False)
     assert (replayed.stage, replayed.hop.run) == (Stage.RETRIEVAL, 1)
+
+
+def test_bulk_insert_writes_what_an_insert_writes_and_refuses_incomplete_rows(
+        store_url: str) -> None:
+    """Postgres takes the rows by COPY, SQLite by executemany: the same values come back
+    (JSON, None as JSON null, enum members, aware timestamps); a row that leaves out a
+    column with a model default is refused rather than stored with NULL."""
+    from schemas.events import EventKind
+    from workers.store.admission import admit_one
+    from workers.store.bulk import insert_rows
+    from workers.store.engine import session_scope
+    from workers.store.models import AuditEvent, Request
+
+    with session_scope(store_url) as session:
+        request_id, _ = admit_one(session, _line("bulk-1"), VERSIONS, DriftPolicy.STRICT)
+    now = utcnow()
+    rows = [{"request_id": request_id, "stage": "router", "run": 0, "round": 0,
+             "kind": EventKind.ROUTE_DECISION, "payload": {"quote": "it's \"x\"\n\t\\", "n": 1.5,
+                                                           "nested": [None, {"k": True}]},
+             "created_at": now},
+            {"request_id": request_id, "stage": None, "run": 0, "round": 1,
+             "kind": EventKind.DRIFT, "payload": None, "created_at": now}]
+    with session_scope(store_url) as session:
+        insert_rows(session.connection(), AuditEvent.__table__, rows)
+    with session_scope(store_url) as session:
+        stored = session.execute(select(AuditEvent.stage, AuditEvent.round, AuditEvent.kind,
+                                        AuditEvent.payload, AuditEvent.created_at)
+                                 .where(AuditEvent.request_id == request_id,
+                                        AuditEvent.kind != "admitted")
+                                 .order_by(AuditEvent.id)).all()
+        assert [(s.stage, s.round, s.kind, s.payload) for s in stored] == [
+            ("router", 0, "route_decision", rows[0]["payload"]), (None, 1, "drift", None)]
+        assert all(abs((s.created_at.replace(tzinfo=now.tzinfo) - now).total_seconds()) < 1e-3
+                   for s in stored)
+    with session_scope(store_url) as session, pytest.raises(ValueError, match="created_at"):
+        insert_rows(session.connection(), Request.__table__, [{"id": "req-x"}])
+
+
+def test_bulk_insert_raises_a_duplicate_as_sqlalchemy_does(store_url: str) -> None:
+    from sqlalchemy.exc import IntegrityError
+
+    from workers.store.admission import admit_one
+    from workers.store.bulk import insert_rows
+    from workers.store.engine import session_scope
+    from workers.store.models import Tenant
+
+    with session_scope(store_url) as session:
+        admit_one(session, _line("dup-1"), VERSIONS, DriftPolicy.STRICT)
+    with session_scope(store_url) as session, pytest.raises(IntegrityError):
+        insert_rows(session.connection(), Tenant.__table__,
+                    [{"id": "acme", "created_at": utcnow()}])

@@ -17,6 +17,7 @@ from schemas.requests import MalformedLine, RequestLine
 from schemas.stages import Hop
 from schemas.status import DriftPolicy, Lane, ShardStageStatus, Stage, Status
 from schemas.versions import VersionTuple
+from workers.store.bulk import insert_rows
 from workers.store.models import AuditEvent, Job, Request, Shard, ShardStage, Tenant
 from workers.store.stage_runs import pending_shard_stage
 from workers.store.timeutil import utcnow
@@ -147,12 +148,12 @@ def _new_request(line: RequestLine, request_id: str, pinned: dict[str, Any],
 
 def _persist(session: Session, requests: list[dict[str, Any]], job_id: str | None, lane: Lane,
              shard_size: int) -> list[Dispatch]:
-    """Insert the requests and their admission events (Core executemany statements, not
-    the ORM's unit of work: a job can be large), then cut them into shards."""
+    """Insert the requests and their admission events (in bulk, not through the ORM's unit
+    of work: a job can be large), then cut them into shards."""
     ensure_tenants(session, {r["tenant_id"] for r in requests})
     connection = session.connection()
-    connection.execute(insert(Request.__table__), requests)
-    connection.execute(insert(AuditEvent.__table__), [
+    insert_rows(connection, Request.__table__, requests)
+    insert_rows(connection, AuditEvent.__table__, [
         {"request_id": r["id"], "stage": None, "run": 0, "round": 0,
          "kind": EventKind.ADMITTED, "created_at": r["admitted_at"],
          "payload": {"job_id": job_id, "versions": r["pinned_versions"],

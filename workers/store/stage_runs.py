@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from schemas.stages import REPAIR, AuditRecord, Hop, ItemRecord, ItemResult
 from schemas.status import ShardStageStatus, Stage, Status
+from workers.store.bulk import insert_rows
 from workers.store.models import AuditEvent, Request, Shard, ShardStage, StageRun
 from workers.store.timeutil import utcnow
 
@@ -191,8 +192,11 @@ def load_shard(session: Session, request_ids: list[str],
     previous = _previous_outputs(session, request_ids, key)
     states = {r.id: RequestState(Status(r.status), r.run, r.pinned_versions, r.drift_policy,
                                  r.deadline_at) for r in requests}
-    records = [ItemRecord(request_id=r.id, tenant=r.tenant_id, grants=r.grants, kind=r.kind,
-                          payload=r.payload, previous=previous[r.id], round=key.hop.round)
+    # Built without validating again: every field is a column this store wrote from a model
+    # validated on the way in (the request line at admission, each stage's output contract).
+    records = [ItemRecord.model_construct(request_id=r.id, tenant=r.tenant_id, grants=r.grants,
+                                          kind=r.kind, payload=r.payload,
+                                          previous=previous[r.id], round=key.hop.round)
                for r in requests]
     return states, records
 
@@ -231,6 +235,7 @@ class StageCommit:
     events: list[AuditRecord]
     served_versions: dict[str, Any]
     duration_s: float
+    queued: frozenset[str] = frozenset()  # loaded as queued: the ones to mark running
 
 
 @dataclass(frozen=True)
@@ -262,16 +267,13 @@ def commit(session: Session, work: StageCommit) -> Committed:
     if finished.rowcount != 1:  # type: ignore[attr-defined]
         raise LeaseLost(f"{work.key.stage} of shard {work.key.hop.shard_id}: the lease was "
                         f"taken over")
-    # Core statements, not the ORM's bulk paths: one statement each, no per-row bookkeeping.
     connection = session.connection()
-    if work.results:
-        connection.execute(_INSERT_RUNS, [_stage_run(work, r, now) for r in work.results])
+    insert_rows(connection, StageRun.__table__, [_stage_run(work, r, now) for r in work.results])
     _update_requests(session, work, now)
-    if work.events:
-        connection.execute(_INSERT_EVENTS, [
-            {"request_id": e.request_id, "stage": work.key.stage.value, "run": work.key.hop.run,
-             "round": work.key.hop.round, "kind": e.kind, "payload": e.payload, "created_at": now}
-            for e in work.events])
+    insert_rows(connection, AuditEvent.__table__, [
+        {"request_id": e.request_id, "stage": work.key.stage.value, "run": work.key.hop.run,
+         "round": work.key.hop.round, "kind": e.kind, "payload": e.payload, "created_at": now}
+        for e in work.events])
     going = [r for r in work.results if r.outcome is None and not r.untouched]
     onward = [r.request_id for r in going if not r.repair]
     repair = [r.request_id for r in going if r.repair]
@@ -294,13 +296,6 @@ def pending_shard_stage(shard_id: str, stage: Stage, run: int, round_: int,
             "created_at": now}
 
 
-# Plain executemany: psycopg pipelines the rows through one prepared statement. (With
-# RETURNING, SQLAlchemy would send one multi-row INSERT instead, whose long, ever-different
-# text psycopg re-parses each time: measured slower here.)
-_INSERT_RUNS = insert(StageRun.__table__)
-_INSERT_EVENTS = insert(AuditEvent.__table__)
-
-
 def _stage_run(work: StageCommit, result: ItemResult, now: datetime) -> dict[str, Any]:
     outcome = result.outcome
     return {"request_id": result.request_id, "shard_id": work.key.hop.shard_id,
@@ -316,15 +311,16 @@ def _stage_run(work: StageCommit, result: ItemResult, now: datetime) -> dict[str
 
 def _update_requests(session: Session, work: StageCommit, now: datetime) -> None:
     """Decided requests get their outcome; queued ones become running. Only a request still
-    active in this run is written, so a cancel or a newer run is never overwritten."""
+    active in this run is written, so a cancel or a newer run is never overwritten. A request
+    is queued only before the first stage of its run commits: later stages skip the write."""
     # Plain comparisons, not IN: an executemany cannot expand a list parameter.
     live = (Request.id == bindparam("rid"), Request.run == work.key.hop.run,
             or_(*(Request.status == status for status in ACTIVE)))
     ended = [_ended_row(work, r, now) for r in work.results if r.outcome and not r.untouched]
     if ended:
         session.connection().execute(update(Request).where(*live), ended)
-    onward = [r.request_id for r in work.results
-              if r.outcome is None and not r.untouched and not r.repair]
+    onward = [r.request_id for r in work.results if r.request_id in work.queued
+              and r.outcome is None and not r.untouched and not r.repair]
     if onward:
         session.execute(update(Request).where(Request.id.in_(onward),
                                               Request.status == Status.QUEUED.value)

@@ -1,0 +1,51 @@
+"""Appending many rows in one go: COPY on Postgres, an executemany INSERT elsewhere.
+
+Every stage commit appends a stage run per item and several audit events per item, and
+admission a request and an event per line. As an executemany, each row is a statement of
+its own: bound, planned and executed one at a time by the server, and built one at a time
+by the driver. COPY streams the rows into the table in one command, under the same
+constraints, triggers and transaction. The rows must be complete: a column left out gets
+the database's default, not the model's (so one with a Python-side default is refused).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+import psycopg
+from psycopg import sql
+from sqlalchemy import JSON, Connection, Table, insert
+from sqlalchemy.exc import DBAPIError
+
+from workers.store.engine import JSON_OPTIONS
+
+
+def insert_rows(connection: Connection, table: Table, rows: Sequence[dict[str, Any]]) -> None:
+    """Insert `rows` (dicts with the same keys) into `table` in the connection's transaction."""
+    if not rows:
+        return
+    columns = list(rows[0])
+    unset = [c.name for c in table.columns if c.name not in rows[0] and c.default is not None]
+    if unset:
+        raise ValueError(f"rows for {table.name} leave out {unset}, which have model defaults")
+    if connection.dialect.name != "postgresql":
+        connection.execute(insert(table), list(rows))
+        return
+    # A JSON column gets its text, as SQLAlchemy's JSON type sends it (None as JSON null).
+    encoded = [isinstance(table.columns[c].type, JSON) for c in columns]
+    statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
+        sql.Identifier(table.name), sql.SQL(", ").join(map(sql.Identifier, columns)))
+    driver = connection.connection.driver_connection
+    assert driver is not None
+    try:
+        with driver.cursor() as cursor, cursor.copy(statement) as copy:
+            for row in rows:
+                copy.write_row([orjson.dumps(row[c], option=JSON_OPTIONS).decode() if as_json
+                                else row[c] for c, as_json in zip(columns, encoded, strict=True)])
+    except psycopg.Error as exc:
+        # As SQLAlchemy would raise it (IntegrityError for a duplicate...): callers that
+        # catch those, e.g. around a savepoint, must not see the driver's own class.
+        raise DBAPIError.instance(statement.as_string(driver), None, exc, psycopg.Error,
+                                  dialect=connection.dialect) from exc
