@@ -13,13 +13,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import orjson
 import psycopg
 from psycopg import sql
 from sqlalchemy import JSON, Connection, Table, insert
 from sqlalchemy.exc import DBAPIError
 
-from workers.store.engine import JSON_OPTIONS
+from workers.store.engine import json_text
 
 
 def insert_rows(connection: Connection, table: Table, rows: Sequence[dict[str, Any]]) -> None:
@@ -42,7 +41,7 @@ def insert_rows(connection: Connection, table: Table, rows: Sequence[dict[str, A
     try:
         with driver.cursor() as cursor, cursor.copy(statement) as copy:
             for row in rows:
-                copy.write_row([orjson.dumps(row[c], option=JSON_OPTIONS).decode() if as_json
+                copy.write_row([json_text(row[c]) if as_json
                                 else row[c] for c, as_json in zip(columns, encoded, strict=True)])
     except psycopg.Error as exc:
         # As SQLAlchemy would raise it (IntegrityError for a duplicate...): callers that

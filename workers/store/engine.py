@@ -15,17 +15,17 @@ from sqlalchemy.orm import Session, sessionmaker
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 # JSON columns hold every stage's output and every audit event's payload: orjson encodes and
 # decodes them several times faster than the standard library, and writes the same JSON.
-JSON_OPTIONS = orjson.OPT_NON_STR_KEYS
+_JSON_OPTIONS = orjson.OPT_NON_STR_KEYS
 
 
-def _json_text(value: Any) -> str:
-    """SQLite stores what the serializer returns, so it must be text there."""
-    return orjson.dumps(value, option=JSON_OPTIONS).decode()
+def json_text(value: Any) -> str:
+    """A JSON column's text: SQLite stores what the serializer returns, and COPY writes text."""
+    return orjson.dumps(value, option=_JSON_OPTIONS).decode()
 
 
 def _json_bytes(value: Any) -> bytes:
     """psycopg sends bytes as they are."""
-    return orjson.dumps(value, option=JSON_OPTIONS)
+    return orjson.dumps(value, option=_JSON_OPTIONS)
 
 
 def _normalise(url: str) -> str:
@@ -53,7 +53,7 @@ def get_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         Path(url.split("///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
-                               json_serializer=_json_text, json_deserializer=orjson.loads)
+                               json_serializer=json_text, json_deserializer=orjson.loads)
         event.listen(engine, "connect", _on_sqlite_connect)
         # Take the write lock at BEGIN, so a read-then-write never dead-ends on upgrade.
         event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
