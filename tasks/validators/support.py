@@ -134,61 +134,106 @@ class SupportCalibration:
 class SupportScorer:
     """Scores (sentence, evidence) pairs in batches; the embedder loads in `warm_up()`.
 
-    Vectors are kept in a bounded LRU cache: the same chunks come back request after request,
-    and a shard's second pass (weak evidence) reads the windows of its first.
+    The same chunks come back request after request, and a shard's second pass (weak
+    evidence) reads the evidence of its first: text vectors, and each evidence's windows with
+    their vectors stacked and their words indexed, are kept in bounded LRU caches.
     """
 
-    def __init__(self, embedder: Any, cache_size: int = 20_000) -> None:
+    def __init__(self, embedder: Any, cache_size: int = 20_000, evidence_cache_size: int = 2_048,
+                 ) -> None:
         self.embedder = embedder
         self.cache_size = cache_size
+        self.evidence_cache_size = evidence_cache_size
         self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._evidence: OrderedDict[str, _Evidence] = OrderedDict()
 
     def warm_up(self) -> None:
         self.embedder.warm_up()
 
     def assess_many(self, requests: Sequence[tuple[str, str]]) -> list[SupportAssessment]:
         """One assessment per (sentence, evidence text); every text is embedded once."""
-        windows = [evidence_windows(evidence) for _, evidence in requests]
-        vectors = self._encode([s for s, _ in requests] + [w for ws in windows for w in ws])
-        return [_assess(sentence, evidence, ws, vectors)
-                for (sentence, evidence), ws in zip(requests, windows, strict=True)]
+        known = {e: self._evidence[e] for _, e in requests if e in self._evidence}
+        new = {e: evidence_windows(e) for _, e in requests if e not in known}
+        vectors = self._encode([s for s, _ in requests] + [w for ws in new.values() for w in ws])
+        profiles = known | {e: _Evidence.of(e, ws, vectors) for e, ws in new.items()}
+        _remember(self._evidence, profiles, self.evidence_cache_size)
+        return [_assess(sentence, profiles[evidence], vectors[sentence])
+                for sentence, evidence in requests]
 
     def _encode(self, texts: list[str]) -> dict[str, np.ndarray]:
         wanted = list(dict.fromkeys(texts))
         missing = [t for t in wanted if t not in self._vectors]
-        if missing:
-            self._vectors.update(zip(missing, self.embedder.encode(missing), strict=True))
-        found = {}
-        for text in wanted:
-            self._vectors.move_to_end(text)
-            found[text] = self._vectors[text]
-        while len(self._vectors) > max(self.cache_size, len(wanted)):
-            self._vectors.popitem(last=False)
+        found = dict(zip(missing, self.embedder.encode(missing), strict=True)) if missing else {}
+        found |= {t: self._vectors[t] for t in wanted if t not in found}
+        _remember(self._vectors, found, self.cache_size)
         return found
 
 
-def _assess(sentence: str, evidence: str, windows: list[str],
-            vectors: dict[str, np.ndarray]) -> SupportAssessment:
-    if not windows:
+def _remember(cache: OrderedDict[str, Any], used: dict[str, Any], size: int) -> None:
+    """Put what a batch used at the recent end of an LRU cache, then trim it to `size` (never
+    below the batch itself)."""
+    for key, value in used.items():
+        cache[key] = value
+        cache.move_to_end(key)
+    while len(cache) > max(size, len(used)):
+        cache.popitem(last=False)
+
+
+@dataclass(frozen=True)
+class _Evidence:
+    """What scoring reads of one evidence text, whatever the sentence: its windows, their
+    vectors as one matrix, which windows hold each content word, and the whole text's words
+    and headings."""
+
+    text: str
+    windows: tuple[str, ...]
+    matrix: np.ndarray | None  # one row per window
+    holders: dict[str, np.ndarray]  # content word -> 1.0 for each window that has it
+    terms: frozenset[str]
+    words: frozenset[str]
+    headings: str
+
+    @classmethod
+    def of(cls, text: str, windows: Sequence[str], vectors: dict[str, np.ndarray]) -> _Evidence:
+        holders: dict[str, np.ndarray] = {}
+        for i, window in enumerate(windows):
+            for term in _token_set(window):
+                holders.setdefault(term, np.zeros(len(windows)))[i] = 1.0
+        return cls(text, tuple(windows),
+                   np.stack([vectors[w] for w in windows]) if windows else None, holders,
+                   _token_set(text), words(text), _headings(text))
+
+    def window_coverage(self, terms: Sequence[str]) -> np.ndarray:
+        """Per window, the share of `terms` it holds (`_coverage` of each window)."""
+        hits = np.zeros(len(self.windows))
+        for term in terms:
+            held = self.holders.get(term)
+            if held is not None:
+                hits += held
+        return hits / len(terms) if terms else hits
+
+
+def _assess(sentence: str, evidence: _Evidence, vector: np.ndarray) -> SupportAssessment:
+    windows = evidence.windows
+    if evidence.matrix is None:
         return SupportAssessment(0.0, 0.0, 0.0, False, False, tuple(sorted(numbers(sentence))),
                                  tuple(names(sentence)), "")
-    cosines = np.stack([vectors[w] for w in windows]) @ vectors[sentence]
-    terms = tokenize(sentence)
-    window_cover = np.array([_coverage(terms, _token_set(w)) for w in windows])
-    alignment = 0.5 * cosines + 0.5 * window_cover
+    cosines = evidence.matrix @ vector
+    terms = _terms(sentence)
+    alignment = 0.5 * cosines + 0.5 * evidence.window_coverage(terms)
     best = int(np.argmax(alignment))
-    near = [w for w, a in zip(windows, alignment, strict=True) if a >= alignment[best] - ALIGN_SLACK]
-    coverage = _coverage(terms, _token_set(evidence))
-    context = f"{windows[best]} {_headings(evidence)}"  # "## Things We Do Not Reimburse"
+    near = [windows[i] for i in np.flatnonzero(alignment >= alignment[best] - ALIGN_SLACK)]
+    coverage = _coverage(terms, evidence.terms)
+    context = f"{windows[best]} {evidence.headings}"  # "## Things We Do Not Reimburse"
     negation, contrast = _negation(sentence, context), _contrast(sentence, windows[best])
-    score = (WEIGHT_COSINE * float(cosines.max()) + WEIGHT_COVERAGE * coverage
+    top = float(cosines.max())
+    score = (WEIGHT_COSINE * top + WEIGHT_COVERAGE * coverage
              - NEGATION_PENALTY * negation - CONTRAST_PENALTY * contrast)
-    evidence_words = words(evidence)
     return SupportAssessment(
-        score=round(score, 4), cosine=round(float(cosines.max()), 4), coverage=round(coverage, 4),
+        score=round(score, 4), cosine=round(top, 4), coverage=round(coverage, 4),
         negation=negation, contrast=contrast,
         missing_numbers=_missing_numbers(sentence, near),
-        missing_names=tuple(n for n in names(sentence) if not words(n) <= evidence_words),
+        missing_names=tuple(n for n in _names(sentence) if not words(n) <= evidence.words),
         aligned=windows[best])
 
 
@@ -208,13 +253,19 @@ def _missing_numbers(sentence: str, windows: list[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(missing))
 
 
-def _coverage(terms: list[str], available: frozenset[str]) -> float:
+def _coverage(terms: Sequence[str], available: frozenset[str]) -> float:
     return sum(t in available for t in terms) / len(terms) if terms else 0.0
 
 
 @lru_cache(maxsize=16384)
 def _token_set(text: str) -> frozenset[str]:
     return frozenset(tokenize(text))
+
+
+# A shard's claims are read twice (support, then weak evidence), and drafts repeat.
+@lru_cache(maxsize=16384)
+def _terms(sentence: str) -> tuple[str, ...]:
+    return tuple(tokenize(sentence))
 
 
 def evidence_windows(evidence: str) -> list[str]:
@@ -320,6 +371,11 @@ def _headings(evidence: str) -> str:
 def names(text: str) -> list[str]:
     """Identifiers anywhere, and capitalised words that are not the sentence's first word
     (nor stopwords): what a paraphrase must not invent."""
+    return list(_names(text))
+
+
+@lru_cache(maxsize=16384)
+def _names(text: str) -> tuple[str, ...]:
     found: list[str] = []
     for i, piece in enumerate(_pieces(text)):
         if len(piece) < 2 or not re.search(r"[A-Za-z]", piece):
@@ -327,7 +383,7 @@ def names(text: str) -> list[str]:
         identifier = bool(_IDENTIFIER.search(piece))
         if identifier or (i > 0 and piece[0].isupper() and tokenize(piece)):
             found.append(piece)
-    return list(dict.fromkeys(found))
+    return tuple(dict.fromkeys(found))
 
 
 def _negation(sentence: str, window: str) -> bool:

@@ -42,7 +42,7 @@ from tasks.validators.calibration import (
     load_pairs,
 )
 from tasks.validators.policy import check_policy
-from tasks.validators.support import SCORER_VERSION
+from tasks.validators.support import SCORER_VERSION, SupportScorer
 from tasks.validators.text import abstention_pattern, split_sentences
 
 pytestmark = [pytest.mark.unit]
@@ -515,6 +515,22 @@ def test_calibration_reaches_its_precision_and_recall(suite: ValidatorSuite) -> 
     assert c.cv_precision is not None and c.cv_precision >= 0.8
     assert c.cv_recall is not None and c.cv_recall >= 0.7
     assert held_out.confusion.precision >= 0.8 and held_out.confusion.recall >= 0.7
+
+
+def test_cached_evidence_scores_as_freshly_read_evidence_and_its_cache_stays_bounded(
+        suite: ValidatorSuite) -> None:
+    pairs = [(p.sentence, p.evidence) for p in load_pairs(PAIRS_PATH)]
+    evidence = {e for _, e in pairs}
+    # Text vectors stay cached (a text embedded in another batch may differ in the last
+    # digits); the evidence kept is capped at 3.
+    fresh = SupportScorer(suite.scorer.embedder, evidence_cache_size=3)
+
+    first = fresh.assess_many(pairs)  # one batch: every evidence read fresh
+    again = fresh.assess_many(pairs[::-1])[::-1]  # and read from the cache
+    one_by_one = [fresh.assess_many([pair])[0] for pair in pairs]  # a tiny cache, reused
+
+    assert len(evidence) > 3 and len(fresh._evidence) == 3
+    assert first == again == one_by_one
 
 
 def test_a_target_precision_picks_the_lowest_threshold_reaching_it() -> None:
