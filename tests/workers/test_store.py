@@ -355,3 +355,31 @@ def test_bulk_insert_raises_a_duplicate_as_sqlalchemy_does(store_url: str) -> No
     with session_scope(store_url) as session, pytest.raises(IntegrityError):
         insert_rows(session.connection(), Tenant.__table__,
                     [{"id": "acme", "created_at": utcnow()}])
+
+
+def test_any_of_matches_exactly_the_listed_ids_with_one_statement_for_any_length(
+        store_url: str) -> None:
+    """A shard's id list binds as one parameter (an array on Postgres, JSON on SQLite): the
+    rows listed and no others, none for an empty list, one compiled statement for all."""
+    from workers.store.admission import admit_one
+    from workers.store.among import any_of
+    from workers.store.engine import get_engine, session_scope
+    from workers.store.models import Request
+
+    with session_scope(store_url) as session:
+        ids = [admit_one(session, _line(f"any-{i}"), VERSIONS, DriftPolicy.STRICT)[0]
+               for i in range(4)]
+    statements = []
+    engine = get_engine(store_url)
+
+    def found(wanted: list[str]) -> set[str]:
+        with session_scope(store_url) as session:
+            query = select(Request.id).where(any_of(Request.id, wanted))
+            statements.append(str(query.compile(dialect=engine.dialect)))
+            return set(session.scalars(query))
+
+    assert found(ids[:3] + ["req-unknown", ids[0]]) == set(ids[:3])
+    assert found([ids[3]]) == {ids[3]}
+    assert found([]) == set()
+    assert found(["it's", 'a "quote"', "\\"]) == set()  # values bind, never spliced
+    assert len(set(statements)) == 1

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from schemas.stages import REPAIR, AuditRecord, Hop, ItemRecord, ItemResult
 from schemas.status import ShardStageStatus, Stage, Status
+from workers.store.among import any_of
 from workers.store.bulk import insert_rows
 from workers.store.models import AuditEvent, Request, Shard, ShardStage, StageRun
 from workers.store.timeutil import utcnow
@@ -188,7 +189,7 @@ def load_shard(session: Session, request_ids: list[str],
         select(Request.id, Request.tenant_id, Request.grants, Request.kind, Request.payload,
                Request.status, Request.run, Request.pinned_versions, Request.drift_policy,
                Request.deadline_at)
-        .where(Request.id.in_(request_ids))).all()
+        .where(any_of(Request.id, request_ids))).all()
     previous = _previous_outputs(session, request_ids, key)
     states = {r.id: RequestState(Status(r.status), r.run, r.pinned_versions, r.drift_policy,
                                  r.deadline_at) for r in requests}
@@ -207,7 +208,7 @@ def _previous_outputs(session: Session, request_ids: list[str],
     earlier = [s.value for s in Stage][: list(Stage).index(key.stage)]
     if earlier:
         for row in session.execute(select(StageRun.request_id, StageRun.stage, StageRun.output)
-                                   .where(StageRun.request_id.in_(request_ids),
+                                   .where(any_of(StageRun.request_id, request_ids),
                                           StageRun.run == key.hop.run,
                                           StageRun.stage.in_(earlier),
                                           StageRun.round <= key.hop.round)
@@ -215,7 +216,7 @@ def _previous_outputs(session: Session, request_ids: list[str],
             previous[row.request_id][row.stage] = row.output or {}
     if key.stage == Stage.GENERATION and key.hop.round > 0:
         for row in session.execute(select(StageRun.request_id, StageRun.stage, StageRun.output)
-                                   .where(StageRun.request_id.in_(request_ids),
+                                   .where(any_of(StageRun.request_id, request_ids),
                                           StageRun.run == key.hop.run,
                                           StageRun.stage.in_([Stage.GENERATION.value,
                                                               Stage.VALIDATION.value]),
@@ -322,7 +323,7 @@ def _update_requests(session: Session, work: StageCommit, now: datetime) -> None
     onward = [r.request_id for r in work.results if r.request_id in work.queued
               and r.outcome is None and not r.untouched and not r.repair]
     if onward:
-        session.execute(update(Request).where(Request.id.in_(onward),
+        session.execute(update(Request).where(any_of(Request.id, onward),
                                               Request.status == Status.QUEUED.value)
                         .values(status=Status.RUNNING.value)
                         .execution_options(synchronize_session=False))

@@ -1,0 +1,75 @@
+"""`column IN (a shard's ids)` as one bound list, not one parameter per id.
+
+`column.in_(ids)` renders a placeholder per id: a statement text of its own for every list
+length, which the driver parses again on every execution (psycopg caches the translation of
+statements of up to 50 parameters only) and the server plans again. A shard stage reads and
+writes its requests by id lists of the shard's size, several times per stage, so here the
+list goes as one parameter: `= ANY (array)` on Postgres, `IN (SELECT value FROM
+json_each(json array))` on SQLite. The statement text stays the same for any length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import String, bindparam
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.engine import Dialect
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.elements import BindParameter, ColumnElement
+from sqlalchemy.sql.visitors import InternalTraversal
+from sqlalchemy.types import Boolean, TypeDecorator, TypeEngine
+
+from workers.store.engine import json_text
+
+
+class _StringList(TypeDecorator[list[str]]):
+    """A list of strings as one parameter: a text array on Postgres, JSON text elsewhere."""
+
+    impl = String
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(ARRAY(String))
+        return dialect.type_descriptor(String())
+
+    def process_bind_param(self, value: list[str] | None, dialect: Dialect) -> Any:
+        values = list(value or [])
+        return values if dialect.name == "postgresql" else json_text(values)
+
+
+class AnyOf(ColumnElement[bool]):
+    """True where the column's value is one of the bound list's."""
+
+    inherit_cache = True
+    type = Boolean()
+    _is_implicitly_boolean = True  # a predicate: no `= 1` after it where booleans are ints
+    _traverse_internals = [("column", InternalTraversal.dp_clauseelement),
+                           ("values", InternalTraversal.dp_clauseelement)]
+
+    def __init__(self, column: ColumnElement[Any], values: Iterable[str]) -> None:
+        self.column = column
+        self.values: BindParameter[list[str]] = bindparam(None, list(values), type_=_StringList())
+
+    @property
+    def _from_objects(self) -> list[Any]:
+        return self.column._from_objects
+
+
+def any_of(column: Any, values: Iterable[str]) -> AnyOf:
+    """`column IN values`, with `values` bound as one list (see the module's note)."""
+    return AnyOf(column, values)
+
+
+@compiles(AnyOf)
+def _in_json_each(element: AnyOf, compiler: SQLCompiler, **kw: Any) -> str:
+    return (f"{compiler.process(element.column, **kw)} IN "
+            f"(SELECT value FROM json_each({compiler.process(element.values, **kw)}))")
+
+
+@compiles(AnyOf, "postgresql")
+def _equals_any(element: AnyOf, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"{compiler.process(element.column, **kw)} = ANY ({compiler.process(element.values, **kw)})"
