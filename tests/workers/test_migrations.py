@@ -86,3 +86,31 @@ def test_live_stage_runs_become_pending_shard_stages(empty_store_url: str) -> No
             "where status <> 'done' order by request_id")).all()
     assert [tuple(r) for r in restored] == [("r1", "retrieval", "pending", 2),
                                             ("r2", "retrieval", "pending", 2)]
+
+
+@pytest.mark.integration
+def test_the_append_only_rows_lose_their_foreign_keys_and_a_downgrade_restores_them(
+        empty_store_url: str) -> None:
+    """0007 drops the referential checks of stage_runs and audit_events (both backends), and
+    a downgrade to 0006 puts the constraints back."""
+    import sqlalchemy as sa
+    from alembic import command
+
+    from workers.store.engine import get_engine
+    from workers.store.migrate import alembic_config, upgrade
+
+    url = empty_store_url
+    upgrade(url)
+    engine = get_engine(url)
+
+    def foreign_keys() -> dict[str, list[str]]:
+        inspector = sa.inspect(engine)
+        return {t: sorted(str(k["name"]) for k in inspector.get_foreign_keys(t))
+                for t in ("stage_runs", "audit_events")}
+
+    assert foreign_keys() == {"stage_runs": [], "audit_events": []}
+    command.downgrade(alembic_config(url), "0006")
+    engine.dispose()
+    assert foreign_keys() == {
+        "stage_runs": ["fk_stage_runs_request_id_requests", "fk_stage_runs_shard_id_shards"],
+        "audit_events": ["fk_audit_events_request_id_requests"]}

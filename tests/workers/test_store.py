@@ -383,3 +383,38 @@ def test_any_of_matches_exactly_the_listed_ids_with_one_statement_for_any_length
     assert found([]) == set()
     assert found(["it's", 'a "quote"', "\\"]) == set()  # values bind, never spliced
     assert len(set(statements)) == 1
+
+
+def test_bulk_update_writes_each_rows_values_only_where_its_clauses_hold(store_url: str) -> None:
+    """One UPDATE joined to a JSON recordset on Postgres, an executemany on SQLite: each row
+    gets its own values (text, JSON, NULL, timestamps, integers), a row the extra clause
+    excludes and a request not listed keep theirs."""
+    from workers.store.admission import admit_one
+    from workers.store.bulk import update_rows
+    from workers.store.engine import session_scope
+    from workers.store.models import Request
+
+    with session_scope(store_url) as session:
+        ids = [admit_one(session, _line(f"upd-{i}"), VERSIONS, DriftPolicy.STRICT)[0]
+               for i in range(4)]
+        session.execute(update(Request).where(Request.id == ids[2]).values(run=1))
+    now = utcnow()
+    rows = [{"id": rid, "status": "failed", "finished_at": now, "error_class": "E'x",
+             "output": f"out \"{n}\"\n\t\\", "citations": [f"c{n}", {"k": None}],
+             "prompt_tokens": n, "error_message": None} for n, rid in enumerate(ids[:3])]
+    with session_scope(store_url) as session:
+        update_rows(session.connection(), Request.__table__, "id", rows, Request.run == 0)
+        update_rows(session.connection(), Request.__table__, "id", [])
+    with session_scope(store_url) as session:
+        stored = {r.id: r for r in session.execute(
+            select(Request.id, Request.status, Request.finished_at, Request.error_class,
+                   Request.output, Request.citations, Request.prompt_tokens)
+            .where(Request.id.in_(ids)))}
+    for n, rid in enumerate(ids[:2]):
+        row = stored[rid]
+        assert (row.status, row.error_class, row.output, row.citations, row.prompt_tokens) == (
+            "failed", "E'x", f"out \"{n}\"\n\t\\", [f"c{n}", {"k": None}], n)
+        assert abs((row.finished_at.replace(tzinfo=now.tzinfo) - now).total_seconds()) < 1e-3
+    for rid in (ids[2], ids[3]):  # excluded by the clause (run 1), not listed
+        assert (stored[rid].status, stored[rid].output, stored[rid].finished_at) == (
+            "queued", None, None)

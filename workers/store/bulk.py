@@ -1,4 +1,5 @@
-"""Appending many rows in one go: COPY on Postgres, an executemany INSERT elsewhere.
+"""Writing many rows in one go: COPY and one-statement updates on Postgres, executemany
+elsewhere.
 
 Every stage commit appends a stage run per item and several audit events per item, and
 admission a request and an event per line. As an executemany, each row is a statement of
@@ -6,6 +7,8 @@ its own: bound, planned and executed one at a time by the server, and built one 
 by the driver. COPY streams the rows into the table in one command, under the same
 constraints, triggers and transaction. The rows must be complete: a column left out gets
 the database's default, not the model's (so one with a Python-side default is refused).
+Updating a row per item (a validation commit ends its whole shard) is likewise one UPDATE
+joined to the rows sent as one JSON recordset.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
-from sqlalchemy import JSON, Connection, Table, insert
+from sqlalchemy import JSON, Connection, Table, bindparam, column, func, insert, update
 from sqlalchemy.exc import DBAPIError
 
+from workers.store.among import any_of
 from workers.store.engine import json_text
 
 
@@ -48,3 +52,26 @@ def insert_rows(connection: Connection, table: Table, rows: Sequence[dict[str, A
         # catch those, e.g. around a savepoint, must not see the driver's own class.
         raise DBAPIError.instance(statement.as_string(driver), None, exc, psycopg.Error,
                                   dialect=connection.dialect) from exc
+
+
+def update_rows(connection: Connection, table: Table, key: str, rows: Sequence[dict[str, Any]],
+                *where: Any) -> None:
+    """For each row (dicts with the same keys): UPDATE `table` SET the row's other columns
+    WHERE the `key` column equals the row's `key` value and every `where` clause holds."""
+    if not rows:
+        return
+    columns = [c for c in rows[0] if c != key]
+    if connection.dialect.name != "postgresql":
+        match = table.c[key] == bindparam(f"{key}_match")
+        connection.execute(update(table).where(match, *where)
+                           .values({c: bindparam(c) for c in columns}),
+                           [{f"{key}_match": r[key], **{c: r[c] for c in columns}} for r in rows])
+        return
+    given = func.json_to_recordset(bindparam("rows", list(rows), type_=JSON)).table_valued(
+        *(column(c, table.c[c].type) for c in [key, *columns])).render_derived("given",
+                                                                            with_types=True)
+    # The id list as well as the join: the rows are found by the key's index, not by a scan.
+    connection.execute(update(table)
+                       .where(table.c[key] == given.c[key],
+                              any_of(table.c[key], [r[key] for r in rows]), *where)
+                       .values({c: given.c[c] for c in columns}))

@@ -150,8 +150,10 @@ class StageRun(Base):
         UniqueConstraint("request_id", "stage", "run", "round", name="uq_stage_runs_key"),
     )
     id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
-    request_id: Mapped[str] = mapped_column(ForeignKey("requests.id"))
-    shard_id: Mapped[str] = mapped_column(ForeignKey("shards.id"))
+    # No foreign keys on the append-only rows (migration 0007): the stage commit writes them
+    # for the shard stage it holds and the requests it just loaded; nothing deletes those.
+    request_id: Mapped[str] = mapped_column(String(32))
+    shard_id: Mapped[str] = mapped_column(String(48))
     stage: Mapped[str] = mapped_column(String(32))
     run: Mapped[int] = mapped_column(Integer)
     round: Mapped[int] = mapped_column(Integer, default=0)
@@ -174,7 +176,7 @@ class AuditEvent(Base):
     __tablename__ = "audit_events"
     __table_args__ = (Index("ix_audit_events_request", "request_id", "id"),)
     id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
-    request_id: Mapped[str] = mapped_column(ForeignKey("requests.id"))
+    request_id: Mapped[str] = mapped_column(String(32))  # no foreign key: see StageRun
     stage: Mapped[str | None] = mapped_column(String(32))
     run: Mapped[int] = mapped_column(Integer, default=0)
     round: Mapped[int] = mapped_column(Integer, default=0)

@@ -15,13 +15,13 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import bindparam, insert, or_, select, update
+from sqlalchemy import insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from schemas.stages import REPAIR, AuditRecord, Hop, ItemRecord, ItemResult
 from schemas.status import ShardStageStatus, Stage, Status
 from workers.store.among import any_of
-from workers.store.bulk import insert_rows
+from workers.store.bulk import insert_rows, update_rows
 from workers.store.models import AuditEvent, Request, Shard, ShardStage, StageRun
 from workers.store.timeutil import utcnow
 
@@ -314,12 +314,11 @@ def _update_requests(session: Session, work: StageCommit, now: datetime) -> None
     """Decided requests get their outcome; queued ones become running. Only a request still
     active in this run is written, so a cancel or a newer run is never overwritten. A request
     is queued only before the first stage of its run commits: later stages skip the write."""
-    # Plain comparisons, not IN: an executemany cannot expand a list parameter.
-    live = (Request.id == bindparam("rid"), Request.run == work.key.hop.run,
-            or_(*(Request.status == status for status in ACTIVE)))
     ended = [_ended_row(work, r, now) for r in work.results if r.outcome and not r.untouched]
-    if ended:
-        session.connection().execute(update(Request).where(*live), ended)
+    # Plain comparisons, not IN: an executemany (SQLite) cannot expand a list parameter.
+    update_rows(session.connection(), Request.__table__, "id", ended,
+                Request.run == work.key.hop.run,
+                or_(*(Request.status == status for status in ACTIVE)))
     onward = [r.request_id for r in work.results if r.request_id in work.queued
               and r.outcome is None and not r.untouched and not r.repair]
     if onward:
@@ -332,7 +331,7 @@ def _update_requests(session: Session, work: StageCommit, now: datetime) -> None
 def _ended_row(work: StageCommit, result: ItemResult, now: datetime) -> dict[str, Any]:
     outcome = result.outcome
     assert outcome is not None
-    return {"rid": result.request_id, "status": outcome.status.value, "finished_at": now,
+    return {"id": result.request_id, "status": outcome.status.value, "finished_at": now,
             "error_class": outcome.error_class,
             "error_stage": work.key.stage.value if outcome.error_class else None,
             "error_message": outcome.message or None, "output": result.final_text,
