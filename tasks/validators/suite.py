@@ -132,7 +132,7 @@ class ValidatorSuite:
         if raw and all(s.abstains for s in raw):
             return self._abstain(case, "ModelAbstained", "model_abstained",
                                  "The model said the sources do not contain the answer.", draft)
-        self._check_contract_policy_citations(case)
+        self._check_contract_policy_citations(case, raw)
         return case
 
     def _forbid_output(self, case: _Case, draft: str) -> _Case:
@@ -152,7 +152,9 @@ class ValidatorSuite:
         case.output = output
         return case
 
-    def _check_contract_policy_citations(self, case: _Case) -> None:
+    def _check_contract_policy_citations(self, case: _Case, raw: list[Sentence]) -> None:
+        """`raw`: the draft's sentences, which are the claims unless the contract's model
+        names other passages."""
         item = case.item
         contract = self.contracts.for_item(item)
         parsed, reasons = (None, [self.contracts.missing_reason(item)]) if contract is None else (
@@ -163,7 +165,9 @@ class ValidatorSuite:
         case.reasons.extend(case.policy.reasons)
         if parsed is None:
             return
-        case.sentences = split_sentences(claim_passages(parsed, item.draft), self.rules.abstention)
+        passages = claim_passages(parsed, item.draft)
+        case.sentences = raw if passages == [item.draft] else split_sentences(
+            passages, self.rules.abstention)
         if case.rule.grounded:
             case.reasons.extend(check_citations(case.sentences, item))
 
