@@ -185,7 +185,6 @@ class _Evidence:
     vectors as one matrix, which windows hold each content word, and the whole text's words
     and headings."""
 
-    text: str
     windows: tuple[str, ...]
     matrix: np.ndarray | None  # one row per window
     holders: dict[str, np.ndarray]  # content word -> 1.0 for each window that has it
@@ -199,7 +198,7 @@ class _Evidence:
         for i, window in enumerate(windows):
             for term in _token_set(window):
                 holders.setdefault(term, np.zeros(len(windows)))[i] = 1.0
-        return cls(text, tuple(windows),
+        return cls(tuple(windows),
                    np.stack([vectors[w] for w in windows]) if windows else None, holders,
                    _token_set(text), words(text), _headings(text))
 
