@@ -418,3 +418,43 @@ def test_bulk_update_writes_each_rows_values_only_where_its_clauses_hold(store_u
     for rid in (ids[2], ids[3]):  # excluded by the clause (run 1), not listed
         assert (stored[rid].status, stored[rid].output, stored[rid].finished_at) == (
             "queued", None, None)
+
+
+@pytest.mark.parametrize("empty_store_url", ["postgres"], indirect=True)
+def test_a_shard_read_prepared_while_its_table_was_small_still_uses_the_index_when_it_grows(
+        store_url: str) -> None:
+    """psycopg prepares a statement after a few runs; Postgres would then keep one generic
+    plan for the connection's life, a sequential scan planned on a few rows. The store's
+    connections plan each run for its arguments, so the same read uses the index later."""
+    from sqlalchemy import text
+
+    from workers.store.among import any_of
+    from workers.store.bulk import insert_rows
+    from workers.store.engine import get_engine
+    from workers.store.models import StageRun
+
+    now = utcnow()
+
+    def rows(first: int, count: int) -> list[dict[str, Any]]:
+        return [{"request_id": f"req-{n:08d}", "shard_id": "shard-1", "stage": "router",
+                 "run": 0, "round": 0, "status": "done", "deliveries": 1, "created_at": now,
+                 "output": {"n": n}} for n in range(first, first + count)]
+
+    engine = get_engine(store_url)
+    with engine.begin() as connection:
+        insert_rows(connection, StageRun.__table__, rows(0, 20))
+    wanted = [f"req-{n:08d}" for n in (3, 7, 11)]
+    query = select(StageRun.output).where(any_of(StageRun.request_id, wanted))
+    with engine.connect() as reader:
+        for _ in range(15):  # prepared, and past the server's five custom plans
+            assert len(reader.execute(query).all()) == 3
+            reader.commit()
+        with engine.begin() as writer:
+            insert_rows(writer, StageRun.__table__, rows(20, 20_000))
+        scans = text("SELECT seq_scan, idx_scan FROM pg_stat_xact_user_tables "
+                     "WHERE relname = 'stage_runs'")  # this backend's counts not yet flushed
+        before = reader.execute(scans).one()
+        assert len(reader.execute(query).all()) == 3
+        after = reader.execute(scans).one()
+        assert after.seq_scan == before.seq_scan  # a generic plan would scan all 20,020
+        assert after.idx_scan > before.idx_scan

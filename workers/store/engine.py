@@ -58,8 +58,23 @@ def get_engine(url: str) -> Engine:
         # Take the write lock at BEGIN, so a read-then-write never dead-ends on upgrade.
         event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5,
-                         json_serializer=_json_bytes, json_deserializer=orjson.loads)
+    engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5,
+                           json_serializer=_json_bytes, json_deserializer=orjson.loads)
+    event.listen(engine, "connect", _on_postgres_connect)
+    return engine
+
+
+def _on_postgres_connect(dbapi_conn: Any, _record: Any) -> None:
+    """Plan every statement for the arguments it runs with. psycopg prepares a statement on
+    the server after a few executions, and Postgres may then keep one generic plan for the
+    connection's life: a shard's `id = ANY(...)` planned while the table held a few hundred
+    rows stays a sequential scan when it holds millions (nothing re-plans it until an
+    ANALYZE, and never where autovacuum is off). A shard stage runs a handful of statements,
+    so planning each costs microseconds per shard."""
+    autocommit = dbapi_conn.autocommit
+    dbapi_conn.autocommit = True
+    dbapi_conn.execute("SET plan_cache_mode = force_custom_plan")
+    dbapi_conn.autocommit = autocommit
 
 
 @lru_cache(maxsize=8)
