@@ -14,6 +14,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -100,12 +101,14 @@ class PromptTemplates:
         return messages, labels
 
 
+@lru_cache(maxsize=4096)  # the same chunks and instructions come back in request after request
 def escape_data(text: str) -> str:
     """Untrusted text as inert data: no tag, role marker or special token survives, because
     `<`, `>` and `&` become entities and bracketed role markers lose their bracket."""
     return _BRACKET_ROLES.sub(r"&#91;\1", escape(text, quote=False))
 
 
+@lru_cache(maxsize=4096)
 def _attribute(text: str) -> str:
     return escape(" ".join(text.split()), quote=True)
 

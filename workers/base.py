@@ -197,8 +197,9 @@ def _decide_before_stage(stage: Stage, run: int, states: dict[str, runs.RequestS
     decided: dict[str, ItemResult] = {}
     events: list[AuditRecord] = []
     now = utcnow()
+    drifts = _DriftOf(served, stage)
     for rid, state in states.items():
-        result, event = _gate_one(stage, run, rid, state, deliveries, served,
+        result, event = _gate_one(stage, run, rid, state, deliveries, drifts,
                                   max_deliveries, now)
         if result is not None:
             decided[rid] = result
@@ -207,8 +208,30 @@ def _decide_before_stage(stage: Stage, run: int, states: dict[str, runs.RequestS
     return decided, events
 
 
+class _DriftOf:
+    """A pin's drift from what serves the stage, worked out once per distinct pin: a shard's
+    requests mostly share one (their job's)."""
+
+    def __init__(self, served: VersionTuple, stage: Stage) -> None:
+        self.served = served
+        self.stage = stage
+        self.known: dict[tuple[Any, ...], dict[str, tuple[str, str]]] = {}
+
+    def __call__(self, pinned: dict[str, Any]) -> dict[str, tuple[str, str]]:
+        try:
+            key = tuple(sorted(pinned.items()))
+            drift = self.known.get(key)
+        except TypeError:  # not a pin of strings: validation below says what is wrong
+            key, drift = None, None
+        if drift is None:
+            drift = VersionTuple.model_validate(pinned).drift(self.served, self.stage)
+            if key is not None:
+                self.known[key] = drift
+        return drift
+
+
 def _gate_one(stage: Stage, run: int, rid: str, state: runs.RequestState, deliveries: int,
-              served: VersionTuple, max_deliveries: int,
+              drift_of: _DriftOf, max_deliveries: int,
               now: datetime) -> tuple[ItemResult | None, AuditRecord | None]:
     if state.status.is_terminal or state.run != run:
         # Ended earlier (cancelled, refused...) or superseded by a replay: ride along.
@@ -224,7 +247,7 @@ def _gate_one(stage: Stage, run: int, rid: str, state: runs.RequestState, delive
         return _ended(rid, Status.FAILED, "DeadlineExceeded",
                       f"deadline {deadline.isoformat()} leaves no time for {stage}",
                       EventKind.DEADLINE_EXCEEDED)
-    drift = VersionTuple.model_validate(state.pinned_versions).drift(served, stage)
+    drift = drift_of(state.pinned_versions)
     if not drift:
         return None, None
     detail = {name: {"pinned": pinned, "served": now_} for name, (pinned, now_) in drift.items()}

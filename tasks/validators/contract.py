@@ -14,6 +14,7 @@ import json
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -164,7 +165,13 @@ class ContractRegistry:
 
 def claim_passages(parsed: BaseModel, draft: str) -> list[str]:
     """The passages whose sentences must cite sources: the model's own choice, else the draft."""
-    return parsed.claim_texts() if isinstance(parsed, HasClaims) else [draft]
+    return parsed.claim_texts() if _names_claims(type(parsed)) else [draft]
+
+
+@lru_cache(maxsize=256)
+def _names_claims(model: type) -> bool:
+    """A runtime protocol check inspects the class on every call: once per model class."""
+    return issubclass(model, HasClaims)
 
 
 def _reason(code: str, message: str) -> Reason:

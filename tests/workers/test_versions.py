@@ -167,3 +167,42 @@ def test_model_version_names_backend_variants_device_and_dtype(tmp_path: Path) -
 def test_openai_backend_needs_its_server_and_model(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="SLUICE_OPENAI_BASE_URL"):
         Settings(generator_backend="openai", data_dir=tmp_path)
+
+
+def test_the_stage_gate_judges_each_requests_own_pin_in_a_shard_of_mixed_pins() -> None:
+    """Drift is worked out once per distinct pin; requests that share a pin get its verdict,
+    others their own: a strict drifted pin fails, a followed one proceeds with a drift event,
+    a pin that matches proceeds silently, a malformed one raises."""
+    from pydantic import ValidationError
+
+    from schemas.events import EventKind
+    from schemas.status import DriftPolicy, Stage, Status
+    from schemas.versions import VersionTuple
+    from workers.base import _decide_before_stage
+    from workers.store.stage_runs import RequestState
+
+    served = VersionTuple(model="m1", prompt="p1", router="r", index="i", tool_schemas="t",
+                          validators="v", decoding="d", runtime="rt")
+    old_model = served.model_copy(update={"model": "m0"}).model_dump()
+    old_router = served.model_copy(update={"router": "r0"}).model_dump()
+
+    def state(pin: dict[str, str], policy: DriftPolicy) -> RequestState:
+        return RequestState(Status.RUNNING, 0, dict(pin), policy.value, None)
+
+    states = {"same-a": state(served.model_dump(), DriftPolicy.STRICT),
+              "strict-a": state(old_model, DriftPolicy.STRICT),
+              "strict-b": state(old_model, DriftPolicy.STRICT),
+              "follow": state(old_model, DriftPolicy.FOLLOW),
+              "other-stage": state(old_router, DriftPolicy.STRICT),  # router is not generation's
+              "same-b": state(served.model_dump(), DriftPolicy.STRICT)}
+    decided, events = _decide_before_stage(Stage.GENERATION, 0, states, 1, served, 5)
+    assert sorted(decided) == ["strict-a", "strict-b"]
+    assert {d.outcome.error_class for d in decided.values() if d.outcome} == {"VersionDrift"}
+    assert sorted((e.request_id, e.payload["policy"]) for e in events) == [
+        ("follow", "follow"), ("strict-a", "strict"), ("strict-b", "strict")]
+    assert all(e.kind == EventKind.DRIFT and e.payload["components"] == {
+        "model": {"pinned": "m0", "served": "m1"}} for e in events)
+    with pytest.raises(ValidationError):
+        _decide_before_stage(Stage.GENERATION, 0, {"bad": state({"model": "m1"},
+                                                               DriftPolicy.STRICT)},
+                             1, served, 5)

@@ -14,6 +14,7 @@ joined to the rows sent as one JSON recordset.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from operator import itemgetter
 from typing import Any
 
 import psycopg
@@ -38,15 +39,27 @@ def insert_rows(connection: Connection, table: Table, rows: Sequence[dict[str, A
         return
     # A JSON column gets its text, as SQLAlchemy's JSON type sends it (None as JSON null).
     encoded = [isinstance(table.columns[c].type, JSON) for c in columns]
+    texts: dict[int, str] = {}  # by object: rows often share one value (a commit's versions)
+
+    def as_text(value: Any) -> str:
+        text = texts.get(id(value))  # every value stays alive in `rows` meanwhile
+        if text is None:
+            text = texts[id(value)] = json_text(value)
+        return text
+
     statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
         sql.Identifier(table.name), sql.SQL(", ").join(map(sql.Identifier, columns)))
     driver = connection.connection.driver_connection
     assert driver is not None
+    values_of = itemgetter(*columns)
+    as_json = [i for i, is_json in enumerate(encoded) if is_json]
     try:
         with driver.cursor() as cursor, cursor.copy(statement) as copy:
             for row in rows:
-                copy.write_row([json_text(row[c]) if as_json
-                                else row[c] for c, as_json in zip(columns, encoded, strict=True)])
+                values = list(values_of(row)) if len(columns) > 1 else [row[columns[0]]]
+                for i in as_json:
+                    values[i] = as_text(values[i])
+                copy.write_row(values)
     except psycopg.Error as exc:
         # As SQLAlchemy would raise it (IntegrityError for a duplicate...): callers that
         # catch those, e.g. around a savepoint, must not see the driver's own class.

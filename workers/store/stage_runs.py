@@ -15,7 +15,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import insert, or_, select, update
+from sqlalchemy import Connection, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from schemas.stages import REPAIR, AuditRecord, Hop, ItemRecord, ItemResult
@@ -185,12 +185,15 @@ def load_shard(session: Session, request_ids: list[str],
     stage runs for each) and records, in one read of their rows; each record carries every
     earlier stage's latest output for this run up to this round, and a repair round of
     generation also the last round's draft and verdict."""
-    requests = session.execute(
-        select(Request.id, Request.tenant_id, Request.grants, Request.kind, Request.payload,
-               Request.status, Request.run, Request.pinned_versions, Request.drift_policy,
-               Request.deadline_at)
-        .where(any_of(Request.id, request_ids))).all()
-    previous = _previous_outputs(session, request_ids, key)
+    # Core statements on the tables: these reads return plain rows, and the ORM's per-row
+    # loading machinery would cost more than the rows' decoding.
+    connection = session.connection()
+    r = Request.__table__.c
+    requests = connection.execute(
+        select(r.id, r.tenant_id, r.grants, r.kind, r.payload, r.status, r.run,
+               r.pinned_versions, r.drift_policy, r.deadline_at)
+        .where(any_of(r.id, request_ids))).all()
+    previous = _previous_outputs(connection, request_ids, key)
     states = {r.id: RequestState(Status(r.status), r.run, r.pinned_versions, r.drift_policy,
                                  r.deadline_at) for r in requests}
     # Built without validating again: every field is a column this store wrote from a model
@@ -202,25 +205,26 @@ def load_shard(session: Session, request_ids: list[str],
     return states, records
 
 
-def _previous_outputs(session: Session, request_ids: list[str],
+def _previous_outputs(connection: Connection, request_ids: list[str],
                       key: StageKey) -> dict[str, dict[str, dict[str, Any]]]:
     previous: dict[str, dict[str, dict[str, Any]]] = {rid: {} for rid in request_ids}
     earlier = [s.value for s in Stage][: list(Stage).index(key.stage)]
+    c = StageRun.__table__.c
     if earlier:
-        for row in session.execute(select(StageRun.request_id, StageRun.stage, StageRun.output)
-                                   .where(any_of(StageRun.request_id, request_ids),
-                                          StageRun.run == key.hop.run,
-                                          StageRun.stage.in_(earlier),
-                                          StageRun.round <= key.hop.round)
-                                   .order_by(StageRun.round)):  # a later round overrides
+        for row in connection.execute(select(c.request_id, c.stage, c.output)
+                                      .where(any_of(c.request_id, request_ids),
+                                             c.run == key.hop.run,
+                                             c.stage.in_(earlier),
+                                             c.round <= key.hop.round)
+                                      .order_by(c.round)):  # a later round overrides
             previous[row.request_id][row.stage] = row.output or {}
     if key.stage == Stage.GENERATION and key.hop.round > 0:
-        for row in session.execute(select(StageRun.request_id, StageRun.stage, StageRun.output)
-                                   .where(any_of(StageRun.request_id, request_ids),
-                                          StageRun.run == key.hop.run,
-                                          StageRun.stage.in_([Stage.GENERATION.value,
-                                                              Stage.VALIDATION.value]),
-                                          StageRun.round == key.hop.round - 1)):
+        for row in connection.execute(select(c.request_id, c.stage, c.output)
+                                      .where(any_of(c.request_id, request_ids),
+                                             c.run == key.hop.run,
+                                             c.stage.in_([Stage.GENERATION.value,
+                                                          Stage.VALIDATION.value]),
+                                             c.round == key.hop.round - 1)):
             previous[row.request_id].setdefault(REPAIR, {})[row.stage] = row.output or {}
     return previous
 
