@@ -114,3 +114,37 @@ def test_the_append_only_rows_lose_their_foreign_keys_and_a_downgrade_restores_t
     assert foreign_keys() == {
         "stage_runs": ["fk_stage_runs_request_id_requests", "fk_stage_runs_shard_id_shards"],
         "audit_events": ["fk_audit_events_request_id_requests"]}
+
+
+@pytest.mark.integration
+def test_request_status_leaves_the_rewritten_indexes_and_failures_keep_a_partial_one(
+        empty_store_url: str) -> None:
+    """0008 (both backends): status is in no index but a partial one of failed requests; a
+    job's requests are found by job_id; a downgrade to 0007 restores the status indexes."""
+    import sqlalchemy as sa
+    from alembic import command
+
+    from workers.store.engine import get_engine
+    from workers.store.migrate import alembic_config, upgrade
+
+    url = empty_store_url
+    upgrade(url)
+    engine = get_engine(url)
+
+    def indexes() -> dict[str, list[str]]:
+        return {str(i["name"]): list(i["column_names"])
+                for i in sa.inspect(engine).get_indexes("requests")
+                if not str(i["name"]).startswith("uq_")}
+
+    assert indexes() == {"ix_requests_job": ["job_id"], "ix_requests_failed": ["finished_at"]}
+    with engine.connect() as conn:
+        predicate = conn.execute(sa.text(
+            "SELECT pg_get_expr(indpred, indrelid) FROM pg_index "
+            "WHERE indexrelid = 'ix_requests_failed'::regclass") if engine.dialect.name ==
+            "postgresql" else sa.text(
+            "SELECT sql FROM sqlite_master WHERE name = 'ix_requests_failed'")).scalar_one()
+    assert "status" in predicate and "failed" in predicate
+    command.downgrade(alembic_config(url), "0007")
+    engine.dispose()
+    assert indexes() == {"ix_requests_job_status": ["job_id", "status"],
+                         "ix_requests_status": ["status"]}
