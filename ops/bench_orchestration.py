@@ -2,6 +2,7 @@
 
     .venv/bin/python ops/bench_orchestration.py [--items N] [--shard-sizes 1,32,64]
                                                 [--naive-items M] [--caches warm]
+                                                [--repeat R]
 
 It measures what the orchestration costs, not what a model costs: generation uses the
 `null` backend (a fixed cited sentence), while the router, retrieval (real embedder, real
@@ -26,6 +27,10 @@ chooses what they can serve:
   what is left is the orchestration (queues, leases, stage I/O, audit writes) and the
   stages' own CPU work (routing rules, sanitizer, validators).
 
+This machine is shared and noisy (run to run, a rate moves by a fifth): `--repeat R` runs
+every measurement R times, interleaved (round 1's naive, shards, then round 2's...), pairs
+each ratio within its round, and reports the median ratio with every round's value.
+
 Everything it touches is its own and is removed at the end: a fresh Postgres database
 (sluice_bench_<random>), a unique Redis key prefix, a temporary data dir, four worker
 processes (one per stage queue, concurrency 1). Exit status: 0 when every measurement ran
@@ -39,6 +44,7 @@ import json
 import os
 import secrets
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -130,6 +136,15 @@ class Measurement:
     @property
     def rate(self) -> float:
         return self.items / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class Round:
+    """One pass over every measurement: its ratios compare runs of the same pass."""
+
+    naive: Measurement
+    by_shard: dict[int, Measurement]
+    inproc: Measurement | None = None
 
 
 # -- CPU accounting --------------------------------------------------------------------------
@@ -452,11 +467,12 @@ def fmt_counts(counts: dict[str, int]) -> str:
     return " ".join(f"{status}={n}" for status, n in sorted(counts.items())) or "-"
 
 
-def report(rows: list[Measurement], naive: Measurement, by_shard: dict[int, Measurement],
-           inproc: Measurement, embed_s: float | None, cache: str) -> None:
+def report(rows: list[Measurement], rounds: list[Round], embed_s: float | None,
+           cache: str) -> None:
     print()
     print(TITLE)
-    print(f"caches: {cache}")
+    print(f"caches: {cache}" + (f"; {len(rounds)} rounds, each ratio of runs in the same "
+                                f"round, median shown" if len(rounds) > 1 else ""))
     print()
     header = (f"{'run':<24} {'items':>6} {'shards':>6} {'seconds':>8} {'items/s':>9} "
               f"{'runs/item':>9} {'events/item':>11}  statuses")
@@ -469,33 +485,40 @@ def report(rows: list[Measurement], naive: Measurement, by_shard: dict[int, Meas
     print()
     print(f"{'ratio':<24} {'value':>8} {'goal':>8}  met")
     print("-" * 48)
-    ref = {"naive": naive, "inproc": inproc}
     for name, shard, against, goal in GOALS:
-        top = by_shard.get(shard)
-        if top is None:
+        values = [v for v in (_ratio(r, shard, against) for r in rounds) if v is not None]
+        if not values:
             print(f"{name:<24} {'n/a':>8} {'>=' + f'{goal:g}x':>8}  n/a (shard {shard} not run)")
             continue
-        base = ref[against].rate
-        value = top.rate / base if base > 0 else float("inf")
+        value = statistics.median(values)
         met = "yes" if value >= goal else "NO"
-        print(f"{name:<24} {value:>7.2f}x {'>=' + f'{goal:g}x':>8}  {met}")
+        each = ("  rounds: " + ", ".join(f"{v:.2f}x" for v in values)) if len(values) > 1 else ""
+        print(f"{name:<24} {value:>7.2f}x {'>=' + f'{goal:g}x':>8}  {met}{each}")
+    naive = rounds[0].naive
     if embed_s is not None and naive.rate > 0:
         naive_s = 1 / naive.rate
         print(f"\nquery embedding alone, batched by {IN_PROCESS_SHARD}, one thread: "
               f"{embed_s * 1000:.2f} ms/query; naive run: {naive_s * 1000:.2f} ms/item")
         print(f"ceiling of any batched/naive ratio while every query embeds: "
               f"{naive_s / embed_s:.1f}x")
-    report_cpu([m for m in rows if m.cpu], naive, by_shard)
+    report_cpu([m for m in rows if m.cpu], rounds)
     failed = sum(m.counts.get("failed", 0) for m in rows)
     if failed:
         print(f"\nnote: {failed} request(s) ended failed (terminal, but see the counts above)")
 
 
+def _ratio(round_: Round, shard: int, against: str) -> float | None:
+    top = round_.by_shard.get(shard)
+    base = round_.naive if against == "naive" else round_.inproc
+    if top is None or base is None:
+        return None
+    return top.rate / base.rate if base.rate > 0 else float("inf")
+
+
 CPU_GROUPS = ("router", "retrieval", "generation", "validation", "postgres", "redis", "benchmark")
 
 
-def report_cpu(rows: list[Measurement], naive: Measurement,
-               by_shard: dict[int, Measurement]) -> None:
+def report_cpu(rows: list[Measurement], rounds: list[Round]) -> None:
     """CPU milliseconds per item by process group, and what they say about the goals: a run's
     CPU per item is F/s + P (F: each shard's fixed cost over the four stages, P: each item's),
     so shards 32 and 64 give F and P, and a goal g at shard s needs P <= naive/g - F/s. That
@@ -513,21 +536,25 @@ def report_cpu(rows: list[Measurement], naive: Measurement,
         print(f"{m.label:<24} " + " ".join(f"{m.cpu.get(g, 0.0) * 1000 / m.items:>10.2f}"
                                             for g in CPU_GROUPS)
               + f" {total * 1000 / m.items:>8.2f} {total / m.seconds:>6.2f}")
-    if not (naive.cpu and 32 in by_shard and 64 in by_shard):
-        return
-    per_item = {s: sum(by_shard[s].cpu.values()) * 1000 / by_shard[s].items for s in (32, 64)}
-    fixed = (per_item[32] - per_item[64]) / (1 / 32 - 1 / 64)
-    item = per_item[64] - fixed / 64
-    naive_ms = sum(naive.cpu.values()) * 1000 / naive.items
-    print(f"\nCPU model: F = {fixed:.1f} ms per shard (four stages), P = {item:.2f} ms per item; "
-          f"naive {naive_ms:.1f} ms per item")
-    for name, shard, against, goal in GOALS:
-        if against != "naive":
+    for n, round_ in enumerate(rounds):
+        by_shard, naive = round_.by_shard, round_.naive
+        if not (naive.cpu and 32 in by_shard and 64 in by_shard):
             continue
-        budget = naive_ms / goal - fixed / shard
-        need = (f"P <= {budget:.2f} ms" if budget > 0 else
-                f"F/{shard} alone exceeds naive/{goal:g}: no P is small enough")
-        print(f"  {name} >= {goal:g}x needs {need} (now {item:.2f})")
+        per_item = {s: sum(by_shard[s].cpu.values()) * 1000 / by_shard[s].items
+                    for s in (32, 64)}
+        fixed = (per_item[32] - per_item[64]) / (1 / 32 - 1 / 64)
+        item = per_item[64] - fixed / 64
+        naive_ms = sum(naive.cpu.values()) * 1000 / naive.items
+        which = f" (round {n + 1})" if len(rounds) > 1 else ""
+        print(f"\nCPU model{which}: F = {fixed:.1f} ms per shard (four stages), "
+              f"P = {item:.2f} ms per item; naive {naive_ms:.1f} ms per item")
+        for name, shard, against, goal in GOALS:
+            if against != "naive":
+                continue
+            budget = naive_ms / goal - fixed / shard
+            need = (f"P <= {budget:.2f} ms" if budget > 0 else
+                    f"F/{shard} alone exceeds naive/{goal:g}: no P is small enough")
+            print(f"  {name} >= {goal:g}x needs {need} (now {item:.2f})")
 
 
 def say(message: str) -> None:
@@ -560,6 +587,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="cold: every question is new, so each embeds once (default); "
                              "warm: the Redis caches serve every run, leaving orchestration "
                              "and the stages' own CPU work")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds of every measurement; each ratio compares runs of one "
+                             "round and the report shows the median over rounds (default 1)")
     parser.add_argument("--poll-s", type=float, default=0.05,
                         help="how often to poll the store for the end of a job (default 0.05)")
     args = parser.parse_args(argv)
@@ -569,6 +599,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(f"--shard-sizes must be integers, got {args.shard_sizes!r}")
     if any(s < 1 or s > 1024 for s in sizes):
         parser.error("shard sizes must be within 1..1024")
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     if args.items < 1 or (args.naive_items is not None and args.naive_items < 1):
         parser.error("--items and --naive-items must be positive")
     args.sizes = sizes
@@ -595,20 +627,25 @@ def main(argv: list[str]) -> int:
         bench.prepare_store()
         bench.start_workers()
         bench.warm_up()
-        naive = bench.through_queues("naive (shard 1)", 1, args.naive_items)
-        rows, by_shard = [naive], {1: naive}
-        for size in args.sizes:
-            if size == 1:
-                continue
-            by_shard[size] = bench.through_queues(f"shard {size}", size, args.items)
-            rows.append(by_shard[size])
+        rounds: list[Round] = []
+        for n in range(args.repeat):
+            mark = f" #{n + 1}" if n else ""  # the first pass keeps the plain labels
+            naive = bench.through_queues(f"naive (shard 1){mark}", 1, args.naive_items)
+            by_shard = {1: naive}
+            for size in args.sizes:
+                if size != 1:
+                    by_shard[size] = bench.through_queues(f"shard {size}{mark}", size, args.items)
+            rounds.append(Round(naive, by_shard))
         bench.stop_workers()  # idle workers poll Redis; give the in-process run the cores
-        inproc = bench.in_process(f"in-process limit ({IN_PROCESS_SHARD})", IN_PROCESS_SHARD,
-                                  args.items)
-        rows.append(inproc)
+        for n, round_ in enumerate(rounds):
+            mark = f" #{n + 1}" if n else ""
+            round_.inproc = bench.in_process(f"in-process limit ({IN_PROCESS_SHARD}){mark}",
+                                             IN_PROCESS_SHARD, args.items)
+        rows = [m for r in rounds for m in [r.naive, *(m for s, m in r.by_shard.items() if s != 1)]]
+        rows += [r.inproc for r in rounds if r.inproc is not None]
         embed_s = bench.embedding_cost() if args.caches == "cold" else None
         say(bench.cache_stats())
-        report(rows, naive, by_shard, inproc, embed_s, args.caches)
+        report(rows, rounds, embed_s, args.caches)
     except BaseException as exc:  # noqa: BLE001 -- report, clean up, exit 1
         status = 130 if isinstance(exc, KeyboardInterrupt) else 1
         say(f"\nERROR: {type(exc).__name__}: {exc}")

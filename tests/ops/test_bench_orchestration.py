@@ -45,7 +45,7 @@ def test_cpu_seconds_counts_this_process_and_grows_with_work() -> None:
 def test_small_warm_run_reports_ratios_cpu_and_cost_model_and_cleans_up() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
     command = [sys.executable, str(SCRIPT), "--items", "64", "--naive-items", "8",
-               "--caches", "warm"]
+               "--caches", "warm", "--repeat", "2"]
 
     done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=900)
@@ -53,10 +53,15 @@ def test_small_warm_run_reports_ratios_cpu_and_cost_model_and_cleans_up() -> Non
     assert done.returncode == 0, done.stderr[-4000:]
     out = done.stdout
     for label in ("naive (shard 1)", "shard 32", "shard 64", "in-process limit (32)"):
-        assert re.search(rf"^{re.escape(label)}\s+\d+", out, re.M), out
-    assert re.search(r"^shard32 / naive\s+[\d.]+x\s+>=20x\s+(yes|NO)$", out, re.M), out
+        for mark in ("", " #2"):  # each measurement once per round
+            assert re.search(rf"^{re.escape(label + mark)}\s+\d+", out, re.M), out
+    ratio = re.search(r"^shard32 / naive\s+([\d.]+)x\s+>=20x\s+(yes|NO)  rounds: ([\d.]+)x, "
+                      r"([\d.]+)x$", out, re.M)
+    assert ratio is not None, out
+    value, _, first, second = ratio.groups()
+    assert float(value) == pytest.approx((float(first) + float(second)) / 2, abs=0.01)  # median
     assert re.search(r"^shard 32\s+(\s+\d+\.\d\d){9}$", out, re.M), out  # the CPU table row
-    assert re.search(r"CPU model: F = -?[\d.]+ ms per shard", out), out
+    assert re.search(r"CPU model \(round 2\): F = -?[\d.]+ ms per shard", out), out
     assert "cleaned up" in done.stderr
     database = re.search(r"database (sluice_bench_\w+)", done.stderr)
     assert database is not None
