@@ -388,7 +388,8 @@ def _trail_json(trail: dict[str, Any]) -> dict[str, Any]:
         "stage_runs": [{"stage": s.stage, "run": s.run, "round": s.round, "status": s.status,
                         "deliveries": s.deliveries, "outcome": s.outcome_status,
                         "error_class": s.error_class, "duration_s": s.duration_s,
-                        "served_versions": s.served_versions} for s in trail["stage_runs"]]
+                        "served_versions": trail["served_versions"].get(
+                            s.served_versions_id or "")} for s in trail["stage_runs"]]
         + [{"stage": s.stage, "run": s.run, "round": s.round, "status": s.status,
             "deliveries": s.deliveries, "outcome": None, "error_class": None,
             "duration_s": None, "served_versions": None} for s in trail["waiting"]],

@@ -148,3 +148,53 @@ def test_request_status_leaves_the_rewritten_indexes_and_failures_keep_a_partial
     engine.dispose()
     assert indexes() == {"ix_requests_job_status": ["job_id", "status"],
                          "ix_requests_status": ["status"]}
+
+
+@pytest.mark.integration
+def test_served_versions_move_to_one_row_per_tuple_and_a_downgrade_puts_them_back(
+        empty_store_url: str) -> None:
+    """0009 (both backends): each distinct served tuple becomes one version_tuples row with
+    the application's id, each stage run names its tuple, a run without one names none; a
+    downgrade to 0008 writes the JSON back on every row."""
+    import json
+
+    import sqlalchemy as sa
+    from alembic import command
+
+    from workers.store.engine import get_engine
+    from workers.store.migrate import alembic_config, upgrade
+    from workers.store.served import versions_id
+
+    url = empty_store_url
+    upgrade(url, "0008")
+    engine = get_engine(url)
+    old = {"model": "m0", "prompt": "p", "router": "r", "index": "i", "tool_schemas": "t",
+           "validators": "v", "decoding": "d", "runtime": "rt é"}
+    new = {**old, "model": "m1"}
+    served = {"r1": old, "r2": new, "r3": old, "r4": None}
+    with engine.begin() as conn:
+        for rid, versions in served.items():
+            conn.execute(sa.text(
+                "insert into stage_runs (request_id, shard_id, stage, run, round, status, "
+                "deliveries, created_at, served_versions) values (:rid, 'shd-1', 'router', "
+                "0, 0, 'done', 1, '2026-12-01 00:00:00+00:00', :served)"),
+                {"rid": rid, "served": None if versions is None else json.dumps(versions)})
+    command.upgrade(alembic_config(url), "head")
+    with engine.connect() as conn:
+        named = dict(conn.execute(sa.text(
+            "select request_id, served_versions_id from stage_runs")).all())
+        stored = {row.id: row.versions if isinstance(row.versions, dict)
+                  else json.loads(row.versions) for row in conn.execute(sa.text(
+                      "select id, versions from version_tuples"))}
+    assert named == {"r1": versions_id(old), "r2": versions_id(new), "r3": versions_id(old),
+                     "r4": None}
+    assert stored == {versions_id(old): old, versions_id(new): new}
+    command.downgrade(alembic_config(url), "0008")
+    engine.dispose()
+    with engine.connect() as conn:
+        back = {rid: (v if isinstance(v, dict) or v is None else json.loads(v))
+                for rid, v in conn.execute(sa.text(
+                    "select request_id, served_versions from stage_runs")).all()}
+        tables = sa.inspect(conn).get_table_names()
+    assert back == served
+    assert "version_tuples" not in tables

@@ -458,3 +458,46 @@ def test_a_shard_read_prepared_while_its_table_was_small_still_uses_the_index_wh
         after = reader.execute(scans).one()
         assert after.seq_scan == before.seq_scan  # a generic plan would scan all 20,020
         assert after.idx_scan > before.idx_scan
+
+
+def test_stage_runs_name_their_served_versions_stored_once_and_the_trail_shows_them(
+        store_url: str) -> None:
+    """Two shard stages served by the same tuple store it once; a third, by another tuple,
+    adds one row; each stage run names its own, and the audit trail reads them back."""
+    from schemas.stages import ItemResult
+    from workers.store.admission import admit_job
+    from workers.store.engine import session_scope
+    from workers.store.models import ServedVersions, StageRun
+    from workers.store.operators import audit_trail
+    from workers.store.served import versions_id
+    from workers.store.stage_runs import LeaseOwner, StageCommit, StageKey, claim, commit
+
+    lines = [_line(f"v-{i}") for i in range(4)]
+    with session_scope(store_url) as session:
+        admitted = admit_job(session, name="served.jsonl", content=uuid.uuid4().bytes,
+                             lines=lines, malformed=[], line_numbers=[1, 2, 3, 4],
+                             versions=VERSIONS, drift_policy=DriftPolicy.FOLLOW, shard_size=2)
+    newer = VERSIONS.model_copy(update={"router": "r2"}).model_dump()
+    owner = LeaseOwner("host", 1, "task")
+    served_by = {}
+    for dispatch, versions in zip(admitted.dispatches, (VERSIONS.model_dump(), newer),
+                                  strict=True):
+        for stage in (Stage.ROUTER, Stage.RETRIEVAL):
+            key = StageKey(dispatch.hop, stage)
+            with session_scope(store_url) as session:
+                lease = claim(session, key, owner, lease_s=30).lease
+            assert lease is not None
+            results = [ItemResult(request_id=rid, output={}) for rid in lease.request_ids]
+            with session_scope(store_url) as session:
+                commit(session, StageCommit(key, owner, lease, results, [], versions, 0.1))
+            served_by.update({rid: versions for rid in lease.request_ids})
+    with session_scope(store_url) as session:
+        stored = dict(session.execute(select(ServedVersions.id, ServedVersions.versions)).all())
+        named = session.execute(select(StageRun.request_id, StageRun.served_versions_id)).all()
+        trail = audit_trail(session, named[0].request_id)
+    assert stored == {versions_id(VERSIONS.model_dump()): VERSIONS.model_dump(),
+                      versions_id(newer): newer}
+    assert len(named) == 8
+    assert all(vid == versions_id(served_by[rid]) for rid, vid in named)
+    assert [trail["served_versions"][s.served_versions_id] for s in trail["stage_runs"]] == [
+        served_by[named[0].request_id]] * 2

@@ -171,7 +171,9 @@ class StageRun(Base):
     started_at: Mapped[datetime | None] = mapped_column(Timestamp)
     finished_at: Mapped[datetime | None] = mapped_column(Timestamp)
     duration_s: Mapped[float | None] = mapped_column(Float)
-    served_versions: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # The version tuple that served it, by id (version_tuples, migration 0009): a shard
+    # stage's runs share one, so each row carries 32 characters, not the tuple's JSON.
+    served_versions_id: Mapped[str | None] = mapped_column(String(32))
     outcome_status: Mapped[str | None] = mapped_column(String(32))
     error_class: Mapped[str | None] = mapped_column(String(128))
     error_message: Mapped[str | None] = mapped_column(Text)
@@ -218,6 +220,15 @@ class Chunk(Base):
     ordinal: Mapped[int] = mapped_column(Integer)
     text: Mapped[str] = mapped_column(Text)
     acl: Mapped[list[Any]] = mapped_column(JSON)
+
+
+class ServedVersions(Base):
+    """A version tuple that served stage runs, stored once, keyed by its content hash."""
+
+    __tablename__ = "version_tuples"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    versions: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
 
 
 class IndexVersion(Base):

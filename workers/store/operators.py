@@ -14,6 +14,7 @@ from schemas.status import DriftPolicy, Lane, ShardStageStatus, Stage, Status
 from schemas.versions import VersionTuple
 from workers.store.admission import AdmissionError, Dispatch, live_shard_stages, new_shard
 from workers.store.models import AuditEvent, Job, Request, StageRun
+from workers.store.served import served_versions
 from workers.store.timeutil import as_utc, utcnow
 
 ACTIVE = (Status.QUEUED.value, Status.RUNNING.value)
@@ -28,7 +29,8 @@ def failed_requests(session: Session, job_id: str | None = None, limit: int = 10
 
 def audit_trail(session: Session, request_id: str) -> dict[str, Any]:
     """A request, its stage runs, the shard stages still holding it (pending or running,
-    with their deliveries) and its events, oldest first."""
+    with their deliveries) and its events, oldest first; and the version tuples that served
+    its stage runs, by id."""
     request = session.get(Request, request_id)
     if request is None:
         raise AdmissionError(f"no request with id {request_id!r}")
@@ -38,7 +40,9 @@ def audit_trail(session: Session, request_id: str) -> dict[str, Any]:
                              .order_by(AuditEvent.id)).all()
     waiting = [stage for stage, _ in live_shard_stages(session, request)]
     return {"request": request, "stage_runs": list(stage_rows), "waiting": waiting,
-            "events": list(events)}
+            "events": list(events),
+            "served_versions": served_versions(session, (s.served_versions_id
+                                                         for s in stage_rows))}
 
 
 def cancel_job(session: Session, job_id: str) -> int:
@@ -131,7 +135,7 @@ def _copy_earlier_stages(session: Session, request_id: str, previous_run: int, r
         session.add(StageRun(request_id=request_id, shard_id=row.shard_id, stage=row.stage,
                              run=run, round=0, status=ShardStageStatus.DONE.value, deliveries=0,
                              created_at=now, finished_at=now, duration_s=0.0,
-                             served_versions=row.served_versions, output=row.output))
+                             served_versions_id=row.served_versions_id, output=row.output))
     session.flush()
 
 

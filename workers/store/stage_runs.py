@@ -23,6 +23,7 @@ from schemas.status import ShardStageStatus, Stage, Status
 from workers.store.among import any_of
 from workers.store.bulk import insert_rows, update_rows
 from workers.store.models import AuditEvent, Request, Shard, ShardStage, StageRun
+from workers.store.served import record_served
 from workers.store.timeutil import utcnow
 
 RUNNING = ShardStageStatus.RUNNING.value
@@ -273,7 +274,9 @@ def commit(session: Session, work: StageCommit) -> Committed:
         raise LeaseLost(f"{work.key.stage} of shard {work.key.hop.shard_id}: the lease was "
                         f"taken over")
     connection = session.connection()
-    insert_rows(connection, StageRun.__table__, [_stage_run(work, r, now) for r in work.results])
+    served = record_served(connection, work.served_versions, now)
+    insert_rows(connection, StageRun.__table__,
+                [_stage_run(work, r, served, now) for r in work.results])
     _update_requests(session, work, now)
     insert_rows(connection, AuditEvent.__table__, [
         {"request_id": e.request_id, "stage": work.key.stage.value, "run": work.key.hop.run,
@@ -301,14 +304,15 @@ def pending_shard_stage(shard_id: str, stage: Stage, run: int, round_: int,
             "created_at": now}
 
 
-def _stage_run(work: StageCommit, result: ItemResult, now: datetime) -> dict[str, Any]:
+def _stage_run(work: StageCommit, result: ItemResult, served: str | None,
+               now: datetime) -> dict[str, Any]:
     outcome = result.outcome
     return {"request_id": result.request_id, "shard_id": work.key.hop.shard_id,
             "stage": work.key.stage.value, "run": work.key.hop.run, "round": work.key.hop.round,
             "status": DONE, "deliveries": work.lease.deliveries,
             "created_at": work.lease.claimed_at, "started_at": work.lease.claimed_at,
             "finished_at": now, "duration_s": work.duration_s,
-            "served_versions": work.served_versions, "output": result.output,
+            "served_versions_id": served, "output": result.output,
             "outcome_status": outcome.status.value if outcome else None,
             "error_class": outcome.error_class if outcome else None,
             "error_message": outcome.message if outcome and outcome.error_class else None}
