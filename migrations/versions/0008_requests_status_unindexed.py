@@ -6,7 +6,7 @@ a new entry each time: two indexes did (`ix_requests_status`, `ix_requests_job_s
 Updating a shard's requests cost about twice the server CPU it does without them (measured
 with /proc CPU of the backend over 16k rows). What reads by status now uses:
 - a job's requests (counts, unfinished, resume): `ix_requests_job` on job_id, then the rows;
-- failures across jobs, newest first (`sluice failures`): a partial index on finished_at
+- failures across jobs, newest first (`sluice failed`): a partial index on finished_at
   of the failed requests only, which a request enters once, when it fails.
 
 Revision ID: 0008

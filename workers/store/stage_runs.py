@@ -189,11 +189,11 @@ def load_shard(session: Session, request_ids: list[str],
     # Core statements on the tables: these reads return plain rows, and the ORM's per-row
     # loading machinery would cost more than the rows' decoding.
     connection = session.connection()
-    r = Request.__table__.c
+    c = Request.__table__.c
     requests = connection.execute(
-        select(r.id, r.tenant_id, r.grants, r.kind, r.payload, r.status, r.run,
-               r.pinned_versions, r.drift_policy, r.deadline_at)
-        .where(any_of(r.id, request_ids))).all()
+        select(c.id, c.tenant_id, c.grants, c.kind, c.payload, c.status, c.run,
+               c.pinned_versions, c.drift_policy, c.deadline_at)
+        .where(any_of(c.id, request_ids))).all()
     previous = _previous_outputs(connection, request_ids, key)
     states = {r.id: RequestState(Status(r.status), r.run, r.pinned_versions, r.drift_policy,
                                  r.deadline_at) for r in requests}
