@@ -174,17 +174,27 @@ class StageTask(Task):  # type: ignore[misc]
 
 
 _heap_frozen = False
+# Allocations (less deallocations) between two young-generation collections. A stage builds
+# and drops a few hundred containers per item (rows, outputs, events), nearly none of them in
+# a cycle: at the default 700 a shard of 64 sets off dozens of collections that each find
+# nothing to free and push what is still in use into the older generations, which then get
+# walked too. Measured in-process on the warm benchmark: collections cost 0.028 ms of CPU per
+# item at 700, 0.004 at this value.
+YOUNG_GC_THRESHOLD = 20_000
 
 
 def _freeze_warm_heap() -> None:
     """Once a process has computed a stage, what it loaded for it (models, index, rules) lives
     as long as the process: collect once, then move every object out of the collector's
-    generations (`gc.freeze`), so later full collections walk only what tasks allocate."""
+    generations (`gc.freeze`), so later full collections walk only what tasks allocate; and
+    collect the young generation less often (see YOUNG_GC_THRESHOLD)."""
     global _heap_frozen
     if not _heap_frozen:
         _heap_frozen = True
         gc.collect()
         gc.freeze()
+        _, older, oldest = gc.get_threshold()
+        gc.set_threshold(YOUNG_GC_THRESHOLD, older, oldest)
         # Frozen objects are never collected, not even at exit, where extension modules
         # would then report them as leaked.
         atexit.register(gc.unfreeze)
@@ -215,18 +225,14 @@ class _DriftOf:
     def __init__(self, served: VersionTuple, stage: Stage) -> None:
         self.served = served
         self.stage = stage
-        self.known: dict[tuple[Any, ...], dict[str, tuple[str, str]]] = {}
+        self.known: dict[str, dict[str, tuple[str, str]]] = {}
 
-    def __call__(self, pinned: dict[str, Any]) -> dict[str, tuple[str, str]]:
-        try:
-            key = tuple(sorted(pinned.items()))
-            drift = self.known.get(key)
-        except TypeError:  # not a pin of strings: validation below says what is wrong
-            key, drift = None, None
+    def __call__(self, state: runs.RequestState) -> dict[str, tuple[str, str]]:
+        drift = self.known.get(state.pinned_versions_id)
         if drift is None:
-            drift = VersionTuple.model_validate(pinned).drift(self.served, self.stage)
-            if key is not None:
-                self.known[key] = drift
+            drift = VersionTuple.model_validate(state.pinned_versions).drift(self.served,
+                                                                             self.stage)
+            self.known[state.pinned_versions_id] = drift
         return drift
 
 
@@ -247,7 +253,7 @@ def _gate_one(stage: Stage, run: int, rid: str, state: runs.RequestState, delive
         return _ended(rid, Status.FAILED, "DeadlineExceeded",
                       f"deadline {deadline.isoformat()} leaves no time for {stage}",
                       EventKind.DEADLINE_EXCEEDED)
-    drift = drift_of(state.pinned_versions)
+    drift = drift_of(state)
     if not drift:
         return None, None
     detail = {name: {"pinned": pinned, "served": now_} for name, (pinned, now_) in drift.items()}
