@@ -26,6 +26,7 @@ from workers.store.engine import session_scope
 from workers.store.models import AuditEvent, Document, Job, Request, StageRun
 from workers.store.operators import ACTIVE, job_requests
 from workers.store.timeutil import as_utc
+from workers.store.tuples import versions_by_id
 
 
 @dataclass(frozen=True)
@@ -162,11 +163,12 @@ def execute_job(settings: Settings, job_file: Path, spawn_workers: bool,
             fleet.stop()
 
 
-def result_line(request: Request, markdown: str | None = None,
+def result_line(request: Request, versions: dict[str, Any], markdown: str | None = None,
                 cost: GenerationCost | None = None) -> dict[str, Any]:
+    """`versions`: the tuple the request pins."""
     return {"custom_id": request.custom_id, "request_id": request.id, "status": request.status,
             "output": request.output, "citations": list(request.citations or []),
-            "markdown": markdown, "versions": request.pinned_versions,
+            "markdown": markdown, "versions": versions,
             "tokens": {"prompt": request.prompt_tokens, "completion": request.completion_tokens},
             "generation": (cost or GenerationCost()).as_dict(),
             "reason": request.error_message if request.status != Status.SUCCEEDED else None}
@@ -235,8 +237,10 @@ def export_job(settings: Settings, job_id: str, out_dir: Path) -> tuple[Path, Pa
         malformed = [MalformedLine.model_validate(m) for m in job.malformed]
         markdown = rendered(session, requests)
         costs = generation_costs(session, [r.id for r in requests])
+        pins = versions_by_id(session.connection(), {r.pinned_versions_id for r in requests})
     results_path, errors_path = out_dir / "results.jsonl", out_dir / "errors.jsonl"
-    results = [result_line(r, markdown.get(r.id), costs[r.id]) for r in requests
+    results = [result_line(r, pins[r.pinned_versions_id], markdown.get(r.id), costs[r.id])
+               for r in requests
                if r.status in RESULT_STATUSES]
     errors = [{"custom_id": m.custom_id, "line": m.line_no, "status": "malformed",
                "error_class": "MalformedLine", "stage": "admission", "message": m.reason}

@@ -32,6 +32,7 @@ from workers.store.engine import session_scope
 from workers.store.models import AuditEvent, Chunk, EvalRun, Request, StageRun
 from workers.store.operators import job_requests
 from workers.store.timeutil import as_utc
+from workers.store.tuples import versions_by_id
 
 DOCUMENT_ID = re.compile(r"^[0-9a-f]{16}$")
 READ_EVENTS = (EventKind.ROUTE_DECISION, EventKind.DATA_READ, EventKind.TOOL_CALL,
@@ -230,6 +231,6 @@ def record_run(settings: Settings, report: EvalReport, job_id: str, gate: str | 
 def served_versions(settings: Settings, job_id: str) -> dict[str, str]:
     """The version tuple the job's requests were pinned to (one per run: the latest)."""
     with session_scope(settings.database_url) as session:
-        pinned = session.scalars(select(Request.pinned_versions)
+        pinned = session.scalars(select(Request.pinned_versions_id)
                                  .where(Request.job_id == job_id)).first()
-    return dict(pinned or {})
+        return dict(versions_by_id(session.connection(), [pinned]).get(pinned or "", {}))

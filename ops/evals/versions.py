@@ -16,6 +16,7 @@ from workers.settings import Settings
 from workers.store.engine import session_scope
 from workers.store.models import EvalRun, Request
 from workers.store.timeutil import as_utc
+from workers.store.tuples import versions_by_id
 
 
 def tuple_key(versions: dict[str, Any]) -> str:
@@ -50,11 +51,13 @@ def traffic_by_tuple(settings: Settings, since: datetime) -> list[TupleTraffic]:
     """Requests admitted since `since`, grouped by pinned tuple, most recent tuple first."""
     groups: dict[str, TupleTraffic] = {}
     with session_scope(settings.database_url) as session:
-        rows = session.execute(select(Request.pinned_versions, Request.status,
+        rows = session.execute(select(Request.pinned_versions_id, Request.status,
                                       Request.admitted_at, Request.finished_at,
                                       Request.prompt_tokens, Request.completion_tokens)
                                .where(Request.admitted_at >= since)).all()
-    for pinned, status, admitted, finished, prompt, completion in rows:
+        tuples = versions_by_id(session.connection(), {row[0] for row in rows})
+    for pinned_id, status, admitted, finished, prompt, completion in rows:
+        pinned = tuples[pinned_id]
         key = tuple_key(pinned)
         group = groups.setdefault(key, TupleTraffic(key, dict(pinned)))
         admitted = as_utc(admitted)

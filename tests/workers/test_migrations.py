@@ -163,7 +163,7 @@ def test_served_versions_move_to_one_row_per_tuple_and_a_downgrade_puts_them_bac
 
     from workers.store.engine import get_engine
     from workers.store.migrate import alembic_config, upgrade
-    from workers.store.served import versions_id
+    from workers.store.tuples import versions_id
 
     url = empty_store_url
     upgrade(url, "0008")
@@ -198,3 +198,60 @@ def test_served_versions_move_to_one_row_per_tuple_and_a_downgrade_puts_them_bac
         tables = sa.inspect(conn).get_table_names()
     assert back == served
     assert "version_tuples" not in tables
+
+
+@pytest.mark.integration
+def test_pinned_versions_move_to_version_tuples_and_a_downgrade_puts_them_back(
+        empty_store_url: str) -> None:
+    """0010 (both backends): each distinct pin becomes one version_tuples row with the
+    application's id (joining a tuple already stored for stage runs), each request names
+    its pin; a downgrade to 0009 writes the JSON back on every request."""
+    import json
+
+    import sqlalchemy as sa
+    from alembic import command
+
+    from workers.store.engine import get_engine
+    from workers.store.migrate import alembic_config, upgrade
+    from workers.store.tuples import versions_id
+
+    url = empty_store_url
+    upgrade(url, "0009")
+    engine = get_engine(url)
+    now = "2026-12-01 00:00:00+00:00"
+    old = {"model": "m0", "prompt": "p", "router": "r", "index": "i", "tool_schemas": "t",
+           "validators": "v", "decoding": "d", "runtime": "rt é"}
+    new = {**old, "model": "m1"}
+    pinned = {"r1": old, "r2": new, "r3": old}
+    with engine.begin() as conn:
+        conn.execute(sa.text("insert into tenants (id, created_at) values ('t', :now)"),
+                     {"now": now})
+        conn.execute(sa.text("insert into version_tuples (id, versions, created_at) "
+                             "values (:id, :versions, :now)"),
+                     {"id": versions_id(old), "versions": json.dumps(old), "now": now})
+        for rid, versions in pinned.items():
+            conn.execute(sa.text(
+                "insert into requests (id, custom_id, tenant_id, grants, kind, payload, "
+                "lane, status, run, pinned_versions, drift_policy, citations, "
+                "prompt_tokens, completion_tokens, created_at, admitted_at) values "
+                "(:id, :id, 't', '[]', 'answer', '{}', 'batch', 'queued', 0, :pin, "
+                "'follow', '[]', 0, 0, :now, :now)"),
+                {"id": rid, "pin": json.dumps(versions), "now": now})
+    command.upgrade(alembic_config(url), "head")
+    with engine.connect() as conn:
+        named = dict(conn.execute(sa.text("select id, pinned_versions_id from requests")).all())
+        stored = {row.id: row.versions if isinstance(row.versions, dict)
+                  else json.loads(row.versions) for row in conn.execute(sa.text(
+                      "select id, versions from version_tuples"))}
+        nullable = {c["name"]: c["nullable"] for c in sa.inspect(conn).get_columns("requests")}
+    assert named == {"r1": versions_id(old), "r2": versions_id(new), "r3": versions_id(old)}
+    assert stored == {versions_id(old): old, versions_id(new): new}
+    assert nullable["pinned_versions_id"] is False and "pinned_versions" not in nullable
+    command.downgrade(alembic_config(url), "0009")
+    engine.dispose()
+    with engine.connect() as conn:
+        back = {rid: v if isinstance(v, dict) else json.loads(v) for rid, v in conn.execute(
+            sa.text("select id, pinned_versions from requests")).all()}
+        columns = {c["name"] for c in sa.inspect(conn).get_columns("requests")}
+    assert back == pinned
+    assert "pinned_versions_id" not in columns

@@ -460,17 +460,18 @@ def test_a_shard_read_prepared_while_its_table_was_small_still_uses_the_index_wh
         assert after.idx_scan > before.idx_scan
 
 
-def test_stage_runs_name_their_served_versions_stored_once_and_the_trail_shows_them(
+def test_version_tuples_are_stored_once_named_by_requests_and_stage_runs_and_trailed(
         store_url: str) -> None:
-    """Two shard stages served by the same tuple store it once; a third, by another tuple,
-    adds one row; each stage run names its own, and the audit trail reads them back."""
+    """Admission stores the pinned tuple once and every request names it; two shard stages
+    served by that same tuple add no row; another tuple adds one; each stage run names its
+    own, and the audit trail reads the pin and the served tuples back."""
     from schemas.stages import ItemResult
     from workers.store.admission import admit_job
     from workers.store.engine import session_scope
-    from workers.store.models import ServedVersions, StageRun
+    from workers.store.models import Request, StageRun, VersionTupleRow
     from workers.store.operators import audit_trail
-    from workers.store.served import versions_id
     from workers.store.stage_runs import LeaseOwner, StageCommit, StageKey, claim, commit
+    from workers.store.tuples import versions_id
 
     lines = [_line(f"v-{i}") for i in range(4)]
     with session_scope(store_url) as session:
@@ -492,11 +493,14 @@ def test_stage_runs_name_their_served_versions_stored_once_and_the_trail_shows_t
                 commit(session, StageCommit(key, owner, lease, results, [], versions, 0.1))
             served_by.update({rid: versions for rid in lease.request_ids})
     with session_scope(store_url) as session:
-        stored = dict(session.execute(select(ServedVersions.id, ServedVersions.versions)).all())
+        stored = dict(session.execute(select(VersionTupleRow.id, VersionTupleRow.versions)).all())
         named = session.execute(select(StageRun.request_id, StageRun.served_versions_id)).all()
+        pins = set(session.scalars(select(Request.pinned_versions_id)))
         trail = audit_trail(session, named[0].request_id)
     assert stored == {versions_id(VERSIONS.model_dump()): VERSIONS.model_dump(),
                       versions_id(newer): newer}
+    assert pins == {versions_id(VERSIONS.model_dump())}
+    assert trail["pinned_versions"] == VERSIONS.model_dump()
     assert len(named) == 8
     assert all(vid == versions_id(served_by[rid]) for rid, vid in named)
     assert [trail["served_versions"][s.served_versions_id] for s in trail["stage_runs"]] == [

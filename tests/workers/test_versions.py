@@ -180,6 +180,7 @@ def test_the_stage_gate_judges_each_requests_own_pin_in_a_shard_of_mixed_pins() 
     from schemas.versions import VersionTuple
     from workers.base import _decide_before_stage
     from workers.store.stage_runs import RequestState
+    from workers.store.tuples import versions_id
 
     served = VersionTuple(model="m1", prompt="p1", router="r", index="i", tool_schemas="t",
                           validators="v", decoding="d", runtime="rt")
@@ -187,7 +188,7 @@ def test_the_stage_gate_judges_each_requests_own_pin_in_a_shard_of_mixed_pins() 
     old_router = served.model_copy(update={"router": "r0"}).model_dump()
 
     def state(pin: dict[str, str], policy: DriftPolicy) -> RequestState:
-        return RequestState(Status.RUNNING, 0, dict(pin), policy.value, None)
+        return RequestState(Status.RUNNING, 0, versions_id(pin), dict(pin), policy.value, None)
 
     states = {"same-a": state(served.model_dump(), DriftPolicy.STRICT),
               "strict-a": state(old_model, DriftPolicy.STRICT),

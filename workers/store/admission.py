@@ -21,6 +21,7 @@ from workers.store.bulk import insert_rows
 from workers.store.models import AuditEvent, Job, Request, Shard, ShardStage, Tenant
 from workers.store.stage_runs import pending_shard_stage
 from workers.store.timeutil import utcnow
+from workers.store.tuples import store_versions
 
 
 class AdmissionError(ValueError):
@@ -68,7 +69,7 @@ def admit_job(session: Session, *, name: str, content: bytes, lines: list[Reques
         # A concurrent admission of the same file won; its insert waited for its commit,
         # so everything it admitted is visible now: resume it.
         return AdmittedJob(job_id, False, resume_dispatches(session, job_id), malformed)
-    pinned = versions.model_dump()
+    pinned = _pin(session, versions)
     requests = [_new_request(line, request_id_for(job_id, line.custom_id), pinned,
                              drift_policy, lane, job_id, line_no)
                 for line, line_no in zip(lines, line_numbers, strict=True)]
@@ -87,7 +88,7 @@ def admit_one(session: Session, line: RequestLine, versions: VersionTuple,
             return existing, _undelivered(session, existing)
     scope = line.idempotency_key or uuid.uuid4().hex
     request = _new_request(line, request_id_for(f"{line.tenant}:{scope}", line.custom_id),
-                           versions.model_dump(), drift_policy, lane, None, None)
+                           _pin(session, versions), drift_policy, lane, None, None)
     try:
         with session.begin_nested():
             dispatches = _persist(session, [request], None, lane, 1)
@@ -131,17 +132,24 @@ def live_shard_stages(session: Session, request: Request) -> list[tuple[ShardSta
     return [(stage, shard) for stage, shard in rows if request.id in stage.request_ids]
 
 
-def _new_request(line: RequestLine, request_id: str, pinned: dict[str, Any],
+def _pin(session: Session, versions: VersionTuple) -> str:
+    """The id of the stored tuple that admitted requests pin."""
+    pinned = store_versions(session.connection(), versions.model_dump(), utcnow())
+    assert pinned is not None  # a VersionTuple has every field
+    return pinned
+
+
+def _new_request(line: RequestLine, request_id: str, pinned_id: str,
                  drift_policy: DriftPolicy, lane: Lane, job_id: str | None,
                  line_no: int | None) -> dict[str, Any]:
-    """A request's row, queued, with its pinned versions."""
+    """A request's row, queued, with its pinned versions (by id)."""
     now = utcnow()
     deadline = now + timedelta(seconds=line.deadline_s) if line.deadline_s else None
     return {"id": request_id, "job_id": job_id, "line_no": line_no,
             "custom_id": line.custom_id, "tenant_id": line.tenant, "grants": line.grants,
             "kind": line.request.kind, "payload": line.request.model_dump(),
             "lane": lane.value, "status": Status.QUEUED.value, "run": 0,
-            "pinned_versions": pinned, "drift_policy": drift_policy.value,
+            "pinned_versions_id": pinned_id, "drift_policy": drift_policy.value,
             "deadline_at": deadline, "idempotency_key": line.idempotency_key, "citations": [],
             "prompt_tokens": 0, "completion_tokens": 0, "created_at": now, "admitted_at": now}
 
@@ -156,7 +164,7 @@ def _persist(session: Session, requests: list[dict[str, Any]], job_id: str | Non
     insert_rows(connection, AuditEvent.__table__, [
         {"request_id": r["id"], "stage": None, "run": 0, "round": 0,
          "kind": EventKind.ADMITTED, "created_at": r["admitted_at"],
-         "payload": {"job_id": job_id, "versions": r["pinned_versions"],
+         "payload": {"job_id": job_id, "versions_id": r["pinned_versions_id"],
                      "drift_policy": r["drift_policy"], "lane": lane.value}}
         for r in requests])
     dispatches = []

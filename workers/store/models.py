@@ -90,7 +90,8 @@ class Request(Base):
     lane: Mapped[str] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(32))
     run: Mapped[int] = mapped_column(Integer, default=0)
-    pinned_versions: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # The version tuple pinned at admission, by id (version_tuples, migration 0010).
+    pinned_versions_id: Mapped[str] = mapped_column(String(32))
     drift_policy: Mapped[str] = mapped_column(String(16))
     deadline_at: Mapped[datetime | None] = mapped_column(Timestamp)
     idempotency_key: Mapped[str | None] = mapped_column(String(256))
@@ -222,8 +223,9 @@ class Chunk(Base):
     acl: Mapped[list[Any]] = mapped_column(JSON)
 
 
-class ServedVersions(Base):
-    """A version tuple that served stage runs, stored once, keyed by its content hash."""
+class VersionTupleRow(Base):
+    """A version tuple, stored once, keyed by its content hash: requests name the one
+    pinned at admission, stage runs the one that served them (workers.store.tuples)."""
 
     __tablename__ = "version_tuples"
     id: Mapped[str] = mapped_column(String(32), primary_key=True)

@@ -14,8 +14,8 @@ from schemas.status import DriftPolicy, Lane, ShardStageStatus, Stage, Status
 from schemas.versions import VersionTuple
 from workers.store.admission import AdmissionError, Dispatch, live_shard_stages, new_shard
 from workers.store.models import AuditEvent, Job, Request, StageRun
-from workers.store.served import served_versions
 from workers.store.timeutil import as_utc, utcnow
+from workers.store.tuples import store_versions, versions_by_id
 
 ACTIVE = (Status.QUEUED.value, Status.RUNNING.value)
 
@@ -29,8 +29,8 @@ def failed_requests(session: Session, job_id: str | None = None, limit: int = 10
 
 def audit_trail(session: Session, request_id: str) -> dict[str, Any]:
     """A request, its stage runs, the shard stages still holding it (pending or running,
-    with their deliveries) and its events, oldest first; and the version tuples that served
-    its stage runs, by id."""
+    with their deliveries) and its events, oldest first; the version tuple it pins; and the
+    version tuples that served its stage runs, by id."""
     request = session.get(Request, request_id)
     if request is None:
         raise AdmissionError(f"no request with id {request_id!r}")
@@ -39,10 +39,11 @@ def audit_trail(session: Session, request_id: str) -> dict[str, Any]:
     events = session.scalars(select(AuditEvent).where(AuditEvent.request_id == request_id)
                              .order_by(AuditEvent.id)).all()
     waiting = [stage for stage, _ in live_shard_stages(session, request)]
+    tuples = versions_by_id(session.connection(), [request.pinned_versions_id,
+                                                   *(s.served_versions_id for s in stage_rows)])
     return {"request": request, "stage_runs": list(stage_rows), "waiting": waiting,
-            "events": list(events),
-            "served_versions": served_versions(session, (s.served_versions_id
-                                                         for s in stage_rows))}
+            "events": list(events), "pinned_versions": tuples.get(request.pinned_versions_id),
+            "served_versions": tuples}
 
 
 def cancel_job(session: Session, job_id: str) -> int:
@@ -80,7 +81,8 @@ def replay(session: Session, request_id: str, from_stage: Stage, current: Versio
     _copy_earlier_stages(session, request_id, previous_run, run, from_stage)
     policy = DriftPolicy.FOLLOW if follow_current_versions else DriftPolicy.STRICT
     if follow_current_versions:
-        request.pinned_versions = current.model_dump()
+        request.pinned_versions_id = store_versions(session.connection(), current.model_dump(),
+                                                    utcnow())
     request.run, request.status, request.drift_policy = run, Status.QUEUED.value, policy.value
     request.error_class = request.error_stage = request.error_message = request.output = None
     request.finished_at, request.citations, request.admitted_at = None, [], utcnow()
@@ -90,7 +92,7 @@ def replay(session: Session, request_id: str, from_stage: Stage, current: Versio
                            kind=EventKind.REPLAY, payload={
                                "from_stage": from_stage.value, "previous_run": previous_run,
                                "drift_policy": policy.value,
-                               "pinned_versions": request.pinned_versions}))
+                               "pinned_versions_id": request.pinned_versions_id}))
     shard_id = _replay_shard(session, request, run, from_stage)
     return Dispatch(Hop(shard_id=shard_id, run=run), from_stage, Lane.ONLINE)
 

@@ -23,8 +23,8 @@ from schemas.status import ShardStageStatus, Stage, Status
 from workers.store.among import any_of
 from workers.store.bulk import insert_rows, update_rows
 from workers.store.models import AuditEvent, Request, Shard, ShardStage, StageRun
-from workers.store.served import record_served
 from workers.store.timeutil import utcnow
+from workers.store.tuples import store_versions, versions_by_id
 
 RUNNING = ShardStageStatus.RUNNING.value
 PENDING = ShardStageStatus.PENDING.value
@@ -175,7 +175,8 @@ def _held(lease_id: int, owner: LeaseOwner) -> list[Any]:
 class RequestState:
     status: Status
     run: int
-    pinned_versions: dict[str, Any]
+    pinned_versions_id: str
+    pinned_versions: dict[str, Any]  # shared between requests (and shards): read-only
     drift_policy: str
     deadline_at: datetime | None
 
@@ -192,10 +193,12 @@ def load_shard(session: Session, request_ids: list[str],
     c = Request.__table__.c
     requests = connection.execute(
         select(c.id, c.tenant_id, c.grants, c.kind, c.payload, c.status, c.run,
-               c.pinned_versions, c.drift_policy, c.deadline_at)
+               c.pinned_versions_id, c.drift_policy, c.deadline_at)
         .where(any_of(c.id, request_ids))).all()
     previous = _previous_outputs(connection, request_ids, key)
-    states = {r.id: RequestState(Status(r.status), r.run, r.pinned_versions, r.drift_policy,
+    pins = versions_by_id(connection, {r.pinned_versions_id for r in requests})
+    states = {r.id: RequestState(Status(r.status), r.run, r.pinned_versions_id,
+                                 pins.get(r.pinned_versions_id, {}), r.drift_policy,
                                  r.deadline_at) for r in requests}
     # Built without validating again: every field is a column this store wrote from a model
     # validated on the way in (the request line at admission, each stage's output contract).
@@ -217,7 +220,7 @@ def _previous_outputs(connection: Connection, request_ids: list[str],
                                              c.run == key.hop.run,
                                              c.stage.in_(earlier),
                                              c.round <= key.hop.round)
-                                      .order_by(c.round)):  # a later round overrides
+                                      .order_by(c.round)).all():  # a later round overrides
             previous[row.request_id][row.stage] = row.output or {}
     if key.stage == Stage.GENERATION and key.hop.round > 0:
         for row in connection.execute(select(c.request_id, c.stage, c.output)
@@ -225,7 +228,7 @@ def _previous_outputs(connection: Connection, request_ids: list[str],
                                              c.run == key.hop.run,
                                              c.stage.in_([Stage.GENERATION.value,
                                                           Stage.VALIDATION.value]),
-                                             c.round == key.hop.round - 1)):
+                                             c.round == key.hop.round - 1)).all():
             previous[row.request_id].setdefault(REPAIR, {})[row.stage] = row.output or {}
     return previous
 
@@ -274,7 +277,7 @@ def commit(session: Session, work: StageCommit) -> Committed:
         raise LeaseLost(f"{work.key.stage} of shard {work.key.hop.shard_id}: the lease was "
                         f"taken over")
     connection = session.connection()
-    served = record_served(connection, work.served_versions, now)
+    served = store_versions(connection, work.served_versions, now)
     insert_rows(connection, StageRun.__table__,
                 [_stage_run(work, r, served, now) for r in work.results])
     _update_requests(session, work, now)
