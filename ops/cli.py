@@ -389,13 +389,15 @@ def _trail_json(trail: dict[str, Any]) -> dict[str, Any]:
         "stage_runs": [{"stage": s.stage, "run": s.run, "round": s.round, "status": s.status,
                         "deliveries": s.deliveries, "outcome": s.outcome_status,
                         "error_class": s.error_class, "duration_s": s.duration_s,
-                        "served_versions": trail["served_versions"].get(
+                        "served_versions": trail["tuples"].get(
                             s.served_versions_id or "")} for s in trail["stage_runs"]]
         + [{"stage": s.stage, "run": s.run, "round": s.round, "status": s.status,
             "deliveries": s.deliveries, "outcome": None, "error_class": None,
             "duration_s": None, "served_versions": None} for s in trail["waiting"]],
         "events": [{"stage": e.stage, "run": e.run, "kind": e.kind, "payload": e.payload,
                     "at": str(e.created_at)} for e in trail["events"]],
+        # What an event names by id (the pin at admission, at each replay).
+        "version_tuples": trail["tuples"],
     }
 
 

@@ -165,7 +165,7 @@ def execute_job(settings: Settings, job_file: Path, spawn_workers: bool,
 
 def result_line(request: Request, versions: dict[str, Any], markdown: str | None = None,
                 cost: GenerationCost | None = None) -> dict[str, Any]:
-    """`versions`: the tuple the request pins."""
+    """A request's line of results.jsonl; `versions` is the tuple it pins."""
     return {"custom_id": request.custom_id, "request_id": request.id, "status": request.status,
             "output": request.output, "citations": list(request.citations or []),
             "markdown": markdown, "versions": versions,

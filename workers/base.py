@@ -180,21 +180,21 @@ _heap_frozen = False
 # nothing to free and push what is still in use into the older generations, which then get
 # walked too. Measured in-process on the warm benchmark: collections cost 0.028 ms of CPU per
 # item at 700, 0.004 at this value.
-YOUNG_GC_THRESHOLD = 20_000
+YOUNG_GC_ALLOCATIONS = 20_000
 
 
 def _freeze_warm_heap() -> None:
     """Once a process has computed a stage, what it loaded for it (models, index, rules) lives
     as long as the process: collect once, then move every object out of the collector's
     generations (`gc.freeze`), so later full collections walk only what tasks allocate; and
-    collect the young generation less often (see YOUNG_GC_THRESHOLD)."""
+    collect the young generation less often (see YOUNG_GC_ALLOCATIONS)."""
     global _heap_frozen
     if not _heap_frozen:
         _heap_frozen = True
         gc.collect()
         gc.freeze()
         _, older, oldest = gc.get_threshold()
-        gc.set_threshold(YOUNG_GC_THRESHOLD, older, oldest)
+        gc.set_threshold(YOUNG_GC_ALLOCATIONS, older, oldest)
         # Frozen objects are never collected, not even at exit, where extension modules
         # would then report them as leaked.
         atexit.register(gc.unfreeze)

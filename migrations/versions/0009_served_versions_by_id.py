@@ -34,7 +34,7 @@ BATCH = 5000
 
 
 def _id(versions: dict[str, Any]) -> str:
-    # The application's id (workers.store.served.versions_id) for JSON of string values;
+    # The application's id (workers.store.tuples.versions_id) for JSON of string values;
     # should they ever differ, a tuple is merely stored twice under two ids.
     canonical = json.dumps(versions, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return "vt-" + hashlib.sha256(canonical.encode()).hexdigest()[:24]

@@ -31,7 +31,11 @@ down_revision = "0009"
 branch_labels = None
 depends_on = None
 
-BATCH = 5000
+BATCH_ROWS = 5000
+_REQUESTS = sa.table("requests", sa.column("id", sa.String), sa.column("pinned_versions", sa.JSON),
+                     sa.column("pinned_versions_id", sa.String))
+_TUPLES = sa.table("version_tuples", sa.column("id", sa.String), sa.column("versions", sa.JSON),
+                   sa.column("created_at", sa.DateTime))
 
 
 def _id(versions: dict[str, Any]) -> str:
@@ -49,48 +53,46 @@ def upgrade() -> None:
     with op.batch_alter_table("requests") as batch:
         batch.add_column(sa.Column("pinned_versions_id", sa.String(32), nullable=True))
     bind = op.get_bind()
-    requests = sa.table("requests", sa.column("id", sa.String),
-                        sa.column("pinned_versions", sa.JSON),
-                        sa.column("pinned_versions_id", sa.String))
-    tuples = sa.table("version_tuples", sa.column("id", sa.String),
-                      sa.column("versions", sa.JSON), sa.column("created_at", sa.DateTime))
-    known = set(bind.execute(sa.select(tuples.c.id)).scalars())
+    known = set(bind.execute(sa.select(_TUPLES.c.id)).scalars())
     last = ""
     while True:
-        rows = bind.execute(sa.select(requests.c.id, requests.c.pinned_versions)
-                            .where(requests.c.id > last)
-                            .order_by(requests.c.id).limit(BATCH)).all()
+        rows = bind.execute(sa.select(_REQUESTS.c.id, _REQUESTS.c.pinned_versions)
+                            .where(_REQUESTS.c.id > last)
+                            .order_by(_REQUESTS.c.id).limit(BATCH_ROWS)).all()
         if not rows:
             break
         last = rows[-1].id
-        by_id: dict[str, list[str]] = {}
-        for row in rows:
-            versions = _json(row.pinned_versions) or {}
-            key = _id(versions)
-            if key not in known:
-                known.add(key)
-                bind.execute(sa.insert(tuples).values(id=key, versions=versions,
-                                                      created_at=datetime.now(UTC)))
-            by_id.setdefault(key, []).append(row.id)
-        for key, ids in by_id.items():
-            bind.execute(sa.update(requests).where(requests.c.id.in_(ids))
-                         .values(pinned_versions_id=key))
+        _move_batch(bind, rows, known)
     with op.batch_alter_table("requests") as batch:
         batch.alter_column("pinned_versions_id", existing_type=sa.String(32), nullable=False)
         batch.drop_column("pinned_versions")
+
+
+def _move_batch(bind: sa.Connection, rows: list[Any], known: set[str]) -> None:
+    """Store each new pin of the batch once; point each request at its pin."""
+    by_id: dict[str, list[str]] = {}
+    for row in rows:
+        versions = _json(row.pinned_versions) or {}
+        key = _id(versions)
+        if key not in known:
+            known.add(key)
+            bind.execute(sa.insert(_TUPLES).values(id=key, versions=versions,
+                                                   created_at=datetime.now(UTC)))
+        by_id.setdefault(key, []).append(row.id)
+    for key, ids in by_id.items():
+        bind.execute(sa.update(_REQUESTS).where(_REQUESTS.c.id.in_(ids))
+                     .values(pinned_versions_id=key))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("requests") as batch:
         batch.add_column(sa.Column("pinned_versions", sa.JSON(), nullable=True))
     bind = op.get_bind()
-    requests = sa.table("requests", sa.column("pinned_versions", sa.JSON),
-                        sa.column("pinned_versions_id", sa.String))
-    tuples = sa.table("version_tuples", sa.column("id", sa.String),
-                      sa.column("versions", sa.JSON))
-    for row in bind.execute(sa.select(tuples.c.id, tuples.c.versions)).all():
-        bind.execute(sa.update(requests).where(requests.c.pinned_versions_id == row.id)
-                     .values(pinned_versions=_json(row.versions)))
+    pinned = set(bind.execute(sa.select(_REQUESTS.c.pinned_versions_id).distinct()).scalars())
+    for row in bind.execute(sa.select(_TUPLES.c.id, _TUPLES.c.versions)).all():
+        if row.id in pinned:  # the others only served stage runs
+            bind.execute(sa.update(_REQUESTS).where(_REQUESTS.c.pinned_versions_id == row.id)
+                         .values(pinned_versions=_json(row.versions)))
     with op.batch_alter_table("requests") as batch:
         batch.alter_column("pinned_versions", existing_type=sa.JSON(), nullable=False)
         batch.drop_column("pinned_versions_id")

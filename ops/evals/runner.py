@@ -231,6 +231,6 @@ def record_run(settings: Settings, report: EvalReport, job_id: str, gate: str | 
 def served_versions(settings: Settings, job_id: str) -> dict[str, str]:
     """The version tuple the job's requests were pinned to (one per run: the latest)."""
     with session_scope(settings.database_url) as session:
-        pinned = session.scalars(select(Request.pinned_versions_id)
-                                 .where(Request.job_id == job_id)).first()
-        return dict(versions_by_id(session.connection(), [pinned]).get(pinned or "", {}))
+        pinned_id = session.scalars(select(Request.pinned_versions_id)
+                                    .where(Request.job_id == job_id)).first()
+        return dict(versions_by_id(session.connection(), [pinned_id]).get(pinned_id or "", {}))

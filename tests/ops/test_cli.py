@@ -50,6 +50,13 @@ def test_sluice_run_embedded_writes_every_line_once_and_resumes(tmp_path: Path) 
     assert [e["error_class"] for e in errors].count("MalformedLine") == 1
     assert "ingested the example corpus" in first.stderr
     assert "latency" in first.stderr and "tokens" in first.stderr
+    # And a request's trail shows its pin, and resolves the tuple its admission event names
+    trail = _sluice("audit", results[0]["request_id"], "--json", env=env, cwd=tmp_path)
+    assert trail.returncode == 0, trail.stderr[-3000:]
+    shown = json.loads(trail.stdout)
+    assert shown["request"]["pinned_versions"] == results[0]["versions"]
+    admitted = next(e for e in shown["events"] if e["kind"] == "admitted")
+    assert shown["version_tuples"][admitted["payload"]["versions_id"]] == results[0]["versions"]
     runs_before = _stage_runs(data_dir)
     # When the same file runs again
     second = _sluice("run", str(SMALL), "--out", str(out), "--no-workers", env=env, cwd=tmp_path)

@@ -468,7 +468,7 @@ def test_version_tuples_are_stored_once_named_by_requests_and_stage_runs_and_tra
     from schemas.stages import ItemResult
     from workers.store.admission import admit_job
     from workers.store.engine import session_scope
-    from workers.store.models import Request, StageRun, VersionTupleRow
+    from workers.store.models import Request, StageRun, StoredVersionTuple
     from workers.store.operators import audit_trail
     from workers.store.stage_runs import LeaseOwner, StageCommit, StageKey, claim, commit
     from workers.store.tuples import versions_id
@@ -493,7 +493,7 @@ def test_version_tuples_are_stored_once_named_by_requests_and_stage_runs_and_tra
                 commit(session, StageCommit(key, owner, lease, results, [], versions, 0.1))
             served_by.update({rid: versions for rid in lease.request_ids})
     with session_scope(store_url) as session:
-        stored = dict(session.execute(select(VersionTupleRow.id, VersionTupleRow.versions)).all())
+        stored = dict(session.execute(select(StoredVersionTuple.id, StoredVersionTuple.versions)).all())
         named = session.execute(select(StageRun.request_id, StageRun.served_versions_id)).all()
         pins = set(session.scalars(select(Request.pinned_versions_id)))
         trail = audit_trail(session, named[0].request_id)
@@ -503,5 +503,25 @@ def test_version_tuples_are_stored_once_named_by_requests_and_stage_runs_and_tra
     assert trail["pinned_versions"] == VERSIONS.model_dump()
     assert len(named) == 8
     assert all(vid == versions_id(served_by[rid]) for rid, vid in named)
-    assert [trail["served_versions"][s.served_versions_id] for s in trail["stage_runs"]] == [
+    assert trail["tuples"][trail["events"][0].payload["versions_id"]] == VERSIONS.model_dump()
+    assert [trail["tuples"][s.served_versions_id] for s in trail["stage_runs"]] == [
         served_by[named[0].request_id]] * 2
+
+
+def test_version_tuples_read_by_id_come_back_whole_when_the_memo_is_full(
+        store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read that mixes ids read before with new ones returns every stored one, also when
+    the per-process memo is cleared to make room; an id the store lacks is left out."""
+    from workers.store import tuples
+    from workers.store.engine import session_scope
+
+    stored = [VERSIONS.model_copy(update={"model": f"m-{uuid.uuid4().hex}"}).model_dump()
+              for _ in range(3)]
+    with session_scope(store_url) as session:
+        ids = [tuples.store_versions(session.connection(), v, utcnow()) for v in stored]
+    monkeypatch.setattr(tuples, "_READ_MAX_TUPLES", 2)
+    with session_scope(store_url) as session:
+        assert tuples.versions_by_id(session.connection(), ids[:1]) == {ids[0]: stored[0]}
+        got = tuples.versions_by_id(session.connection(), [*ids, None, "vt-not-stored"])
+        assert got == dict(zip(ids, stored, strict=True))
+        assert tuples.versions_by_id(session.connection(), [ids[0]]) == {ids[0]: stored[0]}

@@ -69,8 +69,8 @@ def admit_job(session: Session, *, name: str, content: bytes, lines: list[Reques
         # A concurrent admission of the same file won; its insert waited for its commit,
         # so everything it admitted is visible now: resume it.
         return AdmittedJob(job_id, False, resume_dispatches(session, job_id), malformed)
-    pinned = _pin(session, versions)
-    requests = [_new_request(line, request_id_for(job_id, line.custom_id), pinned,
+    pinned_id = _stored_pin_id(session, versions)
+    requests = [_new_request(line, request_id_for(job_id, line.custom_id), pinned_id,
                              drift_policy, lane, job_id, line_no)
                 for line, line_no in zip(lines, line_numbers, strict=True)]
     dispatches = _persist(session, requests, job_id, lane, shard_size)
@@ -88,7 +88,7 @@ def admit_one(session: Session, line: RequestLine, versions: VersionTuple,
             return existing, _undelivered(session, existing)
     scope = line.idempotency_key or uuid.uuid4().hex
     request = _new_request(line, request_id_for(f"{line.tenant}:{scope}", line.custom_id),
-                           _pin(session, versions), drift_policy, lane, None, None)
+                           _stored_pin_id(session, versions), drift_policy, lane, None, None)
     try:
         with session.begin_nested():
             dispatches = _persist(session, [request], None, lane, 1)
@@ -132,11 +132,12 @@ def live_shard_stages(session: Session, request: Request) -> list[tuple[ShardSta
     return [(stage, shard) for stage, shard in rows if request.id in stage.request_ids]
 
 
-def _pin(session: Session, versions: VersionTuple) -> str:
-    """The id of the stored tuple that admitted requests pin."""
-    pinned = store_versions(session.connection(), versions.model_dump(), utcnow())
-    assert pinned is not None  # a VersionTuple has every field
-    return pinned
+def _stored_pin_id(session: Session, versions: VersionTuple) -> str:
+    """Store the tuple admitted requests pin; its id."""
+    pinned_id = store_versions(session.connection(), versions.model_dump(), utcnow())
+    if pinned_id is None:  # a VersionTuple always has fields: never, unless the schema breaks
+        raise AdmissionError("the version tuple to pin is empty")
+    return pinned_id
 
 
 def _new_request(line: RequestLine, request_id: str, pinned_id: str,

@@ -223,7 +223,7 @@ class Chunk(Base):
     acl: Mapped[list[Any]] = mapped_column(JSON)
 
 
-class VersionTupleRow(Base):
+class StoredVersionTuple(Base):
     """A version tuple, stored once, keyed by its content hash: requests name the one
     pinned at admission, stage runs the one that served them (workers.store.tuples)."""
 

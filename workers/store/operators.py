@@ -29,8 +29,9 @@ def failed_requests(session: Session, job_id: str | None = None, limit: int = 10
 
 def audit_trail(session: Session, request_id: str) -> dict[str, Any]:
     """A request, its stage runs, the shard stages still holding it (pending or running,
-    with their deliveries) and its events, oldest first; the version tuple it pins; and the
-    version tuples that served its stage runs, by id."""
+    with their deliveries) and its events, oldest first; the version tuple it pins now; and
+    every version tuple the trail names, by id: its pin's, those that served its stage runs,
+    and those its events name (the pins of its admission and of each replay)."""
     request = session.get(Request, request_id)
     if request is None:
         raise AdmissionError(f"no request with id {request_id!r}")
@@ -39,11 +40,17 @@ def audit_trail(session: Session, request_id: str) -> dict[str, Any]:
     events = session.scalars(select(AuditEvent).where(AuditEvent.request_id == request_id)
                              .order_by(AuditEvent.id)).all()
     waiting = [stage for stage, _ in live_shard_stages(session, request)]
-    tuples = versions_by_id(session.connection(), [request.pinned_versions_id,
-                                                   *(s.served_versions_id for s in stage_rows)])
+    named = [request.pinned_versions_id, *(s.served_versions_id for s in stage_rows),
+             *(e.payload.get(k) for e in events if isinstance(e.payload, dict)
+               for k in _EVENT_TUPLE_KEYS)]
+    tuples = versions_by_id(session.connection(), named)
     return {"request": request, "stage_runs": list(stage_rows), "waiting": waiting,
             "events": list(events), "pinned_versions": tuples.get(request.pinned_versions_id),
-            "served_versions": tuples}
+            "tuples": tuples}
+
+
+# Where events name a version tuple by id: admission ("versions_id"), replay.
+_EVENT_TUPLE_KEYS = ("versions_id", "pinned_versions_id")
 
 
 def cancel_job(session: Session, job_id: str) -> int:

@@ -197,9 +197,13 @@ def load_shard(session: Session, request_ids: list[str],
         .where(any_of(c.id, request_ids))).all()
     previous = _previous_outputs(connection, request_ids, key)
     pins = versions_by_id(connection, {r.pinned_versions_id for r in requests})
+    unknown = sorted({r.pinned_versions_id for r in requests} - pins.keys())
+    if unknown:
+        raise LookupError(f"the store holds no version tuple {unknown}, which requests of "
+                          f"shard {key.hop.shard_id} pin")
     states = {r.id: RequestState(Status(r.status), r.run, r.pinned_versions_id,
-                                 pins.get(r.pinned_versions_id, {}), r.drift_policy,
-                                 r.deadline_at) for r in requests}
+                                 pins[r.pinned_versions_id], r.drift_policy, r.deadline_at)
+              for r in requests}
     # Built without validating again: every field is a column this store wrote from a model
     # validated on the way in (the request line at admission, each stage's output contract).
     records = [ItemRecord.model_construct(request_id=r.id, tenant=r.tenant_id, grants=r.grants,

@@ -11,6 +11,7 @@ changes and a process may keep the ones it has read.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
@@ -19,12 +20,14 @@ import orjson
 from sqlalchemy import Connection, select
 
 from workers.store.among import any_of
-from workers.store.models import VersionTupleRow
+from workers.store.models import StoredVersionTuple
 
 # id -> tuple, of those this process has read: a handful over a process's life. An id names
-# the same tuple in any store, so what was read from one serves for all.
+# the same content in any store, so what was read from one serves for all. Readers take a
+# snapshot of what they need; the lock keeps a clear and a refill from interleaving.
 _read: dict[str, dict[str, Any]] = {}
-_READ_MAX = 256
+_read_lock = threading.Lock()
+_READ_MAX_TUPLES = 256
 
 
 def versions_id(versions: dict[str, Any]) -> str:
@@ -43,7 +46,7 @@ def store_versions(connection: Connection, versions: dict[str, Any],
         from sqlalchemy.dialects.postgresql import insert as upsert
     else:
         from sqlalchemy.dialects.sqlite import insert as upsert
-    connection.execute(upsert(VersionTupleRow.__table__)
+    connection.execute(upsert(StoredVersionTuple.__table__)
                        .values(id=key, versions=versions, created_at=now)
                        .on_conflict_do_nothing(index_elements=["id"]))
     return key
@@ -51,14 +54,18 @@ def store_versions(connection: Connection, versions: dict[str, Any],
 
 def versions_by_id(connection: Connection,
                    ids: Iterable[str | None]) -> dict[str, dict[str, Any]]:
-    """id -> tuple, for the ids given (None skipped); those read before come from memory.
-    Treat the tuples returned as read-only: they are shared."""
+    """id -> tuple, for the ids given that the store holds (None skipped); those read before
+    come from memory. Treat the tuples returned as read-only: they are shared."""
     wanted = {i for i in ids if i}
-    missing = sorted(wanted - _read.keys())
+    found = {i: known for i in wanted if (known := _read.get(i)) is not None}
+    missing = sorted(wanted - found.keys())
     if missing:
-        if len(_read) + len(missing) > _READ_MAX:
-            _read.clear()
-        c = VersionTupleRow.__table__.c
-        for row in connection.execute(select(c.id, c.versions).where(any_of(c.id, missing))):
-            _read[row.id] = row.versions
-    return {i: _read[i] for i in wanted if i in _read}
+        c = StoredVersionTuple.__table__.c
+        fresh = {row.id: row.versions for row in connection.execute(
+            select(c.id, c.versions).where(any_of(c.id, missing)))}
+        with _read_lock:
+            if len(_read) + len(fresh) > _READ_MAX_TUPLES:
+                _read.clear()
+            _read.update(fresh)
+        found.update(fresh)
+    return found
