@@ -18,6 +18,8 @@ from workers.store.timeutil import as_utc, utcnow
 from workers.store.tuples import store_versions, versions_by_id
 
 ACTIVE = (Status.QUEUED.value, Status.RUNNING.value)
+# Where events name a version tuple by id: admission ("versions_id"), replay.
+_EVENT_TUPLE_KEYS = ("versions_id", "pinned_versions_id")
 
 
 def failed_requests(session: Session, job_id: str | None = None, limit: int = 100) -> list[Request]:
@@ -47,10 +49,6 @@ def audit_trail(session: Session, request_id: str) -> dict[str, Any]:
     return {"request": request, "stage_runs": list(stage_rows), "waiting": waiting,
             "events": list(events), "pinned_versions": tuples.get(request.pinned_versions_id),
             "tuples": tuples}
-
-
-# Where events name a version tuple by id: admission ("versions_id"), replay.
-_EVENT_TUPLE_KEYS = ("versions_id", "pinned_versions_id")
 
 
 def cancel_job(session: Session, job_id: str) -> int:
