@@ -55,7 +55,7 @@ def traffic_by_tuple(settings: Settings, since: datetime) -> list[TupleTraffic]:
                                       Request.admitted_at, Request.finished_at,
                                       Request.prompt_tokens, Request.completion_tokens)
                                .where(Request.admitted_at >= since)).all()
-        tuples = versions_by_id(session.connection(), {row[0] for row in rows})
+        tuples = versions_by_id(session.connection(), {row.pinned_versions_id for row in rows})
     for pinned_id, status, admitted, finished, prompt, completion in rows:
         pinned = tuples[pinned_id]
         key = tuple_key(pinned)

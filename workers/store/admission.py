@@ -17,7 +17,7 @@ from schemas.requests import MalformedLine, RequestLine
 from schemas.stages import Hop
 from schemas.status import DriftPolicy, Lane, ShardStageStatus, Stage, Status
 from schemas.versions import VersionTuple
-from workers.store.bulk import insert_rows
+from workers.store.bulk import insert_rows, upsert
 from workers.store.models import AuditEvent, Job, Request, Shard, ShardStage, Tenant
 from workers.store.stage_runs import pending_shard_stage
 from workers.store.timeutil import utcnow
@@ -134,10 +134,7 @@ def live_shard_stages(session: Session, request: Request) -> list[tuple[ShardSta
 
 def _stored_pin_id(session: Session, versions: VersionTuple) -> str:
     """Store the tuple admitted requests pin; its id."""
-    pinned_id = store_versions(session.connection(), versions.model_dump(), utcnow())
-    if pinned_id is None:  # a VersionTuple always has fields: never, unless the schema breaks
-        raise AdmissionError("the version tuple to pin is empty")
-    return pinned_id
+    return store_versions(session.connection(), versions.model_dump(), utcnow())
 
 
 def _new_request(line: RequestLine, request_id: str, pinned_id: str,
@@ -194,12 +191,8 @@ def ensure_tenants(session: Session, tenants: set[str]) -> None:
     """Insert the tenants not yet known; concurrent admissions of a new tenant both succeed."""
     if not tenants:
         return
-    if session.get_bind().dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as upsert
-    else:
-        from sqlalchemy.dialects.sqlite import insert as upsert
     now = utcnow()
-    session.execute(upsert(Tenant).values([{"id": t, "created_at": now} for t in sorted(tenants)])
+    session.execute(upsert(session, Tenant).values([{"id": t, "created_at": now} for t in sorted(tenants)])
                     .on_conflict_do_nothing(index_elements=["id"]))
 
 

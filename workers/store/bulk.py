@@ -8,7 +8,8 @@ by the driver. COPY streams the rows into the table in one command, under the sa
 constraints, triggers and transaction. The rows must be complete: a column left out gets
 the database's default, not the model's (so one with a Python-side default is refused).
 Updating a row per item (a validation commit ends its whole shard) is likewise one UPDATE
-joined to the rows sent as one JSON recordset.
+joined to the rows sent as one JSON recordset. `upsert` is the INSERT that takes ON CONFLICT
+clauses, in either dialect.
 """
 
 from __future__ import annotations
@@ -20,7 +21,12 @@ from typing import Any
 import psycopg
 from psycopg import sql
 from sqlalchemy import JSON, Connection, Table, bindparam, column, func, insert, update
+from sqlalchemy.dialects.postgresql import Insert as PgInsert
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import Insert as SqliteInsert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
 
 from workers.store.among import any_of
 from workers.store.engine import json_text
@@ -88,3 +94,11 @@ def update_rows(connection: Connection, table: Table, key: str, rows: Sequence[d
                        .where(table.c[key] == given.c[key],
                               any_of(table.c[key], [r[key] for r in rows]), *where)
                        .values({c: given.c[c] for c in columns}))
+
+
+def upsert(bind: Session | Connection, target: Any) -> PgInsert | SqliteInsert:
+    """An INSERT that can take ON CONFLICT clauses, in the store's dialect."""
+    engine = bind.get_bind() if isinstance(bind, Session) else bind
+    if engine.dialect.name == "postgresql":
+        return pg_insert(target)
+    return sqlite_insert(target)

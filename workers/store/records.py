@@ -21,10 +21,6 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from sqlalchemy import func, select, text
-from sqlalchemy.dialects.postgresql import Insert as PgInsert
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import Insert as SqliteInsert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
@@ -45,7 +41,8 @@ from tasks.tools import (
     ok_result,
 )
 from workers.store.admission import ensure_tenants
-from workers.store.models import Base, Ticket, TicketNote, ToolCallRecord
+from workers.store.bulk import upsert
+from workers.store.models import Ticket, TicketNote, ToolCallRecord
 from workers.store.timeutil import as_utc, utcnow
 
 OPEN, RESOLVED = "open", "resolved"
@@ -229,7 +226,7 @@ def _claim(session: Session, call: ValidatedCall, now: datetime) -> bool:
     """Insert the call's row unless it (or its key) exists; Postgres waits here for a
     concurrent claim to commit, SQLite's write lock already serializes them."""
     values = {**_identity(call), "outcome": "pending", "executions": 0, "created_at": now}
-    claim = _upsert(session, ToolCallRecord).values(**values).on_conflict_do_nothing()
+    claim = upsert(session, ToolCallRecord).values(**values).on_conflict_do_nothing()
     inserted = session.execute(claim.returning(ToolCallRecord.id))
     return inserted.first() is not None
 
@@ -290,7 +287,7 @@ def _cancelled(exc: OperationalError) -> bool:
 def _record(session: Session, call: ValidatedCall, result: ToolResult, now: datetime) -> None:
     """Upsert a read-only call's row with its latest result."""
     latest = _result_values(result, now)
-    statement = _upsert(session, ToolCallRecord).values(**_identity(call), **latest,
+    statement = upsert(session, ToolCallRecord).values(**_identity(call), **latest,
                                                         executions=1, created_at=now)
     session.execute(statement.on_conflict_do_update(
         index_elements=["id"],
@@ -325,13 +322,6 @@ def _from_row(row: ToolCallRecord, served_from: ServedFrom) -> ToolResult:
         "data": stored.get("data", {}), "result_hash": row.result_hash or "",
         "duration_s": row.duration_s or 0.0, "outcome": row.outcome,
         "error_class": row.error_class, "served_from": served_from})
-
-
-def _upsert(session: Session, model: type[Base]) -> PgInsert | SqliteInsert:
-    """An INSERT with ON CONFLICT, in the store's dialect."""
-    if session.get_bind().dialect.name == "postgresql":
-        return pg_insert(model)
-    return sqlite_insert(model)
 
 
 # -- seeding the system of record from the example incident tickets --------------------
@@ -375,7 +365,7 @@ def seed_tickets(session: Session, corpus_dir: Path) -> SeedReport:
     if not tickets:
         return SeedReport(0, 0, skipped)
     ensure_tenants(session, {tenant for tenant, _ in tickets})
-    inserted = session.execute(_upsert(session, Ticket).values(list(tickets.values()))
+    inserted = session.execute(upsert(session, Ticket).values(list(tickets.values()))
                                .on_conflict_do_nothing(index_elements=["tenant_id", "id"])
                                .returning(Ticket.id)).all()
     return SeedReport(len(tickets), len(inserted), skipped)

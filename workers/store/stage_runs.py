@@ -281,7 +281,9 @@ def commit(session: Session, work: StageCommit) -> Committed:
         raise LeaseLost(f"{work.key.stage} of shard {work.key.hop.shard_id}: the lease was "
                         f"taken over")
     connection = session.connection()
-    served = store_versions(connection, work.served_versions, now)
+    # A stage failed before it knew what served it records no versions.
+    served = store_versions(connection, work.served_versions, now) if work.served_versions \
+        else None
     insert_rows(connection, StageRun.__table__,
                 [_stage_run(work, r, served, now) for r in work.results])
     _update_requests(session, work, now)

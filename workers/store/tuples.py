@@ -20,6 +20,7 @@ import orjson
 from sqlalchemy import Connection, select
 
 from workers.store.among import any_of
+from workers.store.bulk import upsert
 from workers.store.models import StoredVersionTuple
 
 # id -> tuple, of those this process has read: a handful over a process's life. An id names
@@ -36,17 +37,10 @@ def versions_id(versions: dict[str, Any]) -> str:
     return "vt-" + hashlib.sha256(canonical).hexdigest()[:24]
 
 
-def store_versions(connection: Connection, versions: dict[str, Any],
-                   now: datetime) -> str | None:
-    """Store the tuple unless it is stored already; its id (None for no versions)."""
-    if not versions:
-        return None
+def store_versions(connection: Connection, versions: dict[str, Any], now: datetime) -> str:
+    """Store the tuple unless it is stored already; its id."""
     key = versions_id(versions)
-    if connection.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as upsert
-    else:
-        from sqlalchemy.dialects.sqlite import insert as upsert
-    connection.execute(upsert(StoredVersionTuple.__table__)
+    connection.execute(upsert(connection, StoredVersionTuple.__table__)
                        .values(id=key, versions=versions, created_at=now)
                        .on_conflict_do_nothing(index_elements=["id"]))
     return key
