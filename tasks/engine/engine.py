@@ -1,7 +1,8 @@
 """The generation engine: one per worker process, shared by every task the process runs.
 
-Tasks submit prompts and block on futures; one scheduler thread gathers what arrived within
-a few milliseconds into batches bounded by a KV-cache token budget and a row cap, runs them
+Tasks submit prompts and block on futures; one scheduler thread gathers what arrives within
+a few milliseconds (less once a batch is full) into batches bounded by a KV-cache token
+budget and a row cap, runs them
 on the backend, and splits a batch that runs out of memory until every item is served.
 Requests that could never fit are refused before they reach the device.
 """
@@ -36,7 +37,7 @@ class BatchLimits:
 
     kv_budget_bytes: int | None = None  # None: the backend manages memory (a remote server)
     max_batch_size: int = 32
-    gather_s: float = 0.005  # how long the scheduler waits for more work after the first item
+    gather_s: float = 0.005  # how long the scheduler waits for a batch to fill after its first item
 
     def __post_init__(self) -> None:
         if self.max_batch_size <= 0:
@@ -148,10 +149,15 @@ class GenerationEngine:
                     self._wake.wait()
                 if self._closed and not self._queue:
                     return
-            time.sleep(self.limits.gather_s)  # let concurrent callers join this batch
+                # Let concurrent callers join this batch, but not past the moment it is full:
+                # a shard's own submission often fills it at once.
+                self._wake.wait_for(self._batch_full, timeout=self.limits.gather_s)
             batch = self._take_batch()
             if batch:
                 self._run(batch)
+
+    def _batch_full(self) -> bool:
+        return self._closed or len(self._queue) >= self.limits.max_batch_size
 
     def _take_batch(self) -> list[_Pending]:
         """The oldest request, and the waiting ones closest to it in prompt length (less left

@@ -96,6 +96,25 @@ def test_concurrent_callers_share_batches(engine: GenerationEngine) -> None:
     assert max(sizes) > 2  # rows of different callers decoded in one batch
 
 
+def test_a_full_batch_runs_without_waiting_out_the_gather_time(
+        hf_backend: TransformersBackend, one_by_one: dict[str, str]) -> None:
+    # Two full batches of three: with a ten-minute gather time, waiting it out would hang.
+    engine = GenerationEngine(hf_backend, BatchLimits(max_batch_size=3, gather_s=600.0))
+    done: list[list[Completion]] = []
+    caller = threading.Thread(target=lambda: done.append(engine.generate(_requests())),
+                              daemon=True)
+    try:
+        caller.start()
+        caller.join(timeout=120)
+        assert done, "the engine waited for more work although each batch was full"
+    finally:
+        engine.close()
+
+    assert [c.batch_size for c in done[0]] == [3] * len(QUESTIONS)
+    assert engine.batches_run == 2
+    assert {c.request_id: c.text for c in done[0]} == one_by_one
+
+
 def test_token_budget_refuses_what_can_never_fit(hf_backend: TransformersBackend) -> None:
     kv = hf_backend.kv_bytes_per_token()
     assert kv == 2 * 30 * 3 * 64 * 4  # SmolLM2-135M: 30 layers, 3 KV heads of 64, float32
