@@ -317,15 +317,12 @@ def worker(queue: Annotated[Stage, typer.Option(help="the stage whose queues to 
                help="worker processes; the generation worker's threads come from "
                     "SLUICE_GENERATION_CONCURRENCY")] = 1) -> None:
     """Serve one stage's online and batch queues (online first)."""
-    from ops.embedded import worker_env, worker_pool
-    from workers.app import stage_queues
+    from ops.embedded import celery_worker_command, worker_env
 
     settings = _settings()
-    pool, concurrency = worker_pool(settings, queue, concurrency)
     os.environ.update(worker_env(settings))
-    argv = [sys.executable, "-m", "celery", "-A", "workers.app", "worker",
-            "-Q", ",".join(stage_queues(queue)), "-c", str(concurrency), "-P", pool,
-            "-n", f"{queue.value}@%h", "--loglevel", "INFO"]
+    argv = celery_worker_command(settings, queue, concurrency, f"{queue.value}@%h")
+    os.nice(settings.stage_nice(queue))  # kept across exec (see SLUICE_STAGE_NICE_STEP)
     os.execv(sys.executable, argv)
 
 

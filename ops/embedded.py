@@ -79,14 +79,24 @@ def worker_pool(settings: Settings, stage: Stage, concurrency: int = 1) -> tuple
     return "prefork", concurrency
 
 
+def celery_worker_command(settings: Settings, stage: Stage, concurrency: int,
+                          name: str) -> list[str]:
+    """The `celery worker` command line that serves `stage`'s queues (online first)."""
+    pool, concurrency = worker_pool(settings, stage, concurrency)
+    return [sys.executable, "-m", "celery", "-A", "workers.app", "worker",
+            "-Q", ",".join(stage_queues(stage)), "-c", str(concurrency), "-P", pool,
+            "-n", name, "--loglevel", "INFO"]
+
+
 def start_worker(settings: Settings, stage: Stage, log_dir: Path,
                  concurrency: int = 1) -> subprocess.Popen[bytes]:
     log_path = log_dir / f"worker-{stage.value}.log"
-    pool, concurrency = worker_pool(settings, stage, concurrency)
-    command = [sys.executable, "-m", "celery", "-A", "workers.app", "worker",
-               "-Q", ",".join(stage_queues(stage)), "-c", str(concurrency), "-P", pool,
-               "-n", f"{stage.value}-{os.getpid()}@%h", "--loglevel", "INFO",
-               "--without-gossip", "--without-mingle", "--without-heartbeat"]
+    command = celery_worker_command(settings, stage, concurrency,
+                                    f"{stage.value}-{os.getpid()}@%h")
+    command += ["--without-gossip", "--without-mingle", "--without-heartbeat"]
+    nice = settings.stage_nice(stage)
     with log_path.open("ab") as log:
+        # os.nice is one system call: safe between fork and exec even with threads about.
         return subprocess.Popen(command, env=worker_env(settings), stdout=log,
-                                stderr=subprocess.STDOUT)
+                                stderr=subprocess.STDOUT,
+                                preexec_fn=(lambda: os.nice(nice)) if nice else None)

@@ -85,6 +85,10 @@ class Settings(BaseSettings):
     stall_s: float = Field(default=300.0, gt=0)
     visibility_timeout_s: int = Field(default=4 * 3600, gt=0)
     torch_threads: int = Field(default=1, gt=0)
+    # Downstream first, where stage workers share a machine: each earlier stage's worker runs
+    # this many nice levels below the next one's (validation 0, generation 1 step, retrieval
+    # 2, router 3), so the CPU finishes work in flight before it starts more. 0: all equal.
+    stage_nice_step: int = Field(default=2, ge=0, le=6)
     drift_policy: DriftPolicy = DriftPolicy.FOLLOW
     limits: StageLimits = Field(default_factory=StageLimits)
 
@@ -110,6 +114,11 @@ class Settings(BaseSettings):
         if self.generator_backend == "null" and self.environment == "production":
             raise ValueError("the null generator is for the orchestration benchmark only")
         return self
+
+    def stage_nice(self, stage: Stage) -> int:
+        """The nice increment of `stage`'s worker (see `stage_nice_step`)."""
+        stages = list(Stage)
+        return (len(stages) - 1 - stages.index(stage)) * self.stage_nice_step
 
     def generator_models(self) -> dict[str, str]:
         """The model of each variant the router may choose."""

@@ -7,6 +7,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,24 @@ def test_sluice_run_reports_a_missing_file_clearly(tmp_path: Path) -> None:
     result = _sluice("run", str(tmp_path / "nope.jsonl"), env=_embedded_env(tmp_path), cwd=tmp_path)
     assert result.returncode == 1
     assert "job file not found" in result.stderr
+
+
+def test_sluice_worker_runs_an_earlier_stage_at_a_lower_cpu_priority(tmp_path: Path) -> None:
+    # `sluice worker` nices itself by its stage (SLUICE_STAGE_NICE_STEP) before it becomes the
+    # Celery worker: the router, three stages before validation, three steps down.
+    env = {**_embedded_env(tmp_path / "data"), "SLUICE_STAGE_NICE_STEP": "1"}
+    command = [str(Path(sys.executable).parent / "sluice"), "worker", "--queue", "router"]
+    worker = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        cmdline = Path(f"/proc/{worker.pid}/cmdline")
+        for _ in range(300):  # until the exec: the Celery worker's command line
+            if b"celery" in cmdline.read_bytes() or worker.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert b"celery" in cmdline.read_bytes(), "sluice worker did not exec the Celery worker"
+        assert os.getpriority(os.PRIO_PROCESS, worker.pid) == os.getpriority(
+            os.PRIO_PROCESS, 0) + 3
+    finally:
+        worker.terminate()
+        worker.wait(timeout=60)

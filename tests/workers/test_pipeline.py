@@ -295,6 +295,21 @@ def test_generation_runs_on_threads_of_the_worker_process(
     _assert_completed_exactly_once(pipeline, job_id)
 
 
+def test_later_stages_workers_run_at_a_higher_cpu_priority(pipeline: Pipeline) -> None:
+    # Downstream first: each stage's worker (and its pool children) is niced one step below
+    # the next stage's, so the machine finishes work in flight before it starts more.
+    settings = pipeline.settings
+    step = settings.stage_nice_step  # type: ignore[attr-defined]
+    assert step > 0  # the default
+    processes = pipeline.fleet.processes  # type: ignore[attr-defined]
+    nice = {stage: os.getpriority(os.PRIO_PROCESS, processes[stage].pid) for stage in Stage}
+    base = nice[Stage.VALIDATION]
+    assert [nice[s] - base for s in Stage] == [3 * step, 2 * step, step, 0]
+    for stage in Stage:
+        for child in _pool_children(processes[stage].pid):
+            assert os.getpriority(os.PRIO_PROCESS, child) == nice[stage]
+
+
 @pytest.mark.slow
 def test_an_online_request_overtakes_a_running_batch(pipeline: Pipeline, tmp_path: Path) -> None:
     from ops.client import SluiceClient
