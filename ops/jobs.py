@@ -21,7 +21,13 @@ from tasks.render import SourceRef, render_document, render_markdown
 from tasks.validators.contract import ContractRegistry
 from workers.runtime import pinned_versions_now
 from workers.settings import Settings
-from workers.store.admission import AdmittedJob, admit_job, job_counts
+from workers.store.admission import (
+    AdmittedJob,
+    admit_lines,
+    job_counts,
+    open_job,
+    resume_dispatches,
+)
 from workers.store.engine import session_scope
 from workers.store.models import AuditEvent, Document, Job, Request, StageRun
 from workers.store.operators import ACTIVE, job_requests
@@ -57,19 +63,35 @@ def parse_job_file(path: Path) -> ParsedJob:
     return ParsedJob(content, lines, numbers, malformed)
 
 
-def submit_job(settings: Settings, path: Path, lane: Lane = Lane.BATCH) -> AdmittedJob:
-    """Admit (or resume) the job and put its unfinished shards on the queues."""
+# Requests per admission transaction (rounded to whole shards). A job's first shards are on
+# the queues while the rest is still being admitted, and no transaction grows with the file.
+ADMIT_CHUNK_LINES = 512
+
+
+def submit_job(settings: Settings, path: Path, lane: Lane = Lane.BATCH,
+               chunk_lines: int = ADMIT_CHUNK_LINES) -> AdmittedJob:
+    """Admit (or resume) the job and put its unfinished shards on the queues: chunk by
+    chunk, each chunk's shards enqueued once its transaction commits. An admission cut
+    short leaves whole chunks behind; submitting the file again admits the rest."""
     from workers.dispatch import enqueue_all
 
     parsed = parse_job_file(path)
     versions = pinned_versions_now(settings)
     with session_scope(settings.database_url) as session:
-        admitted = admit_job(session, name=path.name, content=parsed.content, lines=parsed.lines,
-                             malformed=parsed.malformed, line_numbers=parsed.line_numbers,
-                             versions=versions, drift_policy=settings.drift_policy,
-                             shard_size=settings.shard_size, lane=lane)
-    enqueue_all(admitted.dispatches, settings)
-    return admitted
+        job_id, created = open_job(session, name=path.name, content=parsed.content,
+                                   lines=len(parsed.lines), malformed=parsed.malformed,
+                                   lane=lane)
+        dispatches = [] if created else resume_dispatches(session, job_id)
+    enqueue_all(dispatches, settings)
+    step = max(1, chunk_lines // settings.shard_size) * settings.shard_size
+    for start in range(0, len(parsed.lines), step):
+        with session_scope(settings.database_url) as session:
+            admitted = admit_lines(session, job_id, parsed.lines[start:start + step],
+                                   parsed.line_numbers[start:start + step], versions,
+                                   settings.drift_policy, settings.shard_size, lane)
+        enqueue_all(admitted, settings)
+        dispatches += admitted
+    return AdmittedJob(job_id, created, dispatches, parsed.malformed)
 
 
 def wait_for_job(settings: Settings, job_id: str, on_progress: Callable[[int, int], None],

@@ -236,6 +236,23 @@ def _assert_completed_exactly_once(pipeline: Pipeline, job_id: str) -> None:
         assert not twice, f"{kind} recorded more than once for one attempt: {twice}"
 
 
+def test_a_job_admitted_in_chunks_runs_every_line_once(pipeline: Pipeline,
+                                                        tmp_path: Path) -> None:
+    from ops.jobs import submit_job
+
+    # Given a job of five lines, shards of two and admission chunks of two lines
+    settings = pipeline.settings.model_copy(update={"shard_size": 2})  # type: ignore[attr-defined]
+    path = _job_file(tmp_path, "chunks.jsonl", 5, "chunks")
+    # When it is submitted (each chunk's shard enqueued when its transaction commits)
+    admitted = submit_job(settings, path, chunk_lines=2)
+    # Then three shards went out and every line ends once
+    assert admitted.created and len(admitted.dispatches) == 3
+    _assert_completed_exactly_once(pipeline, admitted.job_id)
+    assert sorted(r.line_no for r in _requests(settings, admitted.job_id)) == [1, 2, 3, 4, 5]
+    # And submitting it again admits nothing and dispatches nothing
+    assert submit_job(settings, path, chunk_lines=2).dispatches == []
+
+
 def _events_by_round(settings, kind: str) -> Counter[tuple[str, int, int]]:  # type: ignore[no-untyped-def]
     from workers.store.engine import session_scope
     from workers.store.models import AuditEvent

@@ -82,6 +82,47 @@ def test_concurrent_admissions_of_one_job_file_admit_it_once(store_url: str) -> 
         assert len(loser.dispatches) == 2
 
 
+def test_an_admission_cut_short_is_completed_by_admitting_the_file_again(store_url: str) -> None:
+    from workers.store.admission import admit_job, admit_lines, open_job
+    from workers.store.engine import session_scope
+    from workers.store.models import Request, ShardStage
+
+    lines = [_line(f"cut-{i}", tenant="acme") for i in range(6)]
+    content = uuid.uuid4().bytes
+    # Given a chunked admission that committed its first chunk (two lines) and then stopped
+    with session_scope(store_url) as session:
+        job_id, created = open_job(session, name="cut.jsonl", content=content, lines=6,
+                                   malformed=[], lane=Lane.BATCH)
+        first = admit_lines(session, job_id, lines[:2], [1, 2], VERSIONS, DriftPolicy.STRICT,
+                            2, Lane.BATCH)
+    assert created and len(first) == 1
+
+    def admit() -> Any:
+        with session_scope(store_url) as session:
+            return admit_job(session, name="cut.jsonl", content=content, lines=lines,
+                             malformed=[], line_numbers=list(range(1, 7)), versions=VERSIONS,
+                             drift_policy=DriftPolicy.STRICT, shard_size=2)
+
+    # When the file is admitted again
+    again = admit()
+    # Then the first chunk's shard resumes and the four other lines are admitted, once
+    assert not again.created and again.job_id == job_id
+    assert len(again.dispatches) == 3
+    assert again.dispatches[0] == first[0]
+    with session_scope(store_url) as session:
+        rows = session.execute(select(Request.id, Request.line_no)
+                               .where(Request.job_id == job_id)).all()
+        stages = session.scalars(select(ShardStage.request_ids)).all()
+    assert sorted(r.line_no for r in rows) == [1, 2, 3, 4, 5, 6]
+    assert sorted(rid for ids in stages for rid in ids) == sorted(r.id for r in rows)
+    # And a third admission only resumes: nothing new
+    third = admit()
+    assert sorted(d.hop.shard_id for d in third.dispatches) == sorted(
+        d.hop.shard_id for d in again.dispatches)
+    with session_scope(store_url) as session:
+        assert session.scalar(select(func.count()).select_from(Request)) == 6
+
+
 def test_concurrent_submits_with_one_idempotency_key_admit_one_request(store_url: str) -> None:
     from workers.store.admission import admit_one
     from workers.store.engine import session_scope

@@ -17,6 +17,7 @@ from schemas.requests import MalformedLine, RequestLine
 from schemas.stages import Hop
 from schemas.status import DriftPolicy, Lane, ShardStageStatus, Stage, Status
 from schemas.versions import VersionTuple
+from workers.store.among import any_of
 from workers.store.bulk import insert_rows, upsert
 from workers.store.models import AuditEvent, Job, Request, Shard, ShardStage, Tenant
 from workers.store.stage_runs import pending_shard_stage
@@ -56,25 +57,52 @@ def request_id_for(scope: str, custom_id: str) -> str:
 def admit_job(session: Session, *, name: str, content: bytes, lines: list[RequestLine],
               malformed: list[MalformedLine], line_numbers: list[int], versions: VersionTuple,
               drift_policy: DriftPolicy, shard_size: int, lane: Lane = Lane.BATCH) -> AdmittedJob:
-    """Admit a job file once; admitting the same content again resumes it instead."""
+    """Admit a job file once, in the session's transaction; admitting the same content again
+    resumes it instead (and admits any lines an interrupted admission left out)."""
+    job_id, created = open_job(session, name=name, content=content, lines=len(lines),
+                               malformed=malformed, lane=lane)
+    dispatches = [] if created else resume_dispatches(session, job_id)
+    dispatches += admit_lines(session, job_id, lines, line_numbers, versions, drift_policy,
+                              shard_size, lane)
+    return AdmittedJob(job_id, created, dispatches, malformed)
+
+
+def open_job(session: Session, *, name: str, content: bytes, lines: int,
+             malformed: list[MalformedLine], lane: Lane) -> tuple[str, bool]:
+    """The job of this file content, and whether this call created it."""
     job_id = job_id_for(content)
     if session.get(Job, job_id) is not None:
-        return AdmittedJob(job_id, False, resume_dispatches(session, job_id), malformed)
+        return job_id, False
     try:
         with session.begin_nested():
             session.add(Job(id=job_id, name=name, input_sha256=job_id[4:], lane=lane.value,
-                            total_lines=len(lines) + len(malformed),
+                            total_lines=lines + len(malformed),
                             malformed=[m.model_dump() for m in malformed]))
     except IntegrityError:
-        # A concurrent admission of the same file won; its insert waited for its commit,
-        # so everything it admitted is visible now: resume it.
-        return AdmittedJob(job_id, False, resume_dispatches(session, job_id), malformed)
+        # A concurrent admission of the same file won; its insert waited for its commit.
+        return job_id, False
+    return job_id, True
+
+
+def admit_lines(session: Session, job_id: str, lines: list[RequestLine],
+                line_numbers: list[int], versions: VersionTuple, drift_policy: DriftPolicy,
+                shard_size: int, lane: Lane) -> list[Dispatch]:
+    """Admit the job's lines that the store does not hold yet (all of them, unless an
+    admission of the same file ran before) and cut them into shards; their dispatches.
+    The job's row is locked first, so concurrent admissions of one file take turns."""
+    session.execute(select(Job.id).where(Job.id == job_id).with_for_update())
+    ids = [request_id_for(job_id, line.custom_id) for line in lines]
+    c = Request.__table__.c
+    held = set(session.execute(select(c.id).where(any_of(c.id, ids))).scalars()) if ids \
+        else set()
+    todo = [(line, rid, n) for line, rid, n in zip(lines, ids, line_numbers, strict=True)
+            if rid not in held]
+    if not todo:
+        return []
     pinned_id = _stored_pin_id(session, versions)
-    requests = [_new_request(line, request_id_for(job_id, line.custom_id), pinned_id,
-                             drift_policy, lane, job_id, line_no)
-                for line, line_no in zip(lines, line_numbers, strict=True)]
-    dispatches = _persist(session, requests, job_id, lane, shard_size)
-    return AdmittedJob(job_id, True, dispatches, malformed)
+    requests = [_new_request(line, rid, pinned_id, drift_policy, lane, job_id, line_no)
+                for line, rid, line_no in todo]
+    return _persist(session, requests, job_id, lane, shard_size)
 
 
 def admit_one(session: Session, line: RequestLine, versions: VersionTuple,
