@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -322,8 +321,7 @@ def worker(queue: Annotated[Stage, typer.Option(help="the stage whose queues to 
     settings = _settings()
     os.environ.update(worker_env(settings))
     argv = celery_worker_command(settings, queue, concurrency, f"{queue.value}@%h")
-    os.nice(settings.stage_nice(queue))  # kept across exec (see SLUICE_STAGE_NICE_STEP)
-    os.execv(sys.executable, argv)
+    os.execv(argv[0], argv)
 
 
 @app.command()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -81,11 +82,14 @@ def worker_pool(settings: Settings, stage: Stage, concurrency: int = 1) -> tuple
 
 def celery_worker_command(settings: Settings, stage: Stage, concurrency: int,
                           name: str) -> list[str]:
-    """The `celery worker` command line that serves `stage`'s queues (online first)."""
+    """The `celery worker` command line that serves `stage`'s queues (online first), under
+    `nice` when the stage runs at a lower CPU priority (see `Settings.stage_nice_step`)."""
     pool, concurrency = worker_pool(settings, stage, concurrency)
-    return [sys.executable, "-m", "celery", "-A", "workers.app", "worker",
-            "-Q", ",".join(stage_queues(stage)), "-c", str(concurrency), "-P", pool,
-            "-n", name, "--loglevel", "INFO"]
+    nice = settings.stage_nice(stage)
+    return ([shutil.which("nice") or "nice", "-n", str(nice)] if nice else []) + [
+        sys.executable, "-m", "celery", "-A", "workers.app", "worker",
+        "-Q", ",".join(stage_queues(stage)), "-c", str(concurrency), "-P", pool,
+        "-n", name, "--loglevel", "INFO"]
 
 
 def start_worker(settings: Settings, stage: Stage, log_dir: Path,
@@ -94,9 +98,6 @@ def start_worker(settings: Settings, stage: Stage, log_dir: Path,
     command = celery_worker_command(settings, stage, concurrency,
                                     f"{stage.value}-{os.getpid()}@%h")
     command += ["--without-gossip", "--without-mingle", "--without-heartbeat"]
-    nice = settings.stage_nice(stage)
     with log_path.open("ab") as log:
-        # os.nice is one system call: safe between fork and exec even with threads about.
         return subprocess.Popen(command, env=worker_env(settings), stdout=log,
-                                stderr=subprocess.STDOUT,
-                                preexec_fn=(lambda: os.nice(nice)) if nice else None)
+                                stderr=subprocess.STDOUT)

@@ -22,11 +22,11 @@ from tasks.validators.contract import ContractRegistry
 from workers.runtime import pinned_versions_now
 from workers.settings import Settings
 from workers.store.admission import (
+    ADMIT_CHUNK_LINES,
+    NOT_ADMITTED,
     AdmittedJob,
-    admit_lines,
+    admit_job_in_chunks,
     job_counts,
-    open_job,
-    resume_dispatches,
 )
 from workers.store.engine import session_scope
 from workers.store.models import AuditEvent, Document, Job, Request, StageRun
@@ -63,35 +63,20 @@ def parse_job_file(path: Path) -> ParsedJob:
     return ParsedJob(content, lines, numbers, malformed)
 
 
-# Requests per admission transaction (rounded to whole shards). A job's first shards are on
-# the queues while the rest is still being admitted, and no transaction grows with the file.
-ADMIT_CHUNK_LINES = 512
-
-
 def submit_job(settings: Settings, path: Path, lane: Lane = Lane.BATCH,
                chunk_lines: int = ADMIT_CHUNK_LINES) -> AdmittedJob:
-    """Admit (or resume) the job and put its unfinished shards on the queues: chunk by
-    chunk, each chunk's shards enqueued once its transaction commits. An admission cut
-    short leaves whole chunks behind; submitting the file again admits the rest."""
+    """Admit (or resume) the job and put its unfinished shards on the queues, chunk by chunk
+    (see `admit_job_in_chunks`)."""
     from workers.dispatch import enqueue_all
 
     parsed = parse_job_file(path)
-    versions = pinned_versions_now(settings)
-    with session_scope(settings.database_url) as session:
-        job_id, created = open_job(session, name=path.name, content=parsed.content,
-                                   lines=len(parsed.lines), malformed=parsed.malformed,
-                                   lane=lane)
-        dispatches = [] if created else resume_dispatches(session, job_id)
-    enqueue_all(dispatches, settings)
-    step = max(1, chunk_lines // settings.shard_size) * settings.shard_size
-    for start in range(0, len(parsed.lines), step):
-        with session_scope(settings.database_url) as session:
-            admitted = admit_lines(session, job_id, parsed.lines[start:start + step],
-                                   parsed.line_numbers[start:start + step], versions,
-                                   settings.drift_policy, settings.shard_size, lane)
-        enqueue_all(admitted, settings)
-        dispatches += admitted
-    return AdmittedJob(job_id, created, dispatches, parsed.malformed)
+    return admit_job_in_chunks(
+        settings.database_url, name=path.name, content=parsed.content, lines=parsed.lines,
+        malformed=parsed.malformed, line_numbers=parsed.line_numbers,
+        versions=pinned_versions_now(settings), drift_policy=settings.drift_policy,
+        shard_size=settings.shard_size, lane=lane,
+        on_dispatch=lambda dispatches: enqueue_all(dispatches, settings),
+        chunk_lines=chunk_lines)
 
 
 def wait_for_job(settings: Settings, job_id: str, on_progress: Callable[[int, int], None],
@@ -101,7 +86,7 @@ def wait_for_job(settings: Settings, job_id: str, on_progress: Callable[[int, in
     while True:
         with session_scope(settings.database_url) as session:
             counts = job_counts(session, job_id)  # one GROUP BY status a poll
-        left = sum(counts.get(status, 0) for status in ACTIVE)
+        left = sum(counts.get(status, 0) for status in (*ACTIVE, NOT_ADMITTED))
         total = sum(counts.values())
         on_progress(total - left, total)
         if left == 0:
@@ -257,6 +242,10 @@ def export_job(settings: Settings, job_id: str, out_dir: Path) -> tuple[Path, Pa
             raise ValueError(f"no job with id {job_id!r}")
         requests = job_requests(session, job_id)
         malformed = [MalformedLine.model_validate(m) for m in job.malformed]
+        missing = job.total_lines - len(malformed) - len(requests)
+        if missing > 0 and job.cancelled_at is None:
+            raise ValueError(f"{missing} line(s) of job {job_id} were never admitted (its "
+                             f"admission was cut short): submit its file again")
         markdown = rendered(session, requests)
         costs = generation_costs(session, [r.id for r in requests])
         pins = versions_by_id(session.connection(), {r.pinned_versions_id for r in requests})
@@ -269,6 +258,11 @@ def export_job(settings: Settings, job_id: str, out_dir: Path) -> tuple[Path, Pa
               for m in malformed]
     errors += [error_line(r) for r in requests if r.status not in RESULT_STATUSES]
     errors.sort(key=lambda e: e.get("line") or 0)
+    if missing > 0:  # the store never saw these lines: one line says how many
+        errors.append({"custom_id": None, "line": None, "status": Status.FAILED.value,
+                       "error_class": "Cancelled", "stage": "admission",
+                       "message": f"{missing} line(s) were never admitted: the job was "
+                                  f"cancelled while its file was being admitted"})
     _write_jsonl(results_path, results)
     _write_jsonl(errors_path, errors)
     return results_path, errors_path

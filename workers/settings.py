@@ -86,8 +86,11 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(default=4 * 3600, gt=0)
     torch_threads: int = Field(default=1, gt=0)
     # Downstream first, where stage workers share a machine: each earlier stage's worker runs
-    # this many nice levels below the next one's (validation 0, generation 1 step, retrieval
-    # 2, router 3), so the CPU finishes work in flight before it starts more. 0: all equal.
+    # this many nice levels higher (at a lower CPU priority) than the next one's: validation
+    # +0, generation +1 step, retrieval +2, router +3. The CPU then finishes work in flight
+    # before it starts more; the price is that an online request's first two stages get
+    # less CPU while a batch fills the machine. 0: one priority for all. Workers in
+    # containers of their own do not compete, and the setting changes nothing there.
     stage_nice_step: int = Field(default=2, ge=0, le=6)
     drift_policy: DriftPolicy = DriftPolicy.FOLLOW
     limits: StageLimits = Field(default_factory=StageLimits)

@@ -1,9 +1,9 @@
 """The generation engine: one per worker process, shared by every task the process runs.
 
 Tasks submit prompts and block on futures; one scheduler thread gathers what arrives within
-a few milliseconds (less once a batch is full) into batches bounded by a KV-cache token
-budget and a row cap, runs them
-on the backend, and splits a batch that runs out of memory until every item is served.
+a few milliseconds (less once the waiting requests fill a batch's rows) into batches
+bounded by a KV-cache token budget and a row cap, runs them on the backend, and splits a
+batch that runs out of memory until every item is served.
 Requests that could never fit are refused before they reach the device.
 """
 
@@ -37,7 +37,7 @@ class BatchLimits:
 
     kv_budget_bytes: int | None = None  # None: the backend manages memory (a remote server)
     max_batch_size: int = 32
-    gather_s: float = 0.005  # how long the scheduler waits for a batch to fill after its first item
+    gather_s: float = 0.005  # how long the scheduler waits for a batch's rows to fill
 
     def __post_init__(self) -> None:
         if self.max_batch_size <= 0:
@@ -149,8 +149,9 @@ class GenerationEngine:
                     self._wake.wait()
                 if self._closed and not self._queue:
                     return
-                # Let concurrent callers join this batch, but not past the moment it is full:
-                # a shard's own submission often fills it at once.
+                # Let concurrent callers join this batch, but not past the moment enough
+                # requests wait to fill its rows (a shard's own submission often does at
+                # once); a batch the token budget fills first still waits out gather_s.
                 self._wake.wait_for(self._batch_full, timeout=self.limits.gather_s)
             batch = self._take_batch()
             if batch:

@@ -78,19 +78,26 @@ def test_sluice_run_reports_a_missing_file_clearly(tmp_path: Path) -> None:
 
 
 def test_sluice_worker_runs_an_earlier_stage_at_a_lower_cpu_priority(tmp_path: Path) -> None:
-    # `sluice worker` nices itself by its stage (SLUICE_STAGE_NICE_STEP) before it becomes the
-    # Celery worker: the router, three stages before validation, three steps down.
+    # `sluice worker` becomes the Celery worker under `nice`, by its stage
+    # (SLUICE_STAGE_NICE_STEP): the router, three stages before validation, three steps up.
     env = {**_embedded_env(tmp_path / "data"), "SLUICE_STAGE_NICE_STEP": "1"}
     command = [str(Path(sys.executable).parent / "sluice"), "worker", "--queue", "router"]
     worker = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
+
+    def celery_argv() -> list[bytes]:
+        try:
+            argv = Path(f"/proc/{worker.pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:  # exited
+            return []
+        return argv if b"celery" in argv and Path(argv[0].decode()).name != "nice" else []
+
     try:
-        cmdline = Path(f"/proc/{worker.pid}/cmdline")
-        for _ in range(300):  # until the exec: the Celery worker's command line
-            if b"celery" in cmdline.read_bytes() or worker.poll() is not None:
+        for _ in range(300):  # until both execs are done: sluice -> nice -> the Celery worker
+            if celery_argv() or worker.poll() is not None:
                 break
             time.sleep(0.1)
-        assert b"celery" in cmdline.read_bytes(), "sluice worker did not exec the Celery worker"
+        assert celery_argv(), f"sluice worker did not exec the Celery worker ({worker.poll()})"
         assert os.getpriority(os.PRIO_PROCESS, worker.pid) == os.getpriority(
             os.PRIO_PROCESS, 0) + 3
     finally:

@@ -9,6 +9,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select
@@ -238,14 +239,29 @@ def _assert_completed_exactly_once(pipeline: Pipeline, job_id: str) -> None:
 
 def test_a_job_admitted_in_chunks_runs_every_line_once(pipeline: Pipeline,
                                                         tmp_path: Path) -> None:
-    from ops.jobs import submit_job
+    from ops.jobs import parse_job_file, submit_job
+    from workers.dispatch import enqueue_all
+    from workers.runtime import pinned_versions_now
+    from workers.store.admission import admit_job_in_chunks, job_id_for
 
     # Given a job of five lines, shards of two and admission chunks of two lines
     settings = pipeline.settings.model_copy(update={"shard_size": 2})  # type: ignore[attr-defined]
     path = _job_file(tmp_path, "chunks.jsonl", 5, "chunks")
-    # When it is submitted (each chunk's shard enqueued when its transaction commits)
-    admitted = submit_job(settings, path, chunk_lines=2)
-    # Then three shards went out and every line ends once
+    parsed = parse_job_file(path)
+    stored: list[int] = []
+
+    def send(dispatches: list[Any]) -> None:
+        stored.append(len(_requests(settings, job_id_for(parsed.content))))
+        enqueue_all(dispatches, settings)
+
+    # When it is admitted, each chunk's shard enqueued when its transaction commits
+    admitted = admit_job_in_chunks(
+        settings.database_url, name=path.name, content=parsed.content, lines=parsed.lines,
+        malformed=[], line_numbers=parsed.line_numbers, versions=pinned_versions_now(settings),
+        drift_policy=settings.drift_policy, shard_size=2, lane=Lane.BATCH, on_dispatch=send,
+        chunk_lines=2)
+    # Then the shards went out one chunk at a time and every line ends once
+    assert stored == [0, 2, 4, 5]
     assert admitted.created and len(admitted.dispatches) == 3
     _assert_completed_exactly_once(pipeline, admitted.job_id)
     assert sorted(r.line_no for r in _requests(settings, admitted.job_id)) == [1, 2, 3, 4, 5]

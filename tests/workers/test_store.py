@@ -82,45 +82,112 @@ def test_concurrent_admissions_of_one_job_file_admit_it_once(store_url: str) -> 
         assert len(loser.dispatches) == 2
 
 
+def _cut_short(store_url: str, lines: list[RequestLine], content: bytes,
+               versions: VersionTuple = VERSIONS) -> tuple[str, list[Any]]:
+    """A chunked admission that committed its first chunk (two lines) and then stopped."""
+    from workers.store.admission import admit_lines, open_job
+    from workers.store.engine import session_scope
+
+    with session_scope(store_url) as session:
+        job_id, created = open_job(session, name="cut.jsonl", content=content,
+                                   line_count=len(lines), malformed=[], lane=Lane.BATCH)
+        first = admit_lines(session, job_id, lines[:2], [1, 2], versions=versions,
+                            drift_policy=DriftPolicy.STRICT, shard_size=2)
+    assert created and len(first) == 1
+    return job_id, first
+
+
+def _admit_all(store_url: str, lines: list[RequestLine], content: bytes,
+               versions: VersionTuple = VERSIONS, lane: Lane = Lane.BATCH) -> Any:
+    from workers.store.admission import admit_job
+    from workers.store.engine import session_scope
+
+    with session_scope(store_url) as session:
+        return admit_job(session, name="cut.jsonl", content=content, lines=lines, malformed=[],
+                         line_numbers=list(range(1, len(lines) + 1)), versions=versions,
+                         drift_policy=DriftPolicy.FOLLOW, shard_size=2, lane=lane)
+
+
 def test_an_admission_cut_short_is_completed_by_admitting_the_file_again(store_url: str) -> None:
-    from workers.store.admission import admit_job, admit_lines, open_job
+    from workers.store.admission import NOT_ADMITTED, job_counts
     from workers.store.engine import session_scope
     from workers.store.models import Request, ShardStage
 
     lines = [_line(f"cut-{i}", tenant="acme") for i in range(6)]
     content = uuid.uuid4().bytes
-    # Given a chunked admission that committed its first chunk (two lines) and then stopped
+    # Given an admission cut short after its first chunk: the job is not done
+    job_id, first = _cut_short(store_url, lines, content)
     with session_scope(store_url) as session:
-        job_id, created = open_job(session, name="cut.jsonl", content=content, lines=6,
-                                   malformed=[], lane=Lane.BATCH)
-        first = admit_lines(session, job_id, lines[:2], [1, 2], VERSIONS, DriftPolicy.STRICT,
-                            2, Lane.BATCH)
-    assert created and len(first) == 1
-
-    def admit() -> Any:
-        with session_scope(store_url) as session:
-            return admit_job(session, name="cut.jsonl", content=content, lines=lines,
-                             malformed=[], line_numbers=list(range(1, 7)), versions=VERSIONS,
-                             drift_policy=DriftPolicy.STRICT, shard_size=2)
-
-    # When the file is admitted again
-    again = admit()
-    # Then the first chunk's shard resumes and the four other lines are admitted, once
+        assert job_counts(session, job_id) == {"queued": 2, NOT_ADMITTED: 4}
+    # When the file is admitted again, after a deploy and from an online lane
+    later = VERSIONS.model_copy(update={"model": "m2"})
+    again = _admit_all(store_url, lines, content, versions=later, lane=Lane.ONLINE)
+    # Then the first chunk's shard resumes and the four other lines are admitted, once,
+    # with the job's lane, pin and drift policy
     assert not again.created and again.job_id == job_id
     assert len(again.dispatches) == 3
     assert again.dispatches[0] == first[0]
+    assert {d.lane for d in again.dispatches} == {Lane.BATCH}
     with session_scope(store_url) as session:
-        rows = session.execute(select(Request.id, Request.line_no)
+        rows = session.execute(select(Request.id, Request.line_no, Request.pinned_versions_id,
+                                      Request.drift_policy, Request.lane)
                                .where(Request.job_id == job_id)).all()
         stages = session.scalars(select(ShardStage.request_ids)).all()
+        assert job_counts(session, job_id) == {"queued": 6}
     assert sorted(r.line_no for r in rows) == [1, 2, 3, 4, 5, 6]
+    assert len({(r.pinned_versions_id, r.drift_policy, r.lane) for r in rows}) == 1
+    assert rows[0].drift_policy == DriftPolicy.STRICT.value
     assert sorted(rid for ids in stages for rid in ids) == sorted(r.id for r in rows)
     # And a third admission only resumes: nothing new
-    third = admit()
+    third = _admit_all(store_url, lines, content)
     assert sorted(d.hop.shard_id for d in third.dispatches) == sorted(
         d.hop.shard_id for d in again.dispatches)
     with session_scope(store_url) as session:
         assert session.scalar(select(func.count()).select_from(Request)) == 6
+
+
+def test_a_cancelled_job_admits_no_more_lines(store_url: str) -> None:
+    from workers.store.admission import NEVER_ADMITTED, job_counts
+    from workers.store.engine import session_scope
+    from workers.store.operators import cancel_job
+
+    lines = [_line(f"stop-{i}", tenant="acme") for i in range(6)]
+    content = uuid.uuid4().bytes
+    job_id, _ = _cut_short(store_url, lines, content)
+    with session_scope(store_url) as session:
+        cancel_job(session, job_id)
+    again = _admit_all(store_url, lines, content)
+    assert again.dispatches == []
+    with session_scope(store_url) as session:
+        assert job_counts(session, job_id) == {"failed": 2, NEVER_ADMITTED: 4}
+
+
+def test_concurrent_chunked_admissions_of_one_file_admit_each_line_once(store_url: str) -> None:
+    from workers.store.admission import admit_job_in_chunks
+    from workers.store.engine import session_scope
+    from workers.store.models import Request, ShardStage
+
+    lines = [_line(f"chunk-{i}", tenant="acme") for i in range(9)]
+    content = uuid.uuid4().bytes
+
+    def admit() -> Any:
+        sent: list[Any] = []
+        admitted = admit_job_in_chunks(
+            store_url, name="chunks.jsonl", content=content, lines=lines, malformed=[],
+            line_numbers=list(range(1, 10)), versions=VERSIONS, drift_policy=DriftPolicy.STRICT,
+            shard_size=2, lane=Lane.BATCH, on_dispatch=sent.extend, chunk_lines=4)
+        assert sent == admitted.dispatches
+        return admitted
+
+    admitted = _race(3, admit)
+    assert sorted(a.created for a in admitted) == [False, False, True]
+    with session_scope(store_url) as session:
+        ids = sorted(session.scalars(select(Request.id)))
+        stages = session.execute(select(ShardStage.shard_id, ShardStage.request_ids)).all()
+    assert len(ids) == 9
+    assert sorted(rid for s in stages for rid in s.request_ids) == ids  # each in one shard
+    # Between them, the admissions put every shard on the queues
+    assert {d.hop.shard_id for a in admitted for d in a.dispatches} == {s.shard_id for s in stages}
 
 
 def test_concurrent_submits_with_one_idempotency_key_admit_one_request(store_url: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -19,6 +20,7 @@ from schemas.status import DriftPolicy, Lane, ShardStageStatus, Stage, Status
 from schemas.versions import VersionTuple
 from workers.store.among import any_of
 from workers.store.bulk import insert_rows, upsert
+from workers.store.engine import session_scope
 from workers.store.models import AuditEvent, Job, Request, Shard, ShardStage, Tenant
 from workers.store.stage_runs import pending_shard_stage
 from workers.store.timeutil import utcnow
@@ -54,29 +56,66 @@ def request_id_for(scope: str, custom_id: str) -> str:
     return "req-" + hashlib.sha256(f"{scope}\x00{custom_id}".encode()).hexdigest()[:20]
 
 
+# Requests per admission transaction of a job file (rounded to whole shards).
+ADMIT_CHUNK_LINES = 512
+# In job_counts: the job's lines the store does not hold yet (an admission under way or cut
+# short); a job with any is not done. A cancelled job's are NEVER_ADMITTED: they never run.
+NOT_ADMITTED = "not_admitted"
+NEVER_ADMITTED = "never_admitted"
+
+
 def admit_job(session: Session, *, name: str, content: bytes, lines: list[RequestLine],
               malformed: list[MalformedLine], line_numbers: list[int], versions: VersionTuple,
               drift_policy: DriftPolicy, shard_size: int, lane: Lane = Lane.BATCH) -> AdmittedJob:
-    """Admit a job file once, in the session's transaction; admitting the same content again
-    resumes it instead (and admits any lines an interrupted admission left out)."""
-    job_id, created = open_job(session, name=name, content=content, lines=len(lines),
+    """Admit a job file once, in the session's one transaction; admitting the same content
+    again resumes it instead (and admits any lines an interrupted admission left out).
+    `admit_job_in_chunks` is the same for files of any size."""
+    job_id, created = open_job(session, name=name, content=content, line_count=len(lines),
                                malformed=malformed, lane=lane)
     dispatches = [] if created else resume_dispatches(session, job_id)
-    dispatches += admit_lines(session, job_id, lines, line_numbers, versions, drift_policy,
-                              shard_size, lane)
+    dispatches += admit_lines(session, job_id, lines, line_numbers, versions=versions,
+                              drift_policy=drift_policy, shard_size=shard_size)
     return AdmittedJob(job_id, created, dispatches, malformed)
 
 
-def open_job(session: Session, *, name: str, content: bytes, lines: int,
+def admit_job_in_chunks(url: str, *, name: str, content: bytes, lines: list[RequestLine],
+                        malformed: list[MalformedLine], line_numbers: list[int],
+                        versions: VersionTuple, drift_policy: DriftPolicy, shard_size: int,
+                        lane: Lane, on_dispatch: Callable[[list[Dispatch]], None],
+                        chunk_lines: int = ADMIT_CHUNK_LINES) -> AdmittedJob:
+    """`admit_job`, committed chunk by chunk (`chunk_lines` rounded to whole shards), each
+    chunk's dispatches handed to `on_dispatch` once it commits: a large file's first shards
+    run while the rest is admitted, and no transaction grows with the file. An admission cut
+    short leaves whole chunks behind (`NOT_ADMITTED` in `job_counts`); admitting the file
+    again admits the rest."""
+    with session_scope(url) as session:
+        job_id, created = open_job(session, name=name, content=content,
+                                   line_count=len(lines), malformed=malformed, lane=lane)
+        dispatches = [] if created else resume_dispatches(session, job_id)
+        complete = not created and NOT_ADMITTED not in job_counts(session, job_id)
+    on_dispatch(dispatches)
+    step = max(1, chunk_lines // shard_size) * shard_size
+    for start in range(0, 0 if complete else len(lines), step):
+        with session_scope(url) as session:
+            chunk = admit_lines(session, job_id, lines[start:start + step],
+                                line_numbers[start:start + step], versions=versions,
+                                drift_policy=drift_policy, shard_size=shard_size)
+        on_dispatch(chunk)
+        dispatches += chunk
+    return AdmittedJob(job_id, created, dispatches, malformed)
+
+
+def open_job(session: Session, *, name: str, content: bytes, line_count: int,
              malformed: list[MalformedLine], lane: Lane) -> tuple[str, bool]:
-    """The job of this file content, and whether this call created it."""
+    """The job of this file content (`line_count` well-formed lines), and whether this call
+    created it."""
     job_id = job_id_for(content)
     if session.get(Job, job_id) is not None:
         return job_id, False
     try:
         with session.begin_nested():
             session.add(Job(id=job_id, name=name, input_sha256=job_id[4:], lane=lane.value,
-                            total_lines=lines + len(malformed),
+                            total_lines=line_count + len(malformed),
                             malformed=[m.model_dump() for m in malformed]))
     except IntegrityError:
         # A concurrent admission of the same file won; its insert waited for its commit.
@@ -85,23 +124,36 @@ def open_job(session: Session, *, name: str, content: bytes, lines: int,
 
 
 def admit_lines(session: Session, job_id: str, lines: list[RequestLine],
-                line_numbers: list[int], versions: VersionTuple, drift_policy: DriftPolicy,
-                shard_size: int, lane: Lane) -> list[Dispatch]:
+                line_numbers: list[int], *, versions: VersionTuple, drift_policy: DriftPolicy,
+                shard_size: int) -> list[Dispatch]:
     """Admit the job's lines that the store does not hold yet (all of them, unless an
     admission of the same file ran before) and cut them into shards; their dispatches.
-    The job's row is locked first, so concurrent admissions of one file take turns."""
-    session.execute(select(Job.id).where(Job.id == job_id).with_for_update())
+    Admissions of one job take turns: on Postgres this locks the job's row (FOR NO KEY
+    UPDATE, which rows that reference the job do not wait for), on SQLite the write
+    transaction is the lock. A cancelled job admits nothing more. The lines join the job
+    in its lane, under the pin and drift policy its first admitted lines got (`versions`
+    and `drift_policy` serve only the first): a job resumed after a deploy is not split."""
+    if not lines:
+        return []
+    job = session.execute(select(Job.lane, Job.cancelled_at).where(Job.id == job_id)
+                          .with_for_update(key_share=True)).one()
+    if job.cancelled_at is not None:
+        return []
     ids = [request_id_for(job_id, line.custom_id) for line in lines]
-    c = Request.__table__.c
-    held = set(session.execute(select(c.id).where(any_of(c.id, ids))).scalars()) if ids \
-        else set()
-    todo = [(line, rid, n) for line, rid, n in zip(lines, ids, line_numbers, strict=True)
-            if rid not in held]
+    columns = Request.__table__.c
+    held = set(session.execute(select(columns.id).where(any_of(columns.id, ids))).scalars())
+    todo = [(line, request_id, line_no)
+            for line, request_id, line_no in zip(lines, ids, line_numbers, strict=True)
+            if request_id not in held]
     if not todo:
         return []
-    pinned_id = _stored_pin_id(session, versions)
-    requests = [_new_request(line, rid, pinned_id, drift_policy, lane, job_id, line_no)
-                for line, rid, line_no in todo]
+    earlier = session.execute(select(Request.pinned_versions_id, Request.drift_policy)
+                              .where(Request.job_id == job_id).limit(1)).first()
+    pinned_id, policy = (earlier.pinned_versions_id, DriftPolicy(earlier.drift_policy)) \
+        if earlier else (_stored_pin_id(session, versions), drift_policy)
+    lane = Lane(job.lane)
+    requests = [_new_request(line, request_id, pinned_id, policy, lane, job_id, line_no)
+                for line, request_id, line_no in todo]
     return _persist(session, requests, job_id, lane, shard_size)
 
 
@@ -197,7 +249,7 @@ def _persist(session: Session, requests: list[dict[str, Any]], job_id: str | Non
     for start in range(0, len(requests), shard_size):
         members = [r["id"] for r in requests[start:start + shard_size]]
         shard_id = new_shard(session, members, job_id, run=0, lane=lane, stage=Stage.ROUTER,
-                             index=start // shard_size)
+                             index=start // shard_size)  # within this admission
         dispatches.append(Dispatch(Hop(shard_id=shard_id, run=0), Stage.ROUTER, lane))
     return dispatches
 
@@ -241,6 +293,16 @@ def resume_dispatches(session: Session, job_id: str) -> list[Dispatch]:
 
 
 def job_counts(session: Session, job_id: str) -> dict[str, int]:
+    """The job's requests by status, and its lines not admitted (`NOT_ADMITTED`, or
+    `NEVER_ADMITTED` once the job is cancelled); {} for an unknown job."""
+    job = session.execute(select(Job.total_lines, Job.malformed, Job.cancelled_at)
+                          .where(Job.id == job_id)).first()
+    if job is None:
+        return {}
     rows = session.execute(select(Request.status, func.count()).where(Request.job_id == job_id)
                            .group_by(Request.status)).all()
-    return {status: int(count) for status, count in rows}
+    counts = {status: int(count) for status, count in rows}
+    missing = job.total_lines - len(job.malformed or []) - sum(counts.values())
+    if missing > 0:
+        counts[NOT_ADMITTED if job.cancelled_at is None else NEVER_ADMITTED] = missing
+    return counts
