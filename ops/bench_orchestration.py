@@ -379,8 +379,7 @@ class Bench:
         from schemas.status import Lane, Stage
         from tasks.queue_tasks import generate_shard, retrieve_shard, route_shard, validate_shard
         from workers.runtime import pinned_versions_now
-        from workers.store.admission import admit_job
-        from workers.store.engine import session_scope
+        from workers.store.admission import admit_job_in_chunks
 
         tasks = {Stage.ROUTER: route_shard, Stage.RETRIEVAL: retrieve_shard,
                  Stage.GENERATION: generate_shard, Stage.VALIDATION: validate_shard}
@@ -388,13 +387,12 @@ class Bench:
         path = self._job_file(label, shard_size, items)
         started = time.perf_counter()
         parsed = parse_job_file(path)
-        versions = pinned_versions_now(settings)
-        with session_scope(settings.database_url) as session:
-            admitted = admit_job(session, name=path.name, content=parsed.content,
-                                 lines=parsed.lines, malformed=parsed.malformed,
-                                 line_numbers=parsed.line_numbers, versions=versions,
-                                 drift_policy=settings.drift_policy, shard_size=shard_size,
-                                 lane=Lane.BATCH)
+        # The admission submit_job makes, in chunks; the shards run after it, not on enqueue.
+        admitted = admit_job_in_chunks(
+            settings.database_url, name=path.name, content=parsed.content, lines=parsed.lines,
+            malformed=parsed.malformed, line_numbers=parsed.line_numbers,
+            versions=pinned_versions_now(settings), drift_policy=settings.drift_policy,
+            shard_size=shard_size, lane=Lane.BATCH, on_dispatch=lambda _: None)
         for dispatch in admitted.dispatches:
             hop = dispatch.hop.model_dump()
             for stage in list(Stage)[list(Stage).index(dispatch.stage):]:

@@ -23,6 +23,7 @@ from workers.runtime import pinned_versions_now
 from workers.settings import Settings
 from workers.store.admission import (
     ADMIT_CHUNK_LINES,
+    NEVER_ADMITTED,
     NOT_ADMITTED,
     AdmittedJob,
     admit_job_in_chunks,
@@ -240,12 +241,12 @@ def export_job(settings: Settings, job_id: str, out_dir: Path) -> tuple[Path, Pa
         job = session.get(Job, job_id)
         if job is None:
             raise ValueError(f"no job with id {job_id!r}")
+        counts = job_counts(session, job_id)
+        if NOT_ADMITTED in counts:
+            raise ValueError(f"{counts[NOT_ADMITTED]} line(s) of job {job_id} were never "
+                             f"admitted (its admission was cut short): submit its file again")
         requests = job_requests(session, job_id)
         malformed = [MalformedLine.model_validate(m) for m in job.malformed]
-        missing = job.total_lines - len(malformed) - len(requests)
-        if missing > 0 and job.cancelled_at is None:
-            raise ValueError(f"{missing} line(s) of job {job_id} were never admitted (its "
-                             f"admission was cut short): submit its file again")
         markdown = rendered(session, requests)
         costs = generation_costs(session, [r.id for r in requests])
         pins = versions_by_id(session.connection(), {r.pinned_versions_id for r in requests})
@@ -258,11 +259,11 @@ def export_job(settings: Settings, job_id: str, out_dir: Path) -> tuple[Path, Pa
               for m in malformed]
     errors += [error_line(r) for r in requests if r.status not in RESULT_STATUSES]
     errors.sort(key=lambda e: e.get("line") or 0)
-    if missing > 0:  # the store never saw these lines: one line says how many
+    if NEVER_ADMITTED in counts:  # the store never saw these lines: one line says how many
         errors.append({"custom_id": None, "line": None, "status": Status.FAILED.value,
                        "error_class": "Cancelled", "stage": "admission",
-                       "message": f"{missing} line(s) were never admitted: the job was "
-                                  f"cancelled while its file was being admitted"})
+                       "message": f"{counts[NEVER_ADMITTED]} line(s) were never admitted: the "
+                                  f"job was cancelled while its file was being admitted"})
     _write_jsonl(results_path, results)
     _write_jsonl(errors_path, errors)
     return results_path, errors_path

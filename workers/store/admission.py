@@ -95,7 +95,7 @@ def admit_job_in_chunks(url: str, *, name: str, content: bytes, lines: list[Requ
         complete = not created and NOT_ADMITTED not in job_counts(session, job_id)
     on_dispatch(dispatches)
     step = max(1, chunk_lines // shard_size) * shard_size
-    for start in range(0, 0 if complete else len(lines), step):
+    for start in [] if complete else range(0, len(lines), step):
         with session_scope(url) as session:
             chunk = admit_lines(session, job_id, lines[start:start + step],
                                 line_numbers[start:start + step], versions=versions,
