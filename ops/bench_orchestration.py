@@ -353,7 +353,8 @@ class Bench:
         if not admitted.created:
             raise BenchError(f"{label}: job {admitted.job_id} already existed")
         done = wait_for_job(settings, admitted.job_id, self._check_workers,
-                            timeout_s=timeout_s or self.args.timeout_s, poll_s=self.args.poll_s)
+                            timeout_s=timeout_s or self.args.timeout_s, poll_s=self.args.poll_s,
+                            min_gap_s=self.args.min_gap_s)
         seconds = time.perf_counter() - started
         cpu = cpu_since(cpu_before, cpu_seconds(workers))
         if not done:
@@ -588,8 +589,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=1,
                         help="rounds of every measurement; each ratio compares runs of one "
                              "round and the report shows the median over rounds (default 1)")
-    parser.add_argument("--poll-s", type=float, default=0.05,
-                        help="how often to poll the store for the end of a job (default 0.05)")
+    parser.add_argument("--poll-s", type=float, default=0.5,
+                        help="longest wait between two counts of a job's requests; each commit "
+                             "that ends requests wakes a count sooner (default 0.5)")
+    parser.add_argument("--min-gap-s", type=float, default=0.05,
+                        help="shortest wait between two counts of a job's requests: a run that "
+                             "ends requests all the time is counted this often (default 0.05)")
     args = parser.parse_args(argv)
     try:
         sizes = sorted({int(s) for s in args.shard_sizes.split(",") if s.strip()} | {1})

@@ -20,6 +20,7 @@ from schemas.status import Lane, Status
 from workers.settings import Settings
 from workers.store.engine import session_scope
 from workers.store.models import Request
+from workers.store.progress import EndedListener
 
 
 class InvalidRequest(ValueError):
@@ -66,14 +67,17 @@ class SluiceClient:
                     "tokens": {"prompt": r.prompt_tokens, "completion": r.completion_tokens}}
 
     def wait(self, request_id: str, timeout_s: float = 120, poll_s: float = 0.2) -> dict[str, Any]:
-        """Poll until the request is terminal; TimeoutError otherwise."""
+        """Read the request until it is terminal: on Postgres again as soon as a commit ends
+        requests, and at least every `poll_s`; TimeoutError otherwise."""
         deadline = time.monotonic() + timeout_s
-        while True:
-            result = self.result(request_id)
-            if result is None:
-                raise KeyError(f"no request with id {request_id!r}")
-            if Status(result["status"]).is_terminal:
-                return result
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{request_id} still {result['status']} after {timeout_s}s")
-            time.sleep(poll_s)
+        with EndedListener(self.settings.database_url) as ended:
+            while True:
+                result = self.result(request_id)
+                if result is None:
+                    raise KeyError(f"no request with id {request_id!r}")
+                if Status(result["status"]).is_terminal:
+                    return result
+                left = deadline - time.monotonic()
+                if left < 0:
+                    raise TimeoutError(f"{request_id} still {result['status']} after {timeout_s}s")
+                ended.wait(min(poll_s, left))

@@ -32,6 +32,7 @@ from workers.store.admission import (
 from workers.store.engine import session_scope
 from workers.store.models import AuditEvent, Document, Job, Request, StageRun
 from workers.store.operators import ACTIVE, job_requests
+from workers.store.progress import EndedListener
 from workers.store.timeutil import as_utc
 from workers.store.tuples import versions_by_id
 
@@ -81,20 +82,24 @@ def submit_job(settings: Settings, path: Path, lane: Lane = Lane.BATCH,
 
 
 def wait_for_job(settings: Settings, job_id: str, on_progress: Callable[[int, int], None],
-                 timeout_s: float | None = None, poll_s: float = 0.5) -> bool:
-    """Poll the store until every request of the job is terminal. False on timeout."""
+                 timeout_s: float | None = None, poll_s: float = 0.5,
+                 min_gap_s: float = 0.02) -> bool:
+    """Count the job's requests until every one is terminal; False on timeout. On Postgres a
+    count follows each commit that ends requests (at most one per `min_gap_s`), and at least
+    one every `poll_s`; on SQLite one every `poll_s`."""
     started = time.monotonic()
-    while True:
-        with session_scope(settings.database_url) as session:
-            counts = job_counts(session, job_id)  # one GROUP BY status a poll
-        left = sum(counts.get(status, 0) for status in (*ACTIVE, NOT_ADMITTED))
-        total = sum(counts.values())
-        on_progress(total - left, total)
-        if left == 0:
-            return True
-        if timeout_s is not None and time.monotonic() - started > timeout_s:
-            return False
-        time.sleep(poll_s)
+    with EndedListener(settings.database_url, min_gap_s) as ended:
+        while True:
+            with session_scope(settings.database_url) as session:
+                counts = job_counts(session, job_id)  # one GROUP BY status a count
+            left = sum(counts.get(status, 0) for status in (*ACTIVE, NOT_ADMITTED))
+            total = sum(counts.values())
+            on_progress(total - left, total)
+            if left == 0:
+                return True
+            if timeout_s is not None and time.monotonic() - started > timeout_s:
+                return False
+            ended.wait(poll_s)
 
 
 @dataclass

@@ -146,6 +146,26 @@ def test_an_admission_cut_short_is_completed_by_admitting_the_file_again(store_u
         assert session.scalar(select(func.count()).select_from(Request)) == 6
 
 
+def test_a_jobs_request_ids_follow_its_lines_and_name_them_again(store_url: str) -> None:
+    from workers.store.admission import line_request_id
+    from workers.store.engine import session_scope
+    from workers.store.models import Request
+
+    lines = [_line(f"order-{i}", tenant="acme") for i in range(12)]
+    content = uuid.uuid4().bytes
+    # When a job is admitted, then admitted again
+    first = _admit_all(store_url, lines, content)
+    again = _admit_all(store_url, lines, content)
+    # Then its ids are the job's and the line numbers', in line order, and name the same rows
+    with session_scope(store_url) as session:
+        rows = session.execute(select(Request.id, Request.line_no)
+                               .where(Request.job_id == first.job_id)
+                               .order_by(Request.line_no)).all()
+    assert [r.id for r in rows] == [line_request_id(first.job_id, n) for n in range(1, 13)]
+    assert [r.id for r in rows] == sorted(r.id for r in rows)
+    assert again.job_id == first.job_id and not again.created
+
+
 def test_a_cancelled_job_admits_no_more_lines(store_url: str) -> None:
     from workers.store.admission import NEVER_ADMITTED, job_counts
     from workers.store.engine import session_scope

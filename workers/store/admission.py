@@ -56,6 +56,14 @@ def request_id_for(scope: str, custom_id: str) -> str:
     return "req-" + hashlib.sha256(f"{scope}\x00{custom_id}".encode()).hexdigest()[:20]
 
 
+def line_request_id(job_id: str, line_no: int) -> str:
+    """A job line's request id: the job's hash, then the line number. A job's ids sort in
+    the order its lines are admitted, so each index on a request id (requests, stage runs,
+    audit events) takes a shard's rows into one or two neighbouring pages, where hashed ids
+    spread them over the whole index; and the same file names the same ids again."""
+    return f"req-{job_id.removeprefix('job-')}{line_no:08d}"
+
+
 # Requests per admission transaction of a job file (rounded to whole shards).
 ADMIT_CHUNK_LINES = 512
 # In job_counts: the job's lines the store does not hold yet (an admission under way or cut
@@ -139,7 +147,7 @@ def admit_lines(session: Session, job_id: str, lines: list[RequestLine],
                           .with_for_update(key_share=True)).one()
     if job.cancelled_at is not None:
         return []
-    ids = [request_id_for(job_id, line.custom_id) for line in lines]
+    ids = [line_request_id(job_id, line_no) for line_no in line_numbers]
     columns = Request.__table__.c
     held = set(session.execute(select(columns.id).where(any_of(columns.id, ids))).scalars())
     todo = [(line, request_id, line_no)

@@ -14,6 +14,7 @@ from schemas.status import DriftPolicy, Lane, ShardStageStatus, Stage, Status
 from schemas.versions import VersionTuple
 from workers.store.admission import AdmissionError, Dispatch, live_shard_stages, new_shard
 from workers.store.models import AuditEvent, Job, Request, StageRun
+from workers.store.progress import announce_ended
 from workers.store.timeutil import as_utc, utcnow
 from workers.store.tuples import store_versions, versions_by_id
 
@@ -69,6 +70,7 @@ def cancel_job(session: Session, job_id: str) -> int:
     session.execute(insert(AuditEvent), [
         {"request_id": rid, "stage": None, "run": 0, "round": 0, "kind": EventKind.CANCELLED,
          "payload": {"job_id": job_id}, "created_at": now} for rid in ids])
+    announce_ended(session)
     return len(ids)
 
 

@@ -23,6 +23,7 @@ from schemas.status import ShardStageStatus, Stage, Status
 from workers.store.among import any_of
 from workers.store.bulk import insert_rows, update_rows
 from workers.store.models import AuditEvent, Request, Shard, ShardStage, StageRun
+from workers.store.progress import announce_ended
 from workers.store.timeutil import utcnow
 from workers.store.tuples import store_versions, versions_by_id
 
@@ -336,6 +337,8 @@ def _update_requests(session: Session, work: StageCommit, now: datetime) -> None
     update_rows(session.connection(), Request.__table__, "id", ended,
                 Request.run == work.key.hop.run,
                 or_(*(Request.status == status for status in ACTIVE)))
+    if ended:
+        announce_ended(session)
     onward = [r.request_id for r in work.results if r.request_id in work.queued
               and r.outcome is None and not r.untouched and not r.repair]
     if onward:

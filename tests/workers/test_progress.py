@@ -1,0 +1,85 @@
+"""Waiting for a job: on Postgres a commit that ends requests wakes the waiter (NOTIFY); on
+SQLite the waiter counts at its interval. Real databases, no broker, no workers."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pytest
+
+from schemas.requests import RequestLine
+from schemas.status import DriftPolicy
+from schemas.versions import VersionTuple
+
+pytestmark = pytest.mark.integration
+
+VERSIONS = VersionTuple(model="m", prompt="p", router="r", index="i", tool_schemas="t",
+                        validators="v", decoding="d", runtime="rt")
+
+
+def _job(store_url: str, count: int = 3) -> str:
+    from workers.store.admission import admit_job
+    from workers.store.engine import session_scope
+
+    lines = [RequestLine.model_validate({
+        "custom_id": f"wait-{i}", "tenant": "acme", "grants": ["public"],
+        "request": {"kind": "answer", "question": "How do I roll back a deploy?"}})
+        for i in range(count)]
+    with session_scope(store_url) as session:
+        return admit_job(session, name="wait.jsonl", content=uuid.uuid4().bytes, lines=lines,
+                         malformed=[], line_numbers=list(range(1, count + 1)), versions=VERSIONS,
+                         drift_policy=DriftPolicy.FOLLOW, shard_size=2).job_id
+
+
+def test_a_listener_hears_committed_ends_only_on_postgres(store_url: str) -> None:
+    from workers.store.engine import session_scope
+    from workers.store.operators import cancel_job
+    from workers.store.progress import EndedListener
+
+    job_id = _job(store_url)
+    postgres = store_url.startswith("postgresql")
+    with EndedListener(store_url, min_gap_s=0) as ended:
+        # Given a transaction that ends the job's requests and then rolls back
+        with pytest.raises(RuntimeError), session_scope(store_url) as session:
+            assert cancel_job(session, job_id) == 3
+            raise RuntimeError("roll back")
+        # Then nobody hears of it: the wait runs out
+        started = time.monotonic()
+        assert ended.wait(0.3) is False
+        assert time.monotonic() - started >= 0.3
+        # When the same work commits
+        with session_scope(store_url) as session:
+            assert cancel_job(session, job_id) == 3
+        # Then a listener on Postgres hears it; SQLite has no notifications to hear
+        assert ended.wait(10) is postgres
+
+
+def test_wait_for_job_wakes_when_the_last_requests_end(store_url: str) -> None:
+    from ops.jobs import wait_for_job
+    from workers.settings import Settings
+    from workers.store.engine import session_scope
+    from workers.store.operators import cancel_job
+
+    job_id = _job(store_url)
+    postgres = store_url.startswith("postgresql")
+    settings = Settings(database_url=store_url)
+    seen: list[tuple[int, int]] = []
+
+    def end_the_job() -> None:
+        time.sleep(0.3)
+        with session_scope(store_url) as session:
+            cancel_job(session, job_id)
+
+    ender = threading.Thread(target=end_the_job)
+    ender.start()
+    started = time.monotonic()
+    # A count a minute apart on Postgres: only the commit's notification can end the wait
+    # inside the 20 s limit. SQLite counts every 0.1 s.
+    done = wait_for_job(settings, job_id, lambda d, t: seen.append((d, t)),
+                        timeout_s=20, poll_s=60 if postgres else 0.1)
+    ender.join()
+    assert done is True
+    assert time.monotonic() - started < 20
+    assert seen[0] == (0, 3) and seen[-1] == (3, 3)
