@@ -146,20 +146,23 @@ def route(batch: RouterInput, rules: RouterRules, count_tokens: TokenCounter,
     The classifier, when given, is asked once for the items that need it; without it,
     undeclared questions default to `grounded_answer`.
     """
-    asked = [i for i, item in enumerate(batch.items) if _needs_classifier(item, rules)]
+    refusals = [_refuse_rule(item, rules) for item in batch.items]
+    asked = [i for i, item in enumerate(batch.items)
+             if refusals[i] is None and _needs_classifier(item, rules)]
     guesses: dict[int, ClassGuess] = {}
     if classifier is not None and asked:
         found = classifier.classify([batch.items[i].text for i in asked])
         guesses = dict(zip(asked, found, strict=True))
     version = classifier.version if classifier is not None else None
     return RouterOutput(decisions=[
-        _route_one(item, rules, count_tokens, max_input_tokens, guesses.get(i), version)
+        _route_one(item, rules, count_tokens, max_input_tokens, guesses.get(i), version,
+                   refusals[i])
         for i, item in enumerate(batch.items)])
 
 
 def _needs_classifier(item: RouteItem, rules: RouterRules) -> bool:
-    return (_declared_class(item) is None and not _too_short(item, rules)
-            and _refuse_rule(item, rules) is None)
+    """Whether the classifier decides the class of an item no refuse rule matched."""
+    return _declared_class(item) is None and not _too_short(item, rules)
 
 
 def _declared_class(item: RouteItem) -> AnswerClass | None:
@@ -176,8 +179,8 @@ def _refuse_rule(item: RouteItem, rules: RouterRules) -> Rule | None:
 
 def _route_one(item: RouteItem, rules: RouterRules, count_tokens: TokenCounter,
                max_input_tokens: int, guess: ClassGuess | None,
-               classifier_version: str | None) -> RouteDecision:
-    refusal = _refuse_rule(item, rules)
+               classifier_version: str | None, refusal: Rule | None) -> RouteDecision:
+    """`refusal`: the first refuse rule the item's text matches, if any."""
     if refusal is not None:
         return _refused_by_rule(item, rules, refusal)
     answer_class, decided_by = _answer_class(item, rules, guess)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import orjson
 
 from tasks.embedding import Embedder, embedder_id
 from workers.settings import CacheMode, Settings
@@ -71,7 +72,7 @@ class Codec:
     loads: Callable[[bytes], Any]
 
 
-JSON = Codec(lambda value: json.dumps(value).encode(), json.loads)
+JSON = Codec(orjson.dumps, orjson.loads)
 FLOAT32 = Codec(lambda value: np.asarray(value, dtype=np.float32).tobytes(),
                 lambda raw: np.frombuffer(raw, dtype=np.float32))
 
