@@ -91,26 +91,38 @@ def admit_job_in_chunks(url: str, *, name: str, content: bytes, lines: list[Requ
                         versions: VersionTuple, drift_policy: DriftPolicy, shard_size: int,
                         lane: Lane, on_dispatch: Callable[[list[Dispatch]], None],
                         chunk_lines: int = ADMIT_CHUNK_LINES) -> AdmittedJob:
-    """`admit_job`, committed chunk by chunk (`chunk_lines` rounded to whole shards), each
-    chunk's dispatches handed to `on_dispatch` once it commits: a large file's first shards
-    run while the rest is admitted, and no transaction grows with the file. An admission cut
-    short leaves whole chunks behind (`NOT_ADMITTED` in `job_counts`); admitting the file
-    again admits the rest."""
+    """`admit_job`, committed chunk by chunk (see `chunk_bounds`), each chunk's dispatches
+    handed to `on_dispatch` once it commits: a large file's first shards run while the rest
+    is admitted, and no transaction grows with the file. An admission cut short leaves whole
+    chunks behind (`NOT_ADMITTED` in `job_counts`); admitting the file again admits the
+    rest."""
     with session_scope(url) as session:
         job_id, created = open_job(session, name=name, content=content,
                                    line_count=len(lines), malformed=malformed, lane=lane)
         dispatches = [] if created else resume_dispatches(session, job_id)
         complete = not created and NOT_ADMITTED not in job_counts(session, job_id)
     on_dispatch(dispatches)
-    step = max(1, chunk_lines // shard_size) * shard_size
-    for start in [] if complete else range(0, len(lines), step):
+    for start, end in [] if complete else chunk_bounds(len(lines), shard_size, chunk_lines):
         with session_scope(url) as session:
-            chunk = admit_lines(session, job_id, lines[start:start + step],
-                                line_numbers[start:start + step], versions=versions,
-                                drift_policy=drift_policy, shard_size=shard_size)
+            chunk = admit_lines(session, job_id, lines[start:end], line_numbers[start:end],
+                                versions=versions, drift_policy=drift_policy,
+                                shard_size=shard_size)
         on_dispatch(chunk)
         dispatches += chunk
     return AdmittedJob(job_id, created, dispatches, malformed)
+
+
+def chunk_bounds(count: int, shard_size: int, chunk_lines: int) -> list[tuple[int, int]]:
+    """The [start, end) of each admission chunk of `count` lines: one shard first, then twice
+    as many lines each time up to `chunk_lines` (rounded to whole shards). The first shard is
+    on the queues after a transaction of one shard, not of a full chunk, and each chunk
+    commits while the workers are busy with the ones before."""
+    step = max(1, chunk_lines // shard_size) * shard_size
+    bounds, start, size = [], 0, min(shard_size, step)
+    while start < count:
+        bounds.append((start, min(count, start + size)))
+        start, size = start + size, min(2 * size, step)
+    return bounds
 
 
 def open_job(session: Session, *, name: str, content: bytes, line_count: int,
