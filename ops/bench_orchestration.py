@@ -590,11 +590,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="rounds of every measurement; each ratio compares runs of one "
                              "round and the report shows the median over rounds (default 1)")
     parser.add_argument("--poll-s", type=float, default=0.5,
-                        help="longest wait between two counts of a job's requests; each commit "
-                             "that ends requests wakes a count sooner (default 0.5)")
+                        help="longest time between two counts of a job's requests (default 0.5)")
     parser.add_argument("--min-gap-s", type=float, default=0.05,
-                        help="shortest wait between two counts of a job's requests: a run that "
-                             "ends requests all the time is counted this often (default 0.05)")
+                        help="shortest time between two checks of whether a job is done; each "
+                             "commit that ends requests wakes one (default 0.05)")
     args = parser.parse_args(argv)
     try:
         sizes = sorted({int(s) for s in args.shard_sizes.split(",") if s.strip()} | {1})

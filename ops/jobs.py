@@ -27,6 +27,7 @@ from workers.store.admission import (
     NOT_ADMITTED,
     AdmittedJob,
     admit_job_in_chunks,
+    job_active,
     job_counts,
 )
 from workers.store.engine import session_scope
@@ -84,19 +85,25 @@ def submit_job(settings: Settings, path: Path, lane: Lane = Lane.BATCH,
 def wait_for_job(settings: Settings, job_id: str, on_progress: Callable[[int, int], None],
                  timeout_s: float | None = None, poll_s: float = 0.5,
                  min_gap_s: float = 0.02) -> bool:
-    """Count the job's requests until every one is terminal; False on timeout. On Postgres a
-    count follows each commit that ends requests (at most one per `min_gap_s`), and at least
-    one every `poll_s`; on SQLite one every `poll_s`."""
+    """Wait until every line of the job is admitted and every request terminal; False on
+    timeout. The job's requests are counted (and `on_progress` told) at least every
+    `poll_s`; on Postgres each commit that ends requests also wakes the waiter (at most one
+    wake per `min_gap_s`), which then asks the index whether any request of the job is still
+    active and counts again only when none is."""
     started = time.monotonic()
+    counted_at = float("-inf")
     with EndedListener(settings.database_url, min_gap_s) as ended:
         while True:
             with session_scope(settings.database_url) as session:
-                counts = job_counts(session, job_id)  # one GROUP BY status a count
-            left = sum(counts.get(status, 0) for status in (*ACTIVE, NOT_ADMITTED))
-            total = sum(counts.values())
-            on_progress(total - left, total)
-            if left == 0:
-                return True
+                if (time.monotonic() - counted_at >= poll_s
+                        or not job_active(session, job_id)):
+                    counts = job_counts(session, job_id)  # one GROUP BY status
+                    counted_at = time.monotonic()
+                    left = sum(counts.get(status, 0) for status in (*ACTIVE, NOT_ADMITTED))
+                    total = sum(counts.values())
+                    on_progress(total - left, total)
+                    if left == 0:
+                        return True
             if timeout_s is not None and time.monotonic() - started > timeout_s:
                 return False
             ended.wait(poll_s)
