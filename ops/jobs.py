@@ -88,8 +88,8 @@ def wait_for_job(settings: Settings, job_id: str, on_progress: Callable[[int, in
     """Wait until every line of the job is admitted and every request terminal; False on
     timeout. The job's requests are counted (and `on_progress` told) at least every
     `poll_s`; on Postgres each commit that ends requests also wakes the waiter (at most one
-    wake per `min_gap_s`), which then asks the index whether any request of the job is still
-    active and counts again only when none is."""
+    wake per `min_gap_s`), which then looks for a request of the job still active and
+    counts again only when there is none."""
     started = time.monotonic()
     counted_at = float("-inf")
     with EndedListener(settings.database_url, min_gap_s) as ended:

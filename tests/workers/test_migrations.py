@@ -128,7 +128,7 @@ def test_request_status_leaves_the_rewritten_indexes_and_failures_keep_a_partial
     from workers.store.migrate import alembic_config, upgrade
 
     url = empty_store_url
-    upgrade(url, "0008")
+    upgrade(url)
     engine = get_engine(url)
 
     def indexes() -> dict[str, list[str]]:
@@ -148,32 +148,6 @@ def test_request_status_leaves_the_rewritten_indexes_and_failures_keep_a_partial
     engine.dispose()
     assert indexes() == {"ix_requests_job_status": ["job_id", "status"],
                          "ix_requests_status": ["status"]}
-
-
-@pytest.mark.integration
-def test_a_jobs_requests_are_indexed_by_status_and_a_downgrade_restores_job_id_alone(
-        empty_store_url: str) -> None:
-    """0011 (both backends): (job_id, status) replaces job_id alone; nothing else changes."""
-    import sqlalchemy as sa
-    from alembic import command
-
-    from workers.store.engine import get_engine
-    from workers.store.migrate import alembic_config, upgrade
-
-    url = empty_store_url
-    upgrade(url)
-    engine = get_engine(url)
-
-    def indexes() -> dict[str, list[str]]:
-        return {str(i["name"]): list(i["column_names"])
-                for i in sa.inspect(engine).get_indexes("requests")
-                if not str(i["name"]).startswith("uq_")}
-
-    assert indexes() == {"ix_requests_job_status": ["job_id", "status"],
-                         "ix_requests_failed": ["finished_at"]}
-    command.downgrade(alembic_config(url), "0010")
-    engine.dispose()
-    assert indexes() == {"ix_requests_job": ["job_id"], "ix_requests_failed": ["finished_at"]}
 
 
 @pytest.mark.integration
