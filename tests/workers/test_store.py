@@ -450,7 +450,8 @@ def test_bulk_insert_writes_what_an_insert_writes_and_refuses_incomplete_rows(
     now = utcnow()
     rows = [{"request_id": request_id, "stage": "router", "run": 0, "round": 0,
              "kind": EventKind.ROUTE_DECISION, "payload": {"quote": "it's \"x\"\n\t\\", "n": 1.5,
-                                                           "nested": [None, {"k": True}]},
+                                                           "nested": [None, {"k": True}],
+                                                           "text": "ünïcode ✓"},
              "created_at": now},
             {"request_id": request_id, "stage": None, "run": 0, "round": 1,
              "kind": EventKind.DRIFT, "payload": None, "created_at": now}]
