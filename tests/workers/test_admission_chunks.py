@@ -5,8 +5,8 @@ from __future__ import annotations
 from workers.store.admission import chunk_bounds
 
 
-def test_chunks_start_with_one_shard_and_double_up_to_the_chunk_size() -> None:
-    bounds = chunk_bounds(2048, 64, 512)
+def test_chunks_start_small_and_double_up_to_the_chunk_size() -> None:
+    bounds = chunk_bounds(2048, 64, 512, first_lines=64)
     assert [end - start for start, end in bounds] == [64, 128, 256, 512, 512, 512, 64]
     # Every line in exactly one chunk, in order, and every chunk but the last of whole shards
     assert [b[0] for b in bounds[1:]] == [b[1] for b in bounds[:-1]]
@@ -14,8 +14,10 @@ def test_chunks_start_with_one_shard_and_double_up_to_the_chunk_size() -> None:
     assert all((end - start) % 64 == 0 for start, end in bounds[:-1])
 
 
-def test_chunk_size_is_rounded_to_whole_shards_and_is_never_below_one() -> None:
-    assert chunk_bounds(9, 2, 4) == [(0, 2), (2, 6), (6, 9)]
-    assert chunk_bounds(7, 4, 2) == [(0, 4), (4, 7)]  # a chunk smaller than a shard: one shard
-    assert chunk_bounds(3, 1, 1) == [(0, 1), (1, 2), (2, 3)]
+def test_chunk_sizes_are_rounded_to_whole_shards_and_are_never_below_one() -> None:
+    assert chunk_bounds(9, 2, 4, first_lines=1) == [(0, 2), (2, 6), (6, 9)]
+    assert chunk_bounds(7, 4, 2, first_lines=2) == [(0, 4), (4, 7)]  # below a shard: one
+    assert chunk_bounds(3, 1, 1, first_lines=1) == [(0, 1), (1, 2), (2, 3)]
+    assert chunk_bounds(300, 1, 512, first_lines=64) == [(0, 64), (64, 192), (192, 300)]
+    assert chunk_bounds(100, 32, 512, first_lines=64) == [(0, 64), (64, 100)]
     assert chunk_bounds(0, 64, 512) == []

@@ -64,8 +64,10 @@ def line_request_id(job_id: str, line_no: int) -> str:
     return f"req-{job_id.removeprefix('job-')}{line_no:08d}"
 
 
-# Requests per admission transaction of a job file (rounded to whole shards).
+# Requests per admission transaction of a job file (rounded to whole shards), and in the
+# first one, from which they double up to the former (see `chunk_bounds`).
 ADMIT_CHUNK_LINES = 512
+ADMIT_FIRST_LINES = 64
 # In job_counts: the job's lines the store does not hold yet (an admission under way or cut
 # short); a job with any is not done. A cancelled job's are NEVER_ADMITTED: they never run.
 NOT_ADMITTED = "not_admitted"
@@ -112,13 +114,18 @@ def admit_job_in_chunks(url: str, *, name: str, content: bytes, lines: list[Requ
     return AdmittedJob(job_id, created, dispatches, malformed)
 
 
-def chunk_bounds(count: int, shard_size: int, chunk_lines: int) -> list[tuple[int, int]]:
-    """The [start, end) of each admission chunk of `count` lines: one shard first, then twice
-    as many lines each time up to `chunk_lines` (rounded to whole shards). The first shard is
-    on the queues after a transaction of one shard, not of a full chunk, and each chunk
-    commits while the workers are busy with the ones before."""
-    step = max(1, chunk_lines // shard_size) * shard_size
-    bounds, start, size = [], 0, min(shard_size, step)
+def chunk_bounds(count: int, shard_size: int, chunk_lines: int,
+                 first_lines: int = ADMIT_FIRST_LINES) -> list[tuple[int, int]]:
+    """The [start, end) of each admission chunk of `count` lines: `first_lines` first, then
+    twice as many lines each time up to `chunk_lines` (each rounded to whole shards, at
+    least one). The first shards are on the queues after a small transaction, not a full
+    chunk's, and each chunk commits while the workers are busy with the ones before."""
+
+    def whole_shards(lines: int) -> int:
+        return max(1, lines // shard_size) * shard_size
+
+    step = whole_shards(chunk_lines)
+    bounds, start, size = [], 0, min(whole_shards(first_lines), step)
     while start < count:
         bounds.append((start, min(count, start + size)))
         start, size = start + size, min(2 * size, step)
