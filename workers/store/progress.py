@@ -42,9 +42,14 @@ class EndedListener:
         engine_url = get_engine(url).url
         if engine_url.get_backend_name() == "postgresql":
             conninfo = make_url(engine_url).set(drivername="postgresql")
-            self._conn = psycopg.connect(conninfo.render_as_string(hide_password=False),
-                                         autocommit=True)
-            self._conn.execute(f"LISTEN {CHANNEL}")
+            conn = psycopg.connect(conninfo.render_as_string(hide_password=False),
+                                   autocommit=True)
+            try:
+                conn.execute(f"LISTEN {CHANNEL}")
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
 
     def wait(self, timeout_s: float) -> bool:
         """Block until requests ended (True) or `timeout_s` passed (False)."""
