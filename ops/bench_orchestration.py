@@ -325,10 +325,11 @@ class Bench:
         requests: 34-50 us of server CPU per request at shard 64, 80-87 at 256, against
         13-18 us with statistics). Measured runs would then differ by whether autovacuum
         had come round yet."""
-        import psycopg
+        from workers.store.engine import get_engine
 
-        with psycopg.connect(self.settings.database_url, autocommit=True) as conn:
-            conn.execute("ANALYZE")
+        engine = get_engine(self.settings.database_url)
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.exec_driver_sql("ANALYZE")
 
     def embedding_cost(self) -> float:
         """Seconds per query of batched query embedding alone (shard-sized batches)."""

@@ -104,9 +104,10 @@ def wait_for_job(settings: Settings, job_id: str, on_progress: Callable[[int, in
                     on_progress(total - left, total)
                     if left == 0:
                         return True
-            if timeout_s is not None and time.monotonic() - started > timeout_s:
+            elapsed = time.monotonic() - started
+            if timeout_s is not None and elapsed > timeout_s:
                 return False
-            ended.wait(poll_s)
+            ended.wait(poll_s if timeout_s is None else min(poll_s, timeout_s - elapsed))
 
 
 @dataclass

@@ -126,7 +126,7 @@ class StageTask(Task):  # type: ignore[misc]
             queued = frozenset(rid for rid, s in states.items() if s.status == Status.QUEUED)
             work = runs.StageCommit(key, owner, lease, list(decided.values()) + results,
                                     events, served.model_dump(), time.monotonic() - started,
-                                    queued)
+                                    queued, settings.notify_ends)
             with session_scope(settings.database_url) as session:
                 committed = runs.commit(session, work)
                 lane = runs.shard_lane(session, key.hop.shard_id) if committed.repair else None
@@ -168,7 +168,8 @@ class StageTask(Task):  # type: ignore[misc]
         events = [AuditRecord(request_id=rid, kind=EventKind.STAGE_FAILED,
                               payload=outcome.model_dump(mode="json"))
                   for rid in lease.request_ids]
-        work = runs.StageCommit(key, owner, lease, results, events, {}, 0.0)
+        work = runs.StageCommit(key, owner, lease, results, events, {}, 0.0,
+                                announce=runtime.settings.notify_ends)
         with session_scope(runtime.settings.database_url) as session:
             runs.commit(session, work)
 

@@ -92,6 +92,11 @@ class Settings(BaseSettings):
     # less CPU while a batch fills the machine. 0: one priority for all. Workers in
     # containers of their own do not compete, and the setting changes nothing there.
     stage_nice_step: int = Field(default=2, ge=0, le=6)
+    # Stage commits that end requests NOTIFY waiters on Postgres (workers/store/progress.py).
+    # Postgres commits notifying transactions one at a time, each through its WAL flush:
+    # with many workers ending requests in small shards (online lanes), turn this off and
+    # waiters poll instead.
+    notify_ends: bool = True
     drift_policy: DriftPolicy = DriftPolicy.FOLLOW
     limits: StageLimits = Field(default_factory=StageLimits)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from workers.store.admission import chunk_bounds
 
 
@@ -21,3 +23,8 @@ def test_chunk_sizes_are_rounded_to_whole_shards_and_are_never_below_one() -> No
     assert chunk_bounds(300, 1, 512, first_lines=64) == [(0, 64), (64, 192), (192, 300)]
     assert chunk_bounds(100, 32, 512, first_lines=64) == [(0, 64), (64, 100)]
     assert chunk_bounds(0, 64, 512) == []
+
+
+def test_a_shard_size_below_one_is_refused_with_its_value() -> None:
+    with pytest.raises(ValueError, match="got 0"):
+        chunk_bounds(10, 0, 512)

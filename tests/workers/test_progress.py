@@ -53,7 +53,7 @@ def test_a_listener_hears_committed_ends_only_on_postgres(store_url: str) -> Non
         with session_scope(store_url) as session:
             assert cancel_job(session, job_id) == 3
         # Then a listener on Postgres hears it; SQLite has no notifications to hear
-        assert ended.wait(10) is postgres
+        assert ended.wait(10 if postgres else 0.1) is postgres
 
 
 def test_wait_for_job_wakes_when_the_last_requests_end(store_url: str) -> None:
@@ -66,9 +66,14 @@ def test_wait_for_job_wakes_when_the_last_requests_end(store_url: str) -> None:
     postgres = store_url.startswith("postgresql")
     settings = Settings(database_url=store_url)
     seen: list[tuple[int, int]] = []
+    counted = threading.Event()
+
+    def progress(done: int, total: int) -> None:
+        seen.append((done, total))
+        counted.set()
 
     def end_the_job() -> None:
-        time.sleep(0.3)
+        counted.wait(20)  # after the waiter's first count
         with session_scope(store_url) as session:
             cancel_job(session, job_id)
 
@@ -77,9 +82,43 @@ def test_wait_for_job_wakes_when_the_last_requests_end(store_url: str) -> None:
     started = time.monotonic()
     # A count a minute apart on Postgres: only the commit's notification can end the wait
     # inside the 20 s limit. SQLite counts every 0.1 s.
-    done = wait_for_job(settings, job_id, lambda d, t: seen.append((d, t)),
-                        timeout_s=20, poll_s=60 if postgres else 0.1)
+    done = wait_for_job(settings, job_id, progress, timeout_s=20,
+                        poll_s=60 if postgres else 0.1)
     ender.join()
     assert done is True
     assert time.monotonic() - started < 20
     assert seen[0] == (0, 3) and seen[-1] == (3, 3)
+
+
+@pytest.mark.parametrize("announce", [True, False])
+def test_a_stage_commit_that_ends_requests_notifies_unless_told_not_to(
+        store_url: str, announce: bool) -> None:
+    from schemas.stages import ItemResult, Outcome
+    from schemas.status import Stage, Status
+    from workers.store.admission import admit_job
+    from workers.store.engine import session_scope
+    from workers.store.progress import EndedListener
+    from workers.store.stage_runs import LeaseOwner, StageCommit, StageKey, claim, commit
+
+    with session_scope(store_url) as session:
+        admitted = admit_job(session, name="ends.jsonl", content=uuid.uuid4().bytes,
+                             lines=[RequestLine.model_validate({
+                                 "custom_id": "ends", "tenant": "acme", "grants": ["public"],
+                                 "request": {"kind": "answer", "question": "Rm -rf?"}})],
+                             malformed=[], line_numbers=[1], versions=VERSIONS,
+                             drift_policy=DriftPolicy.FOLLOW, shard_size=4)
+    key = StageKey(admitted.dispatches[0].hop, Stage.ROUTER)
+    owner = LeaseOwner("host", 1, "router")
+    with session_scope(store_url) as session:
+        lease = claim(session, key, owner, lease_s=30).lease
+    assert lease is not None
+    refused = Outcome(status=Status.REFUSED, error_class="Refused", message="rule")
+    postgres = store_url.startswith("postgresql")
+    with EndedListener(store_url, min_gap_s=0) as ended:
+        # When the router commits the shard's one request as refused
+        with session_scope(store_url) as session:
+            commit(session, StageCommit(key, owner, lease, [ItemResult(
+                request_id=lease.request_ids[0], output={}, outcome=refused)], [], {}, 0.1,
+                announce=announce))
+        # Then a listener hears it on Postgres, unless the commit was told not to announce
+        assert ended.wait(5 if postgres and announce else 0.3) is (postgres and announce)

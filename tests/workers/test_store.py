@@ -166,6 +166,26 @@ def test_a_jobs_request_ids_follow_its_lines_and_name_them_again(store_url: str)
     assert again.job_id == first.job_id and not again.created
 
 
+def test_a_job_admitted_in_part_under_hashed_ids_is_completed_not_doubled(
+        store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from workers.store import admission
+    from workers.store.admission import job_counts, request_id_for
+    from workers.store.engine import session_scope
+
+    lines = [_line(f"old-{i}", tenant="acme") for i in range(6)]
+    content = uuid.uuid4().bytes
+    # Given a job whose first chunk was admitted before ids followed line numbers
+    with monkeypatch.context() as patched:
+        patched.setattr(admission, "line_request_id",
+                        lambda job_id, line_no: request_id_for(job_id, f"old-{line_no - 1}"))
+        job_id, _ = _cut_short(store_url, lines, content)
+    # When the file is admitted again
+    _admit_all(store_url, lines, content)
+    # Then the two lines held under their old ids are not admitted a second time
+    with session_scope(store_url) as session:
+        assert job_counts(session, job_id) == {"queued": 6}
+
+
 def test_a_cancelled_job_admits_no_more_lines(store_url: str) -> None:
     from workers.store.admission import NEVER_ADMITTED, job_counts
     from workers.store.engine import session_scope

@@ -121,6 +121,9 @@ def chunk_bounds(count: int, shard_size: int, chunk_lines: int,
     least one). The first shards are on the queues after a small transaction, not a full
     chunk's, and each chunk commits while the workers are busy with the ones before."""
 
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be at least 1, got {shard_size}")
+
     def whole_shards(lines: int) -> int:
         return max(1, lines // shard_size) * shard_size
 
@@ -167,11 +170,16 @@ def admit_lines(session: Session, job_id: str, lines: list[RequestLine],
     if job.cancelled_at is not None:
         return []
     ids = [line_request_id(job_id, line_no) for line_no in line_numbers]
+    # Lines admitted before ids followed line numbers are held under the hash of their
+    # custom_id: a job admitted in part before that deploy is completed, not doubled.
+    legacy = [request_id_for(job_id, line.custom_id) for line in lines]
     columns = Request.__table__.c
-    held = set(session.execute(select(columns.id).where(any_of(columns.id, ids))).scalars())
+    held = set(session.execute(select(columns.id)
+                               .where(any_of(columns.id, ids + legacy))).scalars())
     todo = [(line, request_id, line_no)
-            for line, request_id, line_no in zip(lines, ids, line_numbers, strict=True)
-            if request_id not in held]
+            for line, request_id, old_id, line_no in zip(lines, ids, legacy, line_numbers,
+                                                         strict=True)
+            if request_id not in held and old_id not in held]
     if not todo:
         return []
     earlier = session.execute(select(Request.pinned_versions_id, Request.drift_policy)

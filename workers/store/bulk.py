@@ -90,7 +90,7 @@ _POSTGRES = postgresql.dialect()
 
 
 @lru_cache(maxsize=64)
-def _binary_types(table: Table, columns: tuple[str, ...]) -> list[str] | None:
+def _binary_types(table: Table, columns: tuple[str, ...]) -> tuple[str, ...] | None:
     """The binary COPY types of `columns`, or None when one has a type not mapped here (the
     table is then copied as text). In the binary format the server reads each value as its
     type's bytes instead of parsing text, and the driver sends a string without escaping it:
@@ -99,11 +99,13 @@ def _binary_types(table: Table, columns: tuple[str, ...]) -> list[str] | None:
     names = []
     for name in columns:
         ddl = table.columns[name].type.compile(dialect=_POSTGRES)
-        binary = _BINARY_TYPES.get(ddl.split("(")[0])
+        # VARCHAR(n) is text whatever n; any other type with a parameter (FLOAT(24) is a
+        # real, NUMERIC(10, 2) no float) is not mapped.
+        binary = _BINARY_TYPES.get("VARCHAR" if ddl.startswith("VARCHAR(") else ddl)
         if binary is None:
             return None
         names.append(binary)
-    return names
+    return tuple(names)
 
 
 def update_rows(connection: Connection, table: Table, key: str, rows: Sequence[dict[str, Any]],

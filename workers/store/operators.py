@@ -59,6 +59,8 @@ def cancel_job(session: Session, job_id: str) -> int:
         raise AdmissionError(f"no job with id {job_id!r}")
     now = utcnow()
     job.cancelled_at = now
+    # Lines not admitted yet end too (never_admitted): a waiter hears of it either way.
+    announce_ended(session)
     ids = list(session.scalars(select(Request.id).where(Request.job_id == job_id,
                                                         Request.status.in_(ACTIVE))))
     if not ids:
@@ -70,7 +72,6 @@ def cancel_job(session: Session, job_id: str) -> int:
     session.execute(insert(AuditEvent), [
         {"request_id": rid, "stage": None, "run": 0, "round": 0, "kind": EventKind.CANCELLED,
          "payload": {"job_id": job_id}, "created_at": now} for rid in ids])
-    announce_ended(session)
     return len(ids)
 
 

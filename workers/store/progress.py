@@ -32,8 +32,9 @@ def announce_ended(session: Session) -> None:
 class EndedListener:
     """Waits until requests end somewhere (Postgres) or an interval passes (SQLite), on a
     connection of its own. `wait` never returns sooner than `min_gap_s` after the previous
-    return: a job that ends a request every few milliseconds is counted at most that often,
-    and the notifications that came meanwhile count as one."""
+    return: a job that ends a request every few milliseconds is looked at at most that
+    often, and the notifications that came meanwhile wake it once (those still in flight
+    when it reads may wake it once more)."""
 
     def __init__(self, url: str, min_gap_s: float = 0.02) -> None:
         self.min_gap_s = min_gap_s
@@ -59,12 +60,13 @@ class EndedListener:
         if self._conn is None:
             time.sleep(left)
             heard = False
-        else:  # what came during the gap is read at once (all of it: stop_after counts batches)
+        else:  # what came during the gap is there at once; the rest waits for the next call
             heard = bool(list(self._conn.notifies(timeout=left, stop_after=1)))
         self._last = time.monotonic()
         return heard
 
     def close(self) -> None:
+        """Stop listening (closes the connection; idempotent)."""
         if self._conn is not None:
             self._conn.close()
             self._conn = None

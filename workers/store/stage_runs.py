@@ -250,6 +250,7 @@ class StageCommit:
     served_versions: dict[str, Any]
     duration_s: float
     queued: frozenset[str] = frozenset()  # loaded as queued: the ones to mark running
+    announce: bool = True  # NOTIFY waiters when requests end (Settings.notify_ends)
 
 
 @dataclass(frozen=True)
@@ -337,7 +338,7 @@ def _update_requests(session: Session, work: StageCommit, now: datetime) -> None
     update_rows(session.connection(), Request.__table__, "id", ended,
                 Request.run == work.key.hop.run,
                 or_(*(Request.status == status for status in ACTIVE)))
-    if ended:
+    if ended and work.announce:
         announce_ended(session)
     onward = [r.request_id for r in work.results if r.request_id in work.queued
               and r.outcome is None and not r.untouched and not r.repair]
