@@ -27,12 +27,11 @@ from workers.store.admission import (
     NOT_ADMITTED,
     AdmittedJob,
     admit_job_in_chunks,
-    job_active,
     job_counts,
 )
 from workers.store.engine import session_scope
 from workers.store.models import AuditEvent, Document, Job, Request, StageRun
-from workers.store.operators import ACTIVE, job_requests
+from workers.store.operators import ACTIVE, job_active, job_requests
 from workers.store.progress import EndedListener
 from workers.store.timeutil import as_utc
 from workers.store.tuples import versions_by_id

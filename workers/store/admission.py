@@ -22,7 +22,7 @@ from workers.store.among import any_of
 from workers.store.bulk import insert_rows, upsert
 from workers.store.engine import session_scope
 from workers.store.models import AuditEvent, Job, Request, Shard, ShardStage, Tenant
-from workers.store.stage_runs import ACTIVE, pending_shard_stage
+from workers.store.stage_runs import pending_shard_stage
 from workers.store.timeutil import utcnow
 from workers.store.tuples import store_versions
 
@@ -325,17 +325,6 @@ def resume_dispatches(session: Session, job_id: str) -> list[Dispatch]:
         .order_by(ShardStage.id)).all()
     return [Dispatch(Hop(shard_id=r.shard_id, run=r.run, round=r.round), Stage(r.stage),
                      Lane(r.lane)) for r in rows]
-
-
-def job_active(session: Session, job_id: str) -> bool:
-    """Whether any admitted request of the job is still queued or running. It reads the
-    job's rows until it meets an active one, and reads no status index: none holds status
-    but the partial one of failures (migration 0008), and one that did would tempt the
-    planner away from the primary key in the stage commits' updates whenever the statistics
-    say few requests are active."""
-    return session.scalar(select(Request.id).where(Request.job_id == job_id,
-                                                   Request.status.in_(ACTIVE))
-                          .limit(1)) is not None
 
 
 def job_counts(session: Session, job_id: str) -> dict[str, int]:

@@ -15,7 +15,6 @@ from types import TracebackType
 
 import psycopg
 from sqlalchemy import func, select
-from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from workers.store.engine import get_engine
@@ -42,7 +41,7 @@ class EndedListener:
         self._conn: psycopg.Connection[tuple[object, ...]] | None = None
         engine_url = get_engine(url).url
         if engine_url.get_backend_name() == "postgresql":
-            conninfo = make_url(engine_url).set(drivername="postgresql")
+            conninfo = engine_url.set(drivername="postgresql")
             conn = psycopg.connect(conninfo.render_as_string(hide_password=False),
                                    autocommit=True)
             try:
