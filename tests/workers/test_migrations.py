@@ -120,7 +120,8 @@ def test_the_append_only_rows_lose_their_foreign_keys_and_a_downgrade_restores_t
 def test_request_status_leaves_the_rewritten_indexes_and_failures_keep_a_partial_one(
         empty_store_url: str) -> None:
     """0008 (both backends): status is in no index but a partial one of failed requests; a
-    job's requests are found by job_id; a downgrade to 0007 restores the status indexes."""
+    job's requests are found by job_id; a downgrade to 0007 restores the status indexes.
+    (0012 replaces the partial index.)"""
     import sqlalchemy as sa
     from alembic import command
 
@@ -128,7 +129,7 @@ def test_request_status_leaves_the_rewritten_indexes_and_failures_keep_a_partial
     from workers.store.migrate import alembic_config, upgrade
 
     url = empty_store_url
-    upgrade(url)
+    upgrade(url, "0010")
     engine = get_engine(url)
 
     def indexes() -> dict[str, list[str]]:
@@ -255,3 +256,70 @@ def test_pinned_versions_move_to_version_tuples_and_a_downgrade_puts_them_back(
         columns = {c["name"] for c in sa.inspect(conn).get_columns("requests")}
     assert back == pinned
     assert "pinned_versions_id" not in columns
+
+
+@pytest.mark.integration
+def test_failures_move_to_failed_at_and_the_status_updates_change_no_indexed_column(
+        empty_store_url: str) -> None:
+    """0012 (both backends): failed requests get failed_at = finished_at, the others none;
+    the one partial index names failed_at only, so no column a status update changes is
+    indexed; requests leave half of each page free on Postgres; a downgrade to 0010 puts
+    the index on status back and drops the column."""
+    import sqlalchemy as sa
+    from alembic import command
+
+    from workers.store.engine import get_engine
+    from workers.store.migrate import alembic_config, upgrade
+
+    url = empty_store_url
+    postgres = url.startswith("postgresql")
+    upgrade(url, "0010")
+    engine = get_engine(url)
+    ended = {"r1": ("failed", "2026-12-01 10:00:00+00:00"),
+             "r2": ("succeeded", "2026-12-01 11:00:00+00:00"), "r3": ("running", None)}
+    with engine.begin() as conn:
+        conn.execute(sa.text("insert into tenants (id, created_at) values ('t', '2026-12-01')"))
+        for rid, (status, finished) in ended.items():
+            conn.execute(sa.text(
+                "insert into requests (id, custom_id, tenant_id, grants, kind, payload, "
+                "lane, status, run, pinned_versions_id, drift_policy, citations, "
+                "prompt_tokens, completion_tokens, created_at, admitted_at, finished_at) "
+                "values (:id, :id, 't', '[]', 'answer', '{}', 'batch', :status, 0, 'vt', "
+                "'follow', '[]', 0, 0, '2026-12-01', '2026-12-01', :finished)"),
+                {"id": rid, "status": status, "finished": finished})
+
+    def indexes() -> dict[str, list[str]]:
+        return {str(i["name"]): list(i["column_names"])
+                for i in sa.inspect(engine).get_indexes("requests")
+                if not str(i["name"]).startswith("uq_")}
+
+    def predicate(name: str) -> str:
+        with engine.connect() as conn:
+            return str(conn.execute(sa.text(
+                f"SELECT pg_get_expr(indpred, indrelid) FROM pg_index "
+                f"WHERE indexrelid = '{name}'::regclass") if postgres else sa.text(
+                f"SELECT sql FROM sqlite_master WHERE name = '{name}'")).scalar_one())
+
+    command.upgrade(alembic_config(url), "0012")
+    engine.dispose()
+    with engine.connect() as conn:
+        failed = {rid: at is not None for rid, at in conn.execute(sa.text(
+            "select id, failed_at from requests")).all()}
+        same = conn.execute(sa.text(
+            "select failed_at = finished_at from requests where id = 'r1'")).scalar_one()
+        options = conn.execute(sa.text(
+            "select reloptions from pg_class where relname = 'requests'")).scalar_one() \
+            if postgres else None
+    assert failed == {"r1": True, "r2": False, "r3": False} and same
+    assert indexes() == {"ix_requests_job": ["job_id"], "ix_requests_failed_at": ["failed_at"]}
+    where = predicate("ix_requests_failed_at")
+    assert "failed_at" in where and "status" not in where and "finished_at" not in where
+    if postgres:
+        assert options == ["fillfactor=50"]
+    command.downgrade(alembic_config(url), "0010")
+    engine.dispose()
+    with engine.connect() as conn:
+        columns = {c["name"] for c in sa.inspect(conn).get_columns("requests")}
+    assert "failed_at" not in columns
+    assert indexes() == {"ix_requests_job": ["job_id"], "ix_requests_failed": ["finished_at"]}
+    assert "status" in predicate("ix_requests_failed")

@@ -24,10 +24,13 @@ _EVENT_TUPLE_KEYS = ("versions_id", "pinned_versions_id")
 
 
 def failed_requests(session: Session, job_id: str | None = None, limit: int = 100) -> list[Request]:
-    query = select(Request).where(Request.status == Status.FAILED.value)
+    """Requests whose current run failed, the latest failure first (by ix_requests_failed_at;
+    a replayed request keeps its failed_at until its new run ends, so status decides)."""
+    query = select(Request).where(Request.failed_at.is_not(None),
+                                  Request.status == Status.FAILED.value)
     if job_id:
         query = query.where(Request.job_id == job_id)
-    return list(session.scalars(query.order_by(Request.finished_at.desc()).limit(limit)))
+    return list(session.scalars(query.order_by(Request.failed_at.desc()).limit(limit)))
 
 
 def audit_trail(session: Session, request_id: str) -> dict[str, Any]:
@@ -67,7 +70,7 @@ def cancel_job(session: Session, job_id: str) -> int:
         return 0
     session.execute(update(Request).where(Request.id.in_(ids)).values(
         status=Status.FAILED.value, error_class="Cancelled", error_stage=None,
-        error_message=f"job {job_id} was cancelled", finished_at=now)
+        error_message=f"job {job_id} was cancelled", finished_at=now, failed_at=now)
         .execution_options(synchronize_session=False))
     session.execute(insert(AuditEvent), [
         {"request_id": rid, "stage": None, "run": 0, "round": 0, "kind": EventKind.CANCELLED,

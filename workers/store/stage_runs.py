@@ -352,7 +352,9 @@ def _update_requests(session: Session, work: StageCommit, now: datetime) -> None
 def _ended_row(work: StageCommit, result: ItemResult, now: datetime) -> dict[str, Any]:
     outcome = result.outcome
     assert outcome is not None
+    failed = outcome.status == Status.FAILED
     return {"id": result.request_id, "status": outcome.status.value, "finished_at": now,
+            "failed_at": now if failed else None,
             "error_class": outcome.error_class,
             "error_stage": work.key.stage.value if outcome.error_class else None,
             "error_message": outcome.message or None, "output": result.final_text,
