@@ -86,27 +86,41 @@ def wait_for_job(settings: Settings, job_id: str, on_progress: Callable[[int, in
                  min_gap_s: float = 0.02) -> bool:
     """Wait until every line of the job is admitted and every request terminal; False on
     timeout. The job's requests are counted (and `on_progress` told) at least every
-    `poll_s`; on Postgres each commit that ends requests also wakes the waiter (at most one
-    wake per `min_gap_s`), which then looks for a request of the job still active and
-    counts again only when there is none."""
+    `poll_s`. On Postgres each commit that ends requests also says whose and how many: the
+    waiter takes them off what its last count left, tells `on_progress`, and counts again
+    as soon as that reaches zero, reading nothing in between. Other jobs' news is ignored;
+    news that does not say how many (a cancel, an older worker) makes it look for a request
+    of the job still active, at most once per `min_gap_s`."""
     started = time.monotonic()
-    counted_at = float("-inf")
-    with EndedListener(settings.database_url, min_gap_s) as ended:
+    counted_at = looked_at = float("-inf")
+    recount, look = True, False  # count now; look once the gap has passed
+    left = total = 0
+    with EndedListener(settings.database_url, min_gap_s=0) as ended:
         while True:
-            with session_scope(settings.database_url) as session:
-                if (time.monotonic() - counted_at >= poll_s
-                        or not job_active(session, job_id)):
-                    counts = job_counts(session, job_id)  # one GROUP BY status
-                    counted_at = time.monotonic()
-                    left = sum(counts.get(status, 0) for status in (*ACTIVE, NOT_ADMITTED))
-                    total = sum(counts.values())
-                    on_progress(total - left, total)
-                    if left == 0:
-                        return True
-            elapsed = time.monotonic() - started
-            if timeout_s is not None and elapsed > timeout_s:
+            now = time.monotonic()
+            if recount or now - counted_at >= poll_s or (look and now - looked_at >= min_gap_s):
+                with session_scope(settings.database_url) as session:
+                    if recount or now - counted_at >= poll_s \
+                            or not job_active(session, job_id):
+                        counts = job_counts(session, job_id)  # one GROUP BY status
+                        counted_at = time.monotonic()
+                        left = sum(counts.get(status, 0) for status in (*ACTIVE, NOT_ADMITTED))
+                        total = sum(counts.values())
+                        on_progress(total - left, total)
+                        if left == 0:
+                            return True
+                looked_at, recount, look = time.monotonic(), False, False
+            if timeout_s is not None and time.monotonic() - started > timeout_s:
                 return False
-            ended.wait(poll_s if timeout_s is None else min(poll_s, timeout_s - elapsed))
+            until = [counted_at + poll_s] + ([started + timeout_s] if timeout_s is not None
+                                             else []) + ([looked_at + min_gap_s] if look else [])
+            for news in ended.wait(max(0.0, min(until) - time.monotonic())):
+                if news is None or (news.job_id == job_id and news.count is None):
+                    look = True
+                elif news.job_id == job_id and news.count is not None:
+                    left -= news.count
+                    on_progress(total - max(left, 0), total)
+                    recount = recount or left <= 0
 
 
 @dataclass

@@ -126,7 +126,8 @@ class StageTask(Task):  # type: ignore[misc]
             queued = frozenset(rid for rid, s in states.items() if s.status == Status.QUEUED)
             work = runs.StageCommit(key, owner, lease, list(decided.values()) + results,
                                     events, served.model_dump(), time.monotonic() - started,
-                                    queued, settings.notify_ends)
+                                    queued, settings.notify_ends,
+                                    frozenset(s.job_id for s in states.values()))
             with session_scope(settings.database_url) as session:
                 committed = runs.commit(session, work)
                 lane = runs.shard_lane(session, key.hop.shard_id) if committed.repair else None

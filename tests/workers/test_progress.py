@@ -20,7 +20,11 @@ VERSIONS = VersionTuple(model="m", prompt="p", router="r", index="i", tool_schem
                         validators="v", decoding="d", runtime="rt")
 
 
-def _job(store_url: str, count: int = 3) -> str:
+def _job(store_url: str, count: int = 3, shard_size: int = 2) -> str:
+    return _job_and_dispatches(store_url, count, shard_size)[0]
+
+
+def _job_and_dispatches(store_url: str, count: int, shard_size: int) -> tuple[str, list[Any]]:
     from workers.store.admission import admit_job
     from workers.store.engine import session_scope
 
@@ -29,15 +33,17 @@ def _job(store_url: str, count: int = 3) -> str:
         "request": {"kind": "answer", "question": "How do I roll back a deploy?"}})
         for i in range(count)]
     with session_scope(store_url) as session:
-        return admit_job(session, name="wait.jsonl", content=uuid.uuid4().bytes, lines=lines,
-                         malformed=[], line_numbers=list(range(1, count + 1)), versions=VERSIONS,
-                         drift_policy=DriftPolicy.FOLLOW, shard_size=2).job_id
+        admitted = admit_job(session, name="wait.jsonl", content=uuid.uuid4().bytes,
+                             lines=lines, malformed=[], line_numbers=list(range(1, count + 1)),
+                             versions=VERSIONS, drift_policy=DriftPolicy.FOLLOW,
+                             shard_size=shard_size)
+    return admitted.job_id, admitted.dispatches
 
 
 def test_a_listener_hears_committed_ends_only_on_postgres(store_url: str) -> None:
     from workers.store.engine import session_scope
     from workers.store.operators import cancel_job
-    from workers.store.progress import EndedListener
+    from workers.store.progress import Ended, EndedListener
 
     job_id = _job(store_url)
     postgres = store_url.startswith("postgresql")
@@ -48,13 +54,14 @@ def test_a_listener_hears_committed_ends_only_on_postgres(store_url: str) -> Non
             raise RuntimeError("roll back")
         # Then nobody hears of it: the wait runs out
         started = time.monotonic()
-        assert ended.wait(0.3) is False
+        assert ended.wait(0.3) == []
         assert time.monotonic() - started >= 0.3
         # When the same work commits
         with session_scope(store_url) as session:
             assert cancel_job(session, job_id) == 3
-        # Then a listener on Postgres hears it; SQLite has no notifications to hear
-        assert ended.wait(10 if postgres else 0.1) is postgres
+        # Then a listener on Postgres hears that requests of the job ended (a cancel does not
+        # say how many); SQLite has no notifications to hear
+        assert ended.wait(10 if postgres else 0.1) == ([Ended(job_id, None)] if postgres else [])
 
 
 def test_wait_for_job_wakes_when_the_last_requests_end(store_url: str) -> None:
@@ -104,37 +111,50 @@ def _online_request(store_url: str) -> tuple[str, Any]:
     return request_id, dispatches[0]
 
 
-def _refuse_at_the_router(store_url: str, dispatch: Any, announce: bool = True) -> None:
-    """Commit the router stage of `dispatch`'s shard with every request refused."""
+def _refuse_at_the_router(store_url: str, dispatch: Any, announce: bool = True,
+                          refused: int | None = None) -> None:
+    """Commit the router stage of `dispatch`'s shard with its first `refused` requests
+    (default: all) refused and the rest going on, naming the requests' jobs as a worker does."""
     from schemas.stages import ItemResult, Outcome
     from schemas.status import Stage, Status
     from workers.store.engine import session_scope
-    from workers.store.stage_runs import LeaseOwner, StageCommit, StageKey, claim, commit
+    from workers.store.stage_runs import (
+        LeaseOwner,
+        StageCommit,
+        StageKey,
+        claim,
+        commit,
+        load_shard,
+    )
 
     key = StageKey(dispatch.hop, Stage.ROUTER)
     owner = LeaseOwner("host", 1, "router")
     with session_scope(store_url) as session:
         lease = claim(session, key, owner, lease_s=30).lease
-    assert lease is not None
-    refused = Outcome(status=Status.REFUSED, error_class="Refused", message="rule")
+        assert lease is not None
+        states, _ = load_shard(session, lease.request_ids, key)
+    refusal = Outcome(status=Status.REFUSED, error_class="Refused", message="rule")
+    ends = len(lease.request_ids) if refused is None else refused
     with session_scope(store_url) as session:
         commit(session, StageCommit(key, owner, lease, [
-            ItemResult(request_id=rid, output={}, outcome=refused) for rid in lease.request_ids],
-            [], {}, 0.1, announce=announce))
+            ItemResult(request_id=rid, output={}, outcome=refusal if n < ends else None)
+            for n, rid in enumerate(lease.request_ids)], [], {}, 0.1,
+            frozenset(lease.request_ids), announce, frozenset(s.job_id for s in states.values())))
 
 
 @pytest.mark.parametrize("announce", [True, False])
 def test_a_stage_commit_that_ends_requests_notifies_unless_told_not_to(
         store_url: str, announce: bool) -> None:
-    from workers.store.progress import EndedListener
+    from workers.store.progress import Ended, EndedListener
 
     _, dispatch = _online_request(store_url)
     postgres = store_url.startswith("postgresql")
     with EndedListener(store_url, min_gap_s=0) as ended:
-        # When the router commits the shard's one request as refused
+        # When the router commits the shard's one request (of no job) as refused
         _refuse_at_the_router(store_url, dispatch, announce)
         # Then a listener hears it on Postgres, unless the commit was told not to announce
-        assert ended.wait(5 if postgres and announce else 0.3) is (postgres and announce)
+        heard = ended.wait(5 if postgres and announce else 0.3)
+        assert heard == ([Ended(None, 1)] if postgres and announce else [])
 
 
 def test_a_listener_returns_no_sooner_than_its_gap_after_the_last_return(
@@ -148,7 +168,7 @@ def test_a_listener_returns_no_sooner_than_its_gap_after_the_last_return(
         # When requests end right after a return
         _refuse_at_the_router(store_url, _online_request(store_url)[1])
         # Then the next wait still returns only once the gap has passed, having heard them
-        assert ended.wait(10 if postgres else 0) is postgres
+        assert bool(ended.wait(10 if postgres else 0)) is postgres
         assert time.monotonic() - first >= 0.5
 
 
@@ -182,3 +202,61 @@ def test_the_client_wait_returns_on_the_commit_that_ends_the_request(store_url: 
     ender.join()
     assert result["status"] == "refused"
     assert time.monotonic() - started < 15
+
+
+@pytest.mark.parametrize("empty_store_url", ["postgres"], indirect=True)  # NOTIFY
+def test_a_stage_commit_says_whose_requests_ended_and_how_many(store_url: str) -> None:
+    from workers.store.progress import Ended, EndedListener
+
+    job_id, dispatches = _job_and_dispatches(store_url, 3, 3)
+    with EndedListener(store_url, min_gap_s=0) as ended:
+        # When the router ends two of the shard's three requests and passes one on
+        _refuse_at_the_router(store_url, dispatches[0], refused=2)
+        # Then the listener hears that two requests of that job ended
+        assert ended.wait(5) == [Ended(job_id, 2)]
+
+
+@pytest.mark.parametrize("empty_store_url", ["postgres"], indirect=True)  # NOTIFY
+def test_a_job_waiter_reads_the_store_only_when_its_jobs_news_leaves_nothing(
+        store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ops.jobs
+    from ops.jobs import wait_for_job
+    from workers.settings import Settings
+
+    job_id, dispatches = _job_and_dispatches(store_url, 3, 1)
+    _, elsewhere = _job_and_dispatches(store_url, 2, 1)
+    reads: list[str] = []
+
+    def counted_read(name: str) -> Any:
+        real = getattr(ops.jobs, name)
+
+        def read(*args: Any) -> Any:
+            reads.append(name)
+            return real(*args)
+        return read
+
+    for name in ("job_counts", "job_active"):
+        monkeypatch.setattr(ops.jobs, name, counted_read(name))
+    seen: list[tuple[int, int]] = []
+    counted = threading.Event()
+
+    def progress(done: int, total: int) -> None:
+        seen.append((done, total))
+        counted.set()
+
+    def end_requests() -> None:
+        counted.wait(20)  # after the waiter's first count
+        for dispatch in elsewhere + dispatches:  # another job's first, then this one's
+            _refuse_at_the_router(store_url, dispatch)
+
+    ender = threading.Thread(target=end_requests)
+    ender.start()
+    # Counts a minute apart: only the news of the commits can end the wait in time
+    done = wait_for_job(Settings(database_url=store_url), job_id, progress, timeout_s=20,
+                        poll_s=60)
+    ender.join()
+    # Then the job's three ends were taken off its count one by one, the other job's were
+    # ignored, and the store was read twice: the first count and the one that found none left
+    assert done is True
+    assert seen == [(0, 3), (1, 3), (2, 3), (3, 3), (3, 3)]
+    assert reads == ["job_counts", "job_counts"]

@@ -188,7 +188,7 @@ def test_the_stage_gate_judges_each_requests_own_pin_in_a_shard_of_mixed_pins() 
     old_router = served.model_copy(update={"router": "r0"}).model_dump()
 
     def state(pin: dict[str, str], policy: DriftPolicy) -> RequestState:
-        return RequestState(Status.RUNNING, 0, versions_id(pin), dict(pin), policy.value, None)
+        return RequestState(None, Status.RUNNING, 0, versions_id(pin), dict(pin), policy.value, None)
 
     states = {"same-a": state(served.model_dump(), DriftPolicy.STRICT),
               "strict-a": state(old_model, DriftPolicy.STRICT),

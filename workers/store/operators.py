@@ -14,7 +14,7 @@ from schemas.status import DriftPolicy, Lane, ShardStageStatus, Stage, Status
 from schemas.versions import VersionTuple
 from workers.store.admission import AdmissionError, Dispatch, live_shard_stages, new_shard
 from workers.store.models import AuditEvent, Job, Request, StageRun
-from workers.store.progress import announce_ended
+from workers.store.progress import Ended, announce_ended
 from workers.store.stage_runs import ACTIVE
 from workers.store.timeutil import as_utc, utcnow
 from workers.store.tuples import store_versions, versions_by_id
@@ -62,8 +62,8 @@ def cancel_job(session: Session, job_id: str) -> int:
         raise AdmissionError(f"no job with id {job_id!r}")
     now = utcnow()
     job.cancelled_at = now
-    # Lines not admitted yet end too (never_admitted): a waiter hears of it either way.
-    announce_ended(session)
+    # Lines not admitted yet end too (never_admitted): the job's waiters look, whatever ended.
+    announce_ended(session, Ended(job_id, None))
     ids = list(session.scalars(select(Request.id).where(Request.job_id == job_id,
                                                         Request.status.in_(ACTIVE))))
     if not ids:

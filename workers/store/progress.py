@@ -3,14 +3,16 @@ so whoever waits for a job wakes when its requests end instead of polling the st
 
 NOTIFY is transactional: a listener hears it once the commit is visible, never before it
 and never for a transaction rolled back, so a count made on waking sees what woke it. One
-channel serves every job (the notification names none; a waiter counts its own job), and
-Postgres folds a transaction's repeats into one. SQLite has no such thing: a waiter there
-polls at its interval.
+channel serves every job; each notification says whose requests ended and how many
+(`Ended`), so a job's waiter can tell when the last of them has ended without reading the
+store in between, and ignores other jobs. SQLite has no such thing: a waiter there polls at
+its interval.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from types import TracebackType
 
 import psycopg
@@ -22,10 +24,35 @@ from workers.store.engine import get_engine
 CHANNEL = "sluice_requests_ended"
 
 
-def announce_ended(session: Session) -> None:
-    """Tell listeners, when this transaction commits, that requests ended in it."""
+@dataclass(frozen=True)
+class Ended:
+    """What one notification says: `count` requests of job `job_id` ended (job None: requests
+    of no job, such as upstream systems' online ones). A count of None says that requests of
+    the job ended without saying how many: a waiter must look."""
+
+    job_id: str | None
+    count: int | None
+
+    def payload(self) -> str:
+        return f"{'?' if self.count is None else self.count}:{self.job_id or ''}"
+
+    @classmethod
+    def parse(cls, payload: str) -> Ended | None:
+        """The notification's news, or None where it says nothing readable (an empty
+        payload, as earlier versions sent): requests of some job ended."""
+        count, colon, job_id = payload.partition(":")
+        if not colon or not (count == "?" or count.isdigit()):
+            return None
+        return cls(job_id or None, None if count == "?" else int(count))
+
+
+def announce_ended(session: Session, ended: Ended | None = None) -> None:
+    """Tell listeners, when this transaction commits, that requests ended in it: `ended` says
+    whose and how many, None that it is not known. A transaction announces once: Postgres
+    folds a transaction's identical notifications into one."""
     if session.get_bind().dialect.name == "postgresql":
-        session.execute(select(func.pg_notify(CHANNEL, "")))
+        payload = ended.payload() if ended is not None else ""
+        session.execute(select(func.pg_notify(CHANNEL, payload)))
 
 
 class EndedListener:
@@ -51,16 +78,20 @@ class EndedListener:
                 raise
             self._conn = conn
 
-    def wait(self, timeout_s: float) -> bool:
-        """Block until requests ended (True) or `timeout_s` passed (False)."""
+    def wait(self, timeout_s: float) -> list[Ended | None]:
+        """Block until requests ended or `timeout_s` passed: what every notification heard
+        says (None for one that names nothing), empty after a timeout."""
         gap = max(0.0, self._last + self.min_gap_s - time.monotonic())
         time.sleep(gap)
         left = max(0.0, timeout_s - gap)
+        heard: list[Ended | None] = []
         if self._conn is None:
             time.sleep(left)
-            heard = False
-        else:  # what came during the gap is there at once; the rest waits for the next call
-            heard = bool(list(self._conn.notifies(timeout=left, stop_after=1)))
+        else:  # what came during the gap is there at once; then whatever else has arrived
+            notes = list(self._conn.notifies(timeout=left, stop_after=1))
+            while notes:
+                heard += [Ended.parse(n.payload) for n in notes]
+                notes = list(self._conn.notifies(timeout=0.0))
         self._last = time.monotonic()
         return heard
 

@@ -23,7 +23,7 @@ from schemas.status import ShardStageStatus, Stage, Status
 from workers.store.among import any_of
 from workers.store.bulk import insert_rows, update_rows
 from workers.store.models import AuditEvent, Request, Shard, ShardStage, StageRun
-from workers.store.progress import announce_ended
+from workers.store.progress import Ended, announce_ended
 from workers.store.timeutil import utcnow
 from workers.store.tuples import store_versions, versions_by_id
 
@@ -174,6 +174,7 @@ def _held(lease_id: int, owner: LeaseOwner) -> list[Any]:
 
 @dataclass(frozen=True)
 class RequestState:
+    job_id: str | None
     status: Status
     run: int
     pinned_versions_id: str
@@ -193,7 +194,7 @@ def load_shard(session: Session, request_ids: list[str],
     connection = session.connection()
     c = Request.__table__.c
     requests = connection.execute(
-        select(c.id, c.tenant_id, c.grants, c.kind, c.payload, c.status, c.run,
+        select(c.id, c.job_id, c.tenant_id, c.grants, c.kind, c.payload, c.status, c.run,
                c.pinned_versions_id, c.drift_policy, c.deadline_at)
         .where(any_of(c.id, request_ids))).all()
     previous = _previous_outputs(connection, request_ids, key)
@@ -202,7 +203,7 @@ def load_shard(session: Session, request_ids: list[str],
     if unknown:
         raise LookupError(f"the store holds no version tuple {unknown}, which requests of "
                           f"shard {key.hop.shard_id} pin")
-    states = {r.id: RequestState(Status(r.status), r.run, r.pinned_versions_id,
+    states = {r.id: RequestState(r.job_id, Status(r.status), r.run, r.pinned_versions_id,
                                  pins[r.pinned_versions_id], r.drift_policy, r.deadline_at)
               for r in requests}
     # Built without validating again: every field is a column this store wrote from a model
@@ -251,6 +252,9 @@ class StageCommit:
     duration_s: float
     queued: frozenset[str] = frozenset()  # loaded as queued: the ones to mark running
     announce: bool = True  # NOTIFY waiters when requests end (Settings.notify_ends)
+    # The jobs of the claimed requests as loaded (None in it: requests of no job); None when
+    # not loaded. A notification names the job when there is exactly one.
+    jobs: frozenset[str | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -335,11 +339,11 @@ def _update_requests(session: Session, work: StageCommit, now: datetime) -> None
     is queued only before the first stage of its run commits: later stages skip the write."""
     ended = [_ended_row(work, r, now) for r in work.results if r.outcome and not r.untouched]
     # Plain comparisons, not IN: an executemany (SQLite) cannot expand a list parameter.
-    update_rows(session.connection(), Request.__table__, "id", ended,
-                Request.run == work.key.hop.run,
-                or_(*(Request.status == status for status in ACTIVE)))
+    count = update_rows(session.connection(), Request.__table__, "id", ended,
+                        Request.run == work.key.hop.run,
+                        or_(*(Request.status == status for status in ACTIVE)))
     if ended and work.announce:
-        announce_ended(session)
+        announce_ended(session, _news(work.jobs, count))
     onward = [r.request_id for r in work.results if r.request_id in work.queued
               and r.outcome is None and not r.untouched and not r.repair]
     if onward:
@@ -347,6 +351,15 @@ def _update_requests(session: Session, work: StageCommit, now: datetime) -> None
                                               Request.status == Status.QUEUED.value)
                         .values(status=Status.RUNNING.value)
                         .execution_options(synchronize_session=False))
+
+
+def _news(jobs: frozenset[str | None] | None, count: int) -> Ended | None:
+    """What the notification can say: whose requests ended and how many, when the claimed
+    requests all belong to one job (or all to none) and the driver counted the update."""
+    if jobs is None or len(jobs) != 1 or count < 0:
+        return None
+    (job_id,) = jobs
+    return Ended(job_id, count)
 
 
 def _ended_row(work: StageCommit, result: ItemResult, now: datetime) -> dict[str, Any]:
