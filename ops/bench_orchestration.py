@@ -607,8 +607,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--poll-s", type=float, default=0.5,
                         help="longest time between two counts of a job's requests (default 0.5)")
     parser.add_argument("--min-gap-s", type=float, default=0.05,
-                        help="shortest time between two looks at a job that notifications "
-                             "not saying how many requests ended ask for (default 0.05)")
+                        help="shortest time between two looks at a job asked for by "
+                             "notifications that do not say how many requests ended (a "
+                             "cancel, a stage failed as a whole); the stage commits of a "
+                             "run say how many, so this rarely matters (default 0.05)")
     args = parser.parse_args(argv)
     try:
         sizes = sorted({int(s) for s in args.shard_sizes.split(",") if s.strip()} | {1})

@@ -32,7 +32,7 @@ from workers.store.admission import (
 from workers.store.engine import session_scope
 from workers.store.models import AuditEvent, Document, Job, Request, StageRun
 from workers.store.operators import ACTIVE, job_active, job_requests
-from workers.store.progress import EndedListener
+from workers.store.progress import Ended, EndedListener
 from workers.store.timeutil import as_utc
 from workers.store.tuples import versions_by_id
 
@@ -89,38 +89,78 @@ def wait_for_job(settings: Settings, job_id: str, on_progress: Callable[[int, in
     `poll_s`. On Postgres each commit that ends requests also says whose and how many: the
     waiter takes them off what its last count left, tells `on_progress`, and counts again
     as soon as that reaches zero, reading nothing in between. Other jobs' news is ignored;
-    news that does not say how many (a cancel, an older worker) makes it look for a request
-    of the job still active, at most once per `min_gap_s`."""
-    started = time.monotonic()
-    counted_at = looked_at = float("-inf")
-    recount, look = True, False  # count now; look once the gap has passed
-    left = total = 0
+    news that does not say how many (a cancel, a stage that failed as a whole, an older
+    worker) makes it look for a request of the job still active, at most once per
+    `min_gap_s`."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    tally = _JobTally(job_id, on_progress)
     with EndedListener(settings.database_url, min_gap_s=0) as ended:
         while True:
-            now = time.monotonic()
-            if recount or now - counted_at >= poll_s or (look and now - looked_at >= min_gap_s):
+            if tally.must_count(poll_s) or tally.must_look(min_gap_s):
                 with session_scope(settings.database_url) as session:
-                    if recount or now - counted_at >= poll_s \
-                            or not job_active(session, job_id):
-                        counts = job_counts(session, job_id)  # one GROUP BY status
-                        counted_at = time.monotonic()
-                        left = sum(counts.get(status, 0) for status in (*ACTIVE, NOT_ADMITTED))
-                        total = sum(counts.values())
-                        on_progress(total - left, total)
-                        if left == 0:
-                            return True
-                looked_at, recount, look = time.monotonic(), False, False
-            if timeout_s is not None and time.monotonic() - started > timeout_s:
-                return False
-            until = [counted_at + poll_s] + ([started + timeout_s] if timeout_s is not None
-                                             else []) + ([looked_at + min_gap_s] if look else [])
-            for news in ended.wait(max(0.0, min(until) - time.monotonic())):
-                if news is None or (news.job_id == job_id and news.count is None):
-                    look = True
-                elif news.job_id == job_id and news.count is not None:
-                    left -= news.count
-                    on_progress(total - max(left, 0), total)
-                    recount = recount or left <= 0
+                    if tally.must_count(poll_s) or not job_active(session, job_id):
+                        tally.count(job_counts(session, job_id))  # one GROUP BY status
+                tally.read()
+                if tally.left == 0:
+                    return True
+            wake_in = tally.next_read_in(poll_s, min_gap_s)
+            if deadline is not None:
+                if time.monotonic() > deadline:
+                    return False
+                wake_in = min(wake_in, deadline - time.monotonic())
+            tally.hear(ended.wait(max(0.0, wake_in)))
+
+
+class _JobTally:
+    """What a job's waiter knows between two reads of the store: what its last count left,
+    less what the commits' news says ended since; whether it must count again (none should
+    be left, or `poll_s` has passed since the last count) or look (news that did not say
+    how many)."""
+
+    def __init__(self, job_id: str, on_progress: Callable[[int, int], None]) -> None:
+        self.job_id = job_id
+        self.on_progress = on_progress
+        self.left = self.total = 0
+        self.counted_at = self.read_at = float("-inf")
+        self.recount, self.look = True, False
+
+    def must_count(self, poll_s: float) -> bool:
+        return self.recount or time.monotonic() - self.counted_at >= poll_s
+
+    def must_look(self, min_gap_s: float) -> bool:
+        return self.look and time.monotonic() - self.read_at >= min_gap_s
+
+    def next_read_in(self, poll_s: float, min_gap_s: float) -> float:
+        due = self.counted_at + poll_s
+        if self.look:
+            due = min(due, self.read_at + min_gap_s)
+        return due - time.monotonic()
+
+    def count(self, counts: dict[str, int]) -> None:
+        self.counted_at = time.monotonic()
+        self.left = sum(counts.get(status, 0) for status in (*ACTIVE, NOT_ADMITTED))
+        self.total = sum(counts.values())
+        self.on_progress(self.total - self.left, self.total)
+
+    def read(self) -> None:
+        self.read_at = time.monotonic()
+        self.recount = self.look = False
+
+    def hear(self, news: list[Ended | None]) -> None:
+        ours = 0
+        for item in news:
+            if item is not None and item.job_id != self.job_id:
+                continue  # another job's
+            if item is None or item.count is None:
+                self.look = True
+            else:
+                ours += item.count
+        if ours:
+            # News that was also in the first count can take left below zero: the recount
+            # it triggers puts it right.
+            self.left -= ours
+            self.on_progress(self.total - max(self.left, 0), self.total)
+            self.recount = self.recount or self.left <= 0
 
 
 @dataclass

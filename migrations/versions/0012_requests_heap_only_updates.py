@@ -8,9 +8,11 @@ into every index of the table (primary key, idempotency key, job) and left the o
 vacuum. This revision:
 
 - adds `failed_at`, set only by an update that ends a request as failed (a stage commit, a
-  cancel), backfilled from finished_at for the failed requests there are;
+  cancel), backfilled from finished_at (admitted_at where that is missing) for the failed
+  requests there are;
 - replaces that index with one on failed_at, for the rows that have one: the updates that do
   not fail a request leave it null, so they change no indexed column;
+- brings a store that ran the withdrawn 0011 back to one index on job_id;
 - leaves half of each new page of requests free (fillfactor 50; existing pages keep what
   they have until rewritten): a new version is written as a heap-only tuple only where it
   fits in the old one's page.
@@ -20,13 +22,12 @@ processes): 0 of 4,624 request updates were heap-only before, 4,067 after; 243-2
 server CPU per request before, 205-208 after (the shard's request updates 44 -> 28 us, its
 reads 49 -> 40 us).
 
-The number 0011 is skipped on purpose: a revision of that number existed on main for a few
-hours (an index on requests (job_id, status), added and dropped again). A store that ran it
-stops with an unknown revision instead of taking this one as applied; dropping
-ix_requests_job_status and setting alembic_version to 0010 resolves it.
+Workers of earlier versions must be stopped before it runs (compose runs migrations before
+any worker starts): they would end requests as failed without setting failed_at, and
+`sluice failed` would not list those. Running the backfill statement again repairs that.
 
 Revision ID: 0012
-Revises: 0010
+Revises: 0011
 Create Date: 2026-12-06
 """
 
@@ -36,7 +37,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0012"
-down_revision = "0010"
+down_revision = "0011"
 branch_labels = None
 depends_on = None
 
@@ -46,9 +47,13 @@ FAILED = sa.text("status = 'failed'")
 
 
 def upgrade() -> None:
+    # A store that ran the withdrawn 0011 (see there) gets 0010's index on job_id back.
+    op.execute("DROP INDEX IF EXISTS ix_requests_job_status")
+    op.execute("CREATE INDEX IF NOT EXISTS ix_requests_job ON requests (job_id)")
     with op.batch_alter_table("requests") as batch:
         batch.add_column(sa.Column("failed_at", sa.DateTime(timezone=True), nullable=True))
-    op.execute("UPDATE requests SET failed_at = finished_at WHERE status = 'failed'")
+    op.execute("UPDATE requests SET failed_at = coalesce(finished_at, admitted_at) "
+               "WHERE status = 'failed' AND failed_at IS NULL")
     op.drop_index("ix_requests_failed", table_name="requests")
     op.create_index("ix_requests_failed_at", "requests", ["failed_at"],
                     postgresql_where=HAS_FAILED, sqlite_where=HAS_FAILED)

@@ -323,3 +323,30 @@ def test_failures_move_to_failed_at_and_the_status_updates_change_no_indexed_col
     assert "failed_at" not in columns
     assert indexes() == {"ix_requests_job": ["job_id"], "ix_requests_failed": ["finished_at"]}
     assert "status" in predicate("ix_requests_failed")
+
+
+@pytest.mark.integration
+def test_a_store_that_ran_the_withdrawn_0011_upgrades_to_the_indexes_of_head(
+        empty_store_url: str) -> None:
+    """0011, 0012 (both backends): a store left by the 0011 that was withdrawn (ix_requests_job
+    replaced by ix_requests_job_status, alembic_version 0011) upgrades to head and ends with
+    the same indexes as a store that never ran it."""
+    import sqlalchemy as sa
+    from alembic import command
+
+    from workers.store.engine import get_engine
+    from workers.store.migrate import alembic_config, upgrade
+
+    url = empty_store_url
+    upgrade(url, "0010")
+    engine = get_engine(url)
+    with engine.begin() as conn:  # what the withdrawn 0011 did
+        conn.execute(sa.text("CREATE INDEX ix_requests_job_status ON requests (job_id, status)"))
+        conn.execute(sa.text("DROP INDEX ix_requests_job"))
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = '0011'"))
+    command.upgrade(alembic_config(url), "head")
+    engine.dispose()
+    indexes = {str(i["name"]): list(i["column_names"])
+               for i in sa.inspect(engine).get_indexes("requests")
+               if not str(i["name"]).startswith("uq_")}
+    assert indexes == {"ix_requests_job": ["job_id"], "ix_requests_failed_at": ["failed_at"]}

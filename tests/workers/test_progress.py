@@ -112,9 +112,10 @@ def _online_request(store_url: str) -> tuple[str, Any]:
 
 
 def _refuse_at_the_router(store_url: str, dispatch: Any, announce: bool = True,
-                          refused: int | None = None) -> None:
+                          refused: int | None = None, name_jobs: bool = True) -> None:
     """Commit the router stage of `dispatch`'s shard with its first `refused` requests
-    (default: all) refused and the rest going on, naming the requests' jobs as a worker does."""
+    (default: all) refused and the rest going on, naming the requests' jobs as a worker does
+    (unless not `name_jobs`: as a stage that failed before loading them)."""
     from schemas.stages import ItemResult, Outcome
     from schemas.status import Stage, Status
     from workers.store.engine import session_scope
@@ -139,7 +140,8 @@ def _refuse_at_the_router(store_url: str, dispatch: Any, announce: bool = True,
         commit(session, StageCommit(key, owner, lease, [
             ItemResult(request_id=rid, output={}, outcome=refusal if n < ends else None)
             for n, rid in enumerate(lease.request_ids)], [], {}, 0.1,
-            frozenset(lease.request_ids), announce, frozenset(s.job_id for s in states.values())))
+            frozenset(lease.request_ids), announce,
+            frozenset(s.job_id for s in states.values()) if name_jobs else None))
 
 
 @pytest.mark.parametrize("announce", [True, False])
@@ -255,8 +257,51 @@ def test_a_job_waiter_reads_the_store_only_when_its_jobs_news_leaves_nothing(
     done = wait_for_job(Settings(database_url=store_url), job_id, progress, timeout_s=20,
                         poll_s=60)
     ender.join()
-    # Then the job's three ends were taken off its count one by one, the other job's were
+    # Then the job's ends were taken off its count as they came, the other job's were
     # ignored, and the store was read twice: the first count and the one that found none left
     assert done is True
-    assert seen == [(0, 3), (1, 3), (2, 3), (3, 3), (3, 3)]
+    assert seen[0] == (0, 3) and seen[-2:] == [(3, 3), (3, 3)]
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
     assert reads == ["job_counts", "job_counts"]
+
+
+@pytest.mark.parametrize("empty_store_url", ["postgres"], indirect=True)  # NOTIFY
+def test_news_that_does_not_say_how_many_makes_a_job_waiter_look(store_url: str) -> None:
+    from ops.jobs import wait_for_job
+    from workers.settings import Settings
+
+    job_id, dispatches = _job_and_dispatches(store_url, 2, 2)
+    counted = threading.Event()
+
+    def end_them() -> None:
+        counted.wait(20)
+        # as a stage that fails as a whole commits: its requests' jobs were never loaded
+        _refuse_at_the_router(store_url, dispatches[0], name_jobs=False)
+
+    ender = threading.Thread(target=end_them)
+    ender.start()
+    started = time.monotonic()
+    # A count a minute apart: only the look the news asks for ends the wait in time
+    done = wait_for_job(Settings(database_url=store_url), job_id,
+                        lambda _done, _total: counted.set(), timeout_s=20, poll_s=60)
+    ender.join()
+    assert done is True and time.monotonic() - started < 15
+
+
+@pytest.mark.parametrize("empty_store_url", ["postgres"], indirect=True)  # NOTIFY
+def test_a_commit_counts_the_requests_it_ended_not_those_it_was_given(store_url: str) -> None:
+    from workers.store.engine import session_scope
+    from workers.store.operators import cancel_job
+    from workers.store.progress import Ended, EndedListener
+
+    job_id, dispatches = _job_and_dispatches(store_url, 2, 2)
+    with EndedListener(store_url, min_gap_s=0) as ended:
+        # When the job is cancelled, and then the router commits its requests as refused
+        with session_scope(store_url) as session:
+            assert cancel_job(session, job_id) == 2
+        _refuse_at_the_router(store_url, dispatches[0])
+        # Then the cancel said the job's requests ended; the commit, which changed none of
+        # them (the cancel had ended them), says none did
+        heard = ended.wait(5)
+        heard += [] if len(heard) > 1 else ended.wait(5)
+        assert heard == [Ended(job_id, None), Ended(job_id, 0)]

@@ -5,6 +5,7 @@ that writes no index entry. Real databases, no broker, no workers."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -38,7 +39,7 @@ def _job(store_url: str, count: int, shard_size: int) -> tuple[str, list[Any]]:
 
 
 def _commit_router(store_url: str, dispatch: Any, outcomes: dict[int, Outcome | None],
-                   count: Any = None) -> Any:
+                   count: Callable[[Any], tuple[int, ...]] | None = None) -> tuple[int, ...]:
     """Commit the router stage of `dispatch`'s shard: its n-th request ends with
     `outcomes[n]` (none: it goes on). With `count(session)`, a tuple of counters, return
     how much the commit's statements added to each, read in the commit's transaction."""
@@ -110,7 +111,7 @@ def test_status_updates_that_do_not_fail_a_request_write_no_index_entry(
         store_url: str) -> None:
     import sqlalchemy as sa
 
-    def updates(session: Any) -> tuple[int, int]:
+    def updates(session: Any) -> tuple[int, ...]:
         """Rows of requests this backend updated and has not reported yet, and how many of
         them heap-only."""
         return tuple(session.execute(sa.text(

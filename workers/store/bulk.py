@@ -112,25 +112,23 @@ def update_rows(connection: Connection, table: Table, key: str, rows: Sequence[d
                 *where: Any) -> int:
     """For each row (dicts with the same keys): UPDATE `table` SET the row's other columns
     WHERE the `key` column equals the row's `key` value and every `where` clause holds.
-    Returns the number of rows updated, or -1 where the driver does not tell (SQLite)."""
+    Returns the number of rows updated."""
     if not rows:
         return 0
     columns = [c for c in rows[0] if c != key]
     if connection.dialect.name != "postgresql":
         match = table.c[key] == bindparam(f"{key}_match")
-        connection.execute(update(table).where(match, *where)
-                           .values({c: bindparam(c) for c in columns}),
-                           [{f"{key}_match": r[key], **{c: r[c] for c in columns}} for r in rows])
-        return -1
+        return connection.execute(
+            update(table).where(match, *where).values({c: bindparam(c) for c in columns}),
+            [{f"{key}_match": r[key], **{c: r[c] for c in columns}} for r in rows]).rowcount
     given = func.json_to_recordset(bindparam("rows", list(rows), type_=JSON)).table_valued(
         *(column(c, table.c[c].type) for c in [key, *columns])).render_derived("given",
                                                                             with_types=True)
     # The id list as well as the join: the rows are found by the key's index, not by a scan.
-    result = connection.execute(update(table)
-                                .where(table.c[key] == given.c[key],
-                                       any_of(table.c[key], [r[key] for r in rows]), *where)
-                                .values({c: given.c[c] for c in columns}))
-    return int(result.rowcount)  # type: ignore[attr-defined]
+    return connection.execute(update(table)
+                              .where(table.c[key] == given.c[key],
+                                     any_of(table.c[key], [r[key] for r in rows]), *where)
+                              .values({c: given.c[c] for c in columns})).rowcount
 
 
 def upsert(bind: Session | Connection, target: Any) -> PgInsert | SqliteInsert:

@@ -65,8 +65,8 @@ class Job(Base):
 
 
 _HAS_FAILED = text("failed_at IS NOT NULL")
-# Free space left in each page of requests when rows are inserted (Postgres): room for the two
-# new versions of each row its status updates write there (see Request).
+# How full (percent) inserts fill each page of requests (Postgres): the rest is room for the
+# new versions each row's status updates write into the same page (see Request).
 REQUESTS_FILLFACTOR = 50
 
 
@@ -74,7 +74,7 @@ class Request(Base):
     """One request with its pinned versions and, once terminal, its outcome.
 
     The stage commits rewrite a request twice (queued -> running, running -> terminal). No
-    index names a column those updates change (status, finished_at...: migrations 0008, 0011),
+    index names a column those updates change (status, finished_at...: migrations 0008, 0012),
     not even in a partial index's predicate, and each page keeps free space: Postgres then
     writes each new version into the same page as a heap-only tuple and adds no index entry.
     Failures are found by `failed_at`, which only an update that fails the request sets.

@@ -48,8 +48,9 @@ class Ended:
 
 def announce_ended(session: Session, ended: Ended | None = None) -> None:
     """Tell listeners, when this transaction commits, that requests ended in it: `ended` says
-    whose and how many, None that it is not known. A transaction announces once: Postgres
-    folds a transaction's identical notifications into one."""
+    whose and how many, None that it is not known. Call it once per transaction: Postgres
+    folds a transaction's identical notifications into one, and a waiter would then miss
+    the second count."""
     if session.get_bind().dialect.name == "postgresql":
         payload = ended.payload() if ended is not None else ""
         session.execute(select(func.pg_notify(CHANNEL, payload)))
@@ -87,11 +88,11 @@ class EndedListener:
         heard: list[Ended | None] = []
         if self._conn is None:
             time.sleep(left)
-        else:  # what came during the gap is there at once; then whatever else has arrived
+        else:  # what came during the gap is there at once; then what else has arrived by now
             notes = list(self._conn.notifies(timeout=left, stop_after=1))
-            while notes:
-                heard += [Ended.parse(n.payload) for n in notes]
-                notes = list(self._conn.notifies(timeout=0.0))
+            if notes:
+                notes += self._conn.notifies(timeout=0.0)
+            heard = [Ended.parse(n.payload) for n in notes]
         self._last = time.monotonic()
         return heard
 

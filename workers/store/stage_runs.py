@@ -355,8 +355,8 @@ def _update_requests(session: Session, work: StageCommit, now: datetime) -> None
 
 def _news(jobs: frozenset[str | None] | None, count: int) -> Ended | None:
     """What the notification can say: whose requests ended and how many, when the claimed
-    requests all belong to one job (or all to none) and the driver counted the update."""
-    if jobs is None or len(jobs) != 1 or count < 0:
+    requests all belong to one job (or all to none)."""
+    if jobs is None or len(jobs) != 1:
         return None
     (job_id,) = jobs
     return Ended(job_id, count)
