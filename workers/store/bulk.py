@@ -7,9 +7,9 @@ its own: bound, planned and executed one at a time by the server, and built one 
 by the driver. COPY streams the rows into the table in one command, under the same
 constraints, triggers and transaction. The rows must be complete: a column left out gets
 the database's default, not the model's (so one with a Python-side default is refused).
-Updating a row per item (a validation commit ends its whole shard) is likewise one UPDATE
-joined to the rows sent as one JSON recordset. `upsert` is the INSERT that takes ON CONFLICT
-clauses, in either dialect.
+Updating a row per item (a validation commit ends its whole shard) is likewise one UPDATE,
+each row reading its values from one jsonb map of the rows by key. `upsert` is the INSERT
+that takes ON CONFLICT clauses, in either dialect.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
-from sqlalchemy import JSON, Connection, Table, bindparam, column, func, insert, update
+from sqlalchemy import JSON, Connection, Table, Text, bindparam, cast, func, insert, literal, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import Insert as PgInsert
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -121,14 +121,26 @@ def update_rows(connection: Connection, table: Table, key: str, rows: Sequence[d
         return connection.execute(
             update(table).where(match, *where).values({c: bindparam(c) for c in columns}),
             [{f"{key}_match": r[key], **{c: r[c] for c in columns}} for r in rows]).rowcount
-    given = func.json_to_recordset(bindparam("rows", list(rows), type_=JSON)).table_valued(
-        *(column(c, table.c[c].type) for c in [key, *columns])).render_derived("given",
-                                                                            with_types=True)
-    # The id list as well as the join: the rows are found by the key's index, not by a scan.
-    return connection.execute(update(table)
-                              .where(table.c[key] == given.c[key],
-                                     any_of(table.c[key], [r[key] for r in rows]), *where)
-                              .values({c: given.c[c] for c in columns})).rowcount
+    # One map from key to row, sent as jsonb: each row finds its values by its own key, so
+    # the statement is linear in the shard whatever the planner thinks of the rows. (Joined
+    # to json_to_recordset instead, the planner took the few active requests its statistics
+    # promise for a one-row outer side and re-read the recordset for every request: 16.5 us
+    # of server CPU per row at 64 rows, 50 at 256, against 4.9 and 8.5 this way.)
+    given = bindparam("rows", {str(r[key]): r for r in rows}, type_=postgresql.JSONB)
+    row = given.op("->", return_type=postgresql.JSONB)(cast(table.c[key], Text))
+    values = {c: _json_value(row, c, table.c[c].type) for c in columns}
+    # The id list: the rows are found by the key's index, not by a scan.
+    return connection.execute(update(table).where(any_of(table.c[key], [r[key] for r in rows]),
+                                                  *where).values(values)).rowcount
+
+
+def _json_value(row: Any, name: str, type_: Any) -> Any:
+    """Column `name` of a jsonb row, as `type_`; JSON null is SQL NULL, as json_to_recordset
+    reads it."""
+    if isinstance(type_, JSON):
+        value = row.op("->", return_type=postgresql.JSONB)(literal(name, Text))
+        return cast(func.nullif(value, cast(literal("null", Text), postgresql.JSONB)), type_)
+    return cast(row.op("->>", return_type=Text)(literal(name, Text)), type_)
 
 
 def upsert(bind: Session | Connection, target: Any) -> PgInsert | SqliteInsert:
