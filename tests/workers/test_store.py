@@ -535,9 +535,9 @@ def test_any_of_matches_exactly_the_listed_ids_with_one_statement_for_any_length
 
 
 def test_bulk_update_writes_each_rows_values_only_where_its_clauses_hold(store_url: str) -> None:
-    """One UPDATE joined to a JSON recordset on Postgres, an executemany on SQLite: each row
-    gets its own values (text, JSON, NULL, timestamps, integers), a row the extra clause
-    excludes and a request not listed keep theirs."""
+    """One UPDATE reading a jsonb map of the rows on Postgres, an executemany on SQLite: each
+    row gets its own values (text, JSON, NULL, timestamps, integers), a row the extra clause
+    excludes and a request not listed keep theirs, and the count says how many changed."""
     from workers.store.admission import admit_one
     from workers.store.bulk import update_rows
     from workers.store.engine import session_scope
@@ -552,8 +552,9 @@ def test_bulk_update_writes_each_rows_values_only_where_its_clauses_hold(store_u
              "output": f"out \"{n}\"\n\t\\", "citations": [f"c{n}", {"k": None}],
              "prompt_tokens": n, "error_message": None} for n, rid in enumerate(ids[:3])]
     with session_scope(store_url) as session:
-        update_rows(session.connection(), Request.__table__, "id", rows, Request.run == 0)
-        update_rows(session.connection(), Request.__table__, "id", [])
+        assert update_rows(session.connection(), Request.__table__, "id", rows,
+                           Request.run == 0) == 2
+        assert update_rows(session.connection(), Request.__table__, "id", []) == 0
     with session_scope(store_url) as session:
         stored = {r.id: r for r in session.execute(
             select(Request.id, Request.status, Request.finished_at, Request.error_class,
@@ -567,6 +568,55 @@ def test_bulk_update_writes_each_rows_values_only_where_its_clauses_hold(store_u
     for rid in (ids[2], ids[3]):  # excluded by the clause (run 1), not listed
         assert (stored[rid].status, stored[rid].output, stored[rid].finished_at) == (
             "queued", None, None)
+
+
+@pytest.mark.parametrize("empty_store_url", ["postgres"], indirect=True)
+def test_a_bulk_update_joins_nothing_so_its_cost_stays_linear_in_the_rows(
+        store_url: str) -> None:
+    """The plan Postgres makes for a shard's outcomes, with statistics that say almost no
+    request is active (a store in service): it reads the requests by their ids and nothing
+    else, where a join to the rows ran as a nested loop reading every row once per request."""
+    import sqlalchemy as sa
+    from sqlalchemy import event
+
+    from workers.store.admission import admit_job
+    from workers.store.bulk import update_rows
+    from workers.store.engine import get_engine, session_scope
+    from workers.store.models import Request
+
+    lines = [_line(f"plan-{i}") for i in range(400)]
+    with session_scope(store_url) as session:
+        admitted = admit_job(session, name="plan.jsonl", content=uuid.uuid4().bytes,
+                             lines=lines, malformed=[], line_numbers=list(range(1, 401)),
+                             versions=VERSIONS, drift_policy=DriftPolicy.FOLLOW, shard_size=64)
+        ids = list(session.scalars(select(Request.id).where(Request.job_id == admitted.job_id)
+                                   .order_by(Request.id)))
+        session.execute(update(Request).where(Request.id.in_(ids[64:]))
+                        .values(status="succeeded"))
+    engine = get_engine(store_url)
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql("ANALYZE requests")
+    seen: list[tuple[str, Any]] = []
+
+    def capture(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        if statement.startswith("UPDATE requests"):
+            seen.append((statement, parameters))
+
+    rows = [{"id": rid, "status": "abstained", "finished_at": utcnow(), "output": "o"}
+            for rid in ids[:64]]
+    event.listen(engine, "before_cursor_execute", capture)
+    try:
+        with session_scope(store_url) as session:
+            assert update_rows(session.connection(), Request.__table__, "id", rows,
+                               sa.or_(Request.status == "queued",
+                                      Request.status == "running")) == 64
+            statement, parameters = seen[-1]
+            plan = "\n".join(r[0] for r in session.connection().exec_driver_sql(
+                "EXPLAIN " + statement, parameters))
+    finally:
+        event.remove(engine, "before_cursor_execute", capture)
+    assert "Update on requests" in plan
+    assert not any(word in plan for word in ("Join", "Nested Loop", "Function Scan")), plan
 
 
 @pytest.mark.parametrize("empty_store_url", ["postgres"], indirect=True)
