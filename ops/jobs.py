@@ -96,9 +96,10 @@ def wait_for_job(settings: Settings, job_id: str, on_progress: Callable[[int, in
     tally = _JobTally(job_id, on_progress)
     with EndedListener(settings.database_url, min_gap_s=0) as ended:
         while True:
-            if tally.must_count(poll_s) or tally.must_look(min_gap_s):
+            counting = tally.must_count(poll_s)
+            if counting or tally.must_look(min_gap_s):
                 with session_scope(settings.database_url) as session:
-                    if tally.must_count(poll_s) or not job_active(session, job_id):
+                    if counting or not job_active(session, job_id):
                         tally.count(job_counts(session, job_id))  # one GROUP BY status
                 tally.read()
                 if tally.left == 0:

@@ -11,33 +11,15 @@ from typing import Any
 import pytest
 
 from schemas.requests import RequestLine
-from schemas.status import DriftPolicy
-from schemas.versions import VersionTuple
+from schemas.stages import Outcome
+from schemas.status import DriftPolicy, Status
+from tests.workers.shards import VERSIONS, admit_answers, commit_router
 
 pytestmark = pytest.mark.integration
 
-VERSIONS = VersionTuple(model="m", prompt="p", router="r", index="i", tool_schemas="t",
-                        validators="v", decoding="d", runtime="rt")
-
 
 def _job(store_url: str, count: int = 3, shard_size: int = 2) -> str:
-    return _job_and_dispatches(store_url, count, shard_size)[0]
-
-
-def _job_and_dispatches(store_url: str, count: int, shard_size: int) -> tuple[str, list[Any]]:
-    from workers.store.admission import admit_job
-    from workers.store.engine import session_scope
-
-    lines = [RequestLine.model_validate({
-        "custom_id": f"wait-{i}", "tenant": "acme", "grants": ["public"],
-        "request": {"kind": "answer", "question": "How do I roll back a deploy?"}})
-        for i in range(count)]
-    with session_scope(store_url) as session:
-        admitted = admit_job(session, name="wait.jsonl", content=uuid.uuid4().bytes,
-                             lines=lines, malformed=[], line_numbers=list(range(1, count + 1)),
-                             versions=VERSIONS, drift_policy=DriftPolicy.FOLLOW,
-                             shard_size=shard_size)
-    return admitted.job_id, admitted.dispatches
+    return admit_answers(store_url, count, shard_size, "wait")[0]
 
 
 def test_a_listener_hears_committed_ends_only_on_postgres(store_url: str) -> None:
@@ -114,34 +96,11 @@ def _online_request(store_url: str) -> tuple[str, Any]:
 def _refuse_at_the_router(store_url: str, dispatch: Any, announce: bool = True,
                           refused: int | None = None, name_jobs: bool = True) -> None:
     """Commit the router stage of `dispatch`'s shard with its first `refused` requests
-    (default: all) refused and the rest going on, naming the requests' jobs as a worker does
-    (unless not `name_jobs`: as a stage that failed before loading them)."""
-    from schemas.stages import ItemResult, Outcome
-    from schemas.status import Stage, Status
-    from workers.store.engine import session_scope
-    from workers.store.stage_runs import (
-        LeaseOwner,
-        StageCommit,
-        StageKey,
-        claim,
-        commit,
-        load_shard,
-    )
-
-    key = StageKey(dispatch.hop, Stage.ROUTER)
-    owner = LeaseOwner("host", 1, "router")
-    with session_scope(store_url) as session:
-        lease = claim(session, key, owner, lease_s=30).lease
-        assert lease is not None
-        states, _ = load_shard(session, lease.request_ids, key)
+    (default: all) refused and the rest going on."""
     refusal = Outcome(status=Status.REFUSED, error_class="Refused", message="rule")
-    ends = len(lease.request_ids) if refused is None else refused
-    with session_scope(store_url) as session:
-        commit(session, StageCommit(key, owner, lease, [
-            ItemResult(request_id=rid, output={}, outcome=refusal if n < ends else None)
-            for n, rid in enumerate(lease.request_ids)], [], {}, 0.1,
-            frozenset(lease.request_ids), announce,
-            frozenset(s.job_id for s in states.values()) if name_jobs else None))
+    commit_router(store_url, dispatch,
+                  lambda n: refusal if refused is None or n < refused else None,
+                  announce, name_jobs)
 
 
 @pytest.mark.parametrize("announce", [True, False])
@@ -210,7 +169,7 @@ def test_the_client_wait_returns_on_the_commit_that_ends_the_request(store_url: 
 def test_a_stage_commit_says_whose_requests_ended_and_how_many(store_url: str) -> None:
     from workers.store.progress import Ended, EndedListener
 
-    job_id, dispatches = _job_and_dispatches(store_url, 3, 3)
+    job_id, dispatches = admit_answers(store_url, 3, 3)
     with EndedListener(store_url, min_gap_s=0) as ended:
         # When the router ends two of the shard's three requests and passes one on
         _refuse_at_the_router(store_url, dispatches[0], refused=2)
@@ -225,8 +184,8 @@ def test_a_job_waiter_reads_the_store_only_when_its_jobs_news_leaves_nothing(
     from ops.jobs import wait_for_job
     from workers.settings import Settings
 
-    job_id, dispatches = _job_and_dispatches(store_url, 3, 1)
-    _, elsewhere = _job_and_dispatches(store_url, 2, 1)
+    job_id, dispatches = admit_answers(store_url, 3, 1)
+    _, elsewhere = admit_answers(store_url, 2, 1)
     reads: list[str] = []
 
     def counted_read(name: str) -> Any:
@@ -270,7 +229,7 @@ def test_news_that_does_not_say_how_many_makes_a_job_waiter_look(store_url: str)
     from ops.jobs import wait_for_job
     from workers.settings import Settings
 
-    job_id, dispatches = _job_and_dispatches(store_url, 2, 2)
+    job_id, dispatches = admit_answers(store_url, 2, 2)
     counted = threading.Event()
 
     def end_them() -> None:
@@ -294,7 +253,7 @@ def test_a_commit_counts_the_requests_it_ended_not_those_it_was_given(store_url:
     from workers.store.operators import cancel_job
     from workers.store.progress import Ended, EndedListener
 
-    job_id, dispatches = _job_and_dispatches(store_url, 2, 2)
+    job_id, dispatches = admit_answers(store_url, 2, 2)
     with EndedListener(store_url, min_gap_s=0) as ended:
         # When the job is cancelled, and then the router commits its requests as refused
         with session_scope(store_url) as session:
