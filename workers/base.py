@@ -15,10 +15,8 @@ import logging
 import os
 import random
 import socket
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -110,7 +108,7 @@ class StageTask(Task):  # type: ignore[misc]
         ids = lease.request_ids
         started = time.monotonic()
         # The lease is renewed from the claim on: warm-up and hashing count as work too.
-        with _lease_heartbeat(settings.database_url, lease.id, owner, settings.lease_s):
+        with runtime.leases.holding(settings.database_url, lease.id, owner, settings.lease_s):
             with session_scope(settings.database_url) as session:
                 states, records = runs.load_shard(session, ids, key)
             served = runtime.served_versions(key.stage)
@@ -284,27 +282,3 @@ def _budget_s(deadlines: list[datetime | None]) -> float | None:
         return None
     latest = max(as_utc(d) for d in deadlines if d is not None)
     return max(0.0, (latest - utcnow()).total_seconds())
-
-
-@contextmanager
-def _lease_heartbeat(url: str, lease_id: int, owner: runs.LeaseOwner,
-                     lease_s: float) -> Iterator[None]:
-    """Renew the lease every third of its length while the stage computes."""
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(lease_s / 3):
-            try:
-                with session_scope(url) as session:
-                    runs.renew_lease(session, lease_id, owner, lease_s)
-            except Exception:  # a missed beat only shortens the lease; commit re-checks it
-                log.warning("lease renewal failed for %s", owner, exc_info=True)
-
-    thread = threading.Thread(target=beat, name="lease-heartbeat", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(timeout=lease_s)
-

@@ -29,6 +29,7 @@ from tasks.router_classifier import RouterClassifier, ensure_router_head
 from tasks.tools import ToolRegistry, default_registry
 from tasks.validators import ValidatorSuite
 from workers.cache import Cache, CachedEmbedder, retrieval_cache, vector_cache, vector_space
+from workers.leases import LeaseKeeper
 from workers.settings import Settings
 from workers.store.engine import session_scope
 from workers.store.models import IndexVersion
@@ -59,6 +60,7 @@ class Runtime:
         self._classifier: RouterClassifier | None = None
         self._validators: ValidatorSuite | None = None
         self._tools: ToolRegistry | None = None
+        self.leases = LeaseKeeper()  # renews the leases of this process's stage tasks
 
     def rules(self) -> RouterRules:
         if self._rules is None:
