@@ -69,7 +69,7 @@ class LeaseKeeper:
         with self._changed:
             token = next(self._tokens)
             self._held[token] = held
-            if self._thread is None:
+            if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._renew_forever,
                                                 name="lease-keeper", daemon=True)
                 self._thread.start()
