@@ -367,7 +367,7 @@ class Bench:
         admitted = submit_job(settings, path)
         if not admitted.created:
             raise BenchError(f"{label}: job {admitted.job_id} already existed")
-        done = wait_for_job(settings, admitted.job_id, self._check_workers,
+        done = wait_for_job(settings, admitted.job_id, self.check_workers,
                             timeout_s=timeout_s or self.args.timeout_s, poll_s=self.args.poll_s,
                             min_gap_s=self.args.min_gap_s)
         seconds = time.perf_counter() - started
@@ -381,7 +381,7 @@ class Bench:
         result.cpu = cpu
         return result
 
-    def _check_workers(self, _done: int, _total: int) -> None:
+    def check_workers(self, _done: int, _total: int) -> None:
         for stage, process in (self.fleet.processes.items() if self.fleet else []):
             if process.poll() is not None:
                 raise BenchError(f"the {stage.value} worker exited with {process.returncode}")
