@@ -4,7 +4,7 @@ A stage renews its shard stage's lease every third of the lease's length while i
 so that the reconciler takes over only the work of a process that stopped. One thread per
 process serves every lease the process holds: a stage task only adds its lease on entry and
 removes it on exit, instead of starting and joining a thread of its own. Starting and joining
-one took 130-150 us per stage in a quiet process, and 15.7 ms where another thread of the
+one took 130-230 us per stage in a quiet process, and 15.6-15.8 ms where another thread of the
 process keeps the interpreter busy (the threads pool's other tasks, a generation engine's
 scheduler): the new thread waits a switch interval (5 ms) for the interpreter lock to start,
 to see its stop event and to be joined. Entering and leaving the keeper take 2-5 us either
