@@ -12,16 +12,18 @@ and reports the latencies' median, 95th percentile and maximum, the ratio of the
 (behind the batch / idle), and how many of the online requests ended before the batch did.
 
 The setup is the orchestration benchmark's (ops/bench_orchestration.py): a fresh Postgres
-database, a Redis key prefix of its own, four worker processes (one per stage, concurrency
-1), the `null` generator (a fixed cited sentence), real router, retrieval and validation,
-and both caches warm. Everything it creates is removed at the end. Exit status: 0 when every
-request ended terminal, 1 otherwise.
+database, a Redis key prefix of its own, one worker per stage as `sluice run` starts them
+(prefork with one child; generation a threads pool around one engine), the `null` generator
+(a fixed cited sentence), real router, retrieval and validation, and both caches warm.
+Everything it creates is removed at the end. Exit status: 0 when every request ended
+terminal, 1 otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import secrets
 import shutil
 import statistics
@@ -97,8 +99,9 @@ def measure_round(bench: orchestration.Bench, n: int, args: argparse.Namespace) 
 
 
 def percentile(values: list[float], q: float) -> float:
+    """The nearest-rank percentile: the smallest value at or above a fraction `q` of them."""
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
 def report(rounds: list[Round], args: argparse.Namespace) -> dict[str, object]:

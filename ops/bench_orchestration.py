@@ -33,8 +33,9 @@ each ratio within its round, and reports the median ratio with every round's val
 
 Everything it touches is its own and is removed at the end: a fresh Postgres database
 (sluice_bench_<random>), a unique Redis key prefix, a temporary data dir, four worker
-processes (one per stage queue, concurrency 1). Exit status: 0 when every measurement ran
-and every request ended terminal (goals met or not), 1 on any error.
+processes (one per stage queue: prefork with one child; generation a threads pool). Exit
+status: 0 when every measurement ran and every request ended terminal (goals met or not), 1
+on any error.
 """
 
 from __future__ import annotations
@@ -382,6 +383,7 @@ class Bench:
         return result
 
     def check_workers(self, _done: int, _total: int) -> None:
+        """A waiter's progress hook: raise BenchError when a stage worker has exited."""
         for stage, process in (self.fleet.processes.items() if self.fleet else []):
             if process.poll() is not None:
                 raise BenchError(f"the {stage.value} worker exited with {process.returncode}")

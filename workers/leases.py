@@ -4,7 +4,7 @@ A stage renews its shard stage's lease every third of the lease's length while i
 so that the reconciler takes over only the work of a process that stopped. One thread per
 process serves every lease the process holds: a stage task only adds its lease on entry and
 removes it on exit, instead of starting and joining a thread of its own. Starting and joining
-one took 130-230 us per stage in a quiet process, and 15.6-15.8 ms where another thread of the
+one took 130-230 us per stage in a quiet process, and about 15.7 ms where another thread of the
 process keeps the interpreter busy (the threads pool's other tasks, a generation engine's
 scheduler): the new thread waits a switch interval (5 ms) for the interpreter lock to start,
 to see its stop event and to be joined. Entering and leaving the keeper take 2-5 us either
@@ -35,7 +35,7 @@ class _Held:
     lease_id: int
     owner: runs.LeaseOwner
     lease_s: float
-    due: float  # time.monotonic() of the next renewal
+    renew_at_s: float  # time.monotonic() of the next renewal
 
     def renew(self) -> None:
         try:
@@ -47,8 +47,13 @@ class _Held:
 
 class LeaseKeeper:
     """Renews each held lease every third of its length, the first time a third of its
-    length after it was added. Its thread starts on first use, and again in a forked child
-    (which inherits the keeper's leases and thread state, but not the thread)."""
+    length after it was added. Its thread starts on first use. A forked child (a prefork
+    pool's) starts from an empty keeper: the parent's leases and thread stay the parent's.
+
+    Renewals run one after another: a renewal that waits (on the row lock of a stage commit
+    in progress) delays the others by as long, which a third of the lease leaves room for.
+    One keeper serves a process for its life (`Runtime.leases`); its thread never stops.
+    """
 
     def __init__(self) -> None:
         self._reset()
@@ -67,18 +72,20 @@ class LeaseKeeper:
         """Renew the lease while the block runs."""
         held = _Held(url, lease_id, owner, lease_s, time.monotonic() + lease_s / 3)
         with self._changed:
+            if self._thread is None or not self._thread.is_alive():
+                thread = threading.Thread(target=self._renew_forever, name="lease-keeper",
+                                          daemon=True)
+                thread.start()
+                self._thread = thread
             token = next(self._tokens)
             self._held[token] = held
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._renew_forever,
-                                                name="lease-keeper", daemon=True)
-                self._thread.start()
             self._changed.notify()
         try:
             yield
         finally:
             with self._changed:
-                del self._held[token]
+                # Gone when this process forked inside the block: the child's keeper is new.
+                self._held.pop(token, None)
 
     @property
     def held(self) -> int:
@@ -88,20 +95,24 @@ class LeaseKeeper:
 
     def _renew_forever(self) -> None:
         while True:
-            for held in self._next_due():
-                held.renew()  # outside the lock: entering or leaving never waits on it
+            try:
+                for held in self._next_due():
+                    held.renew()  # outside the lock: entering or leaving never waits on it
+            except Exception:  # the thread must outlive any one failure, or leases lapse
+                log.exception("lease keeper: renewal round failed")
+                time.sleep(0.1)
 
     def _next_due(self) -> list[_Held]:
         """Wait until some held lease is due; return those due, their next renewal set."""
         with self._changed:
             while True:
                 now = time.monotonic()
-                due = [h for h in self._held.values() if h.due <= now]
+                due = [h for h in self._held.values() if h.renew_at_s <= now]
                 if due:
                     for held in due:
-                        held.due = now + held.lease_s / 3
+                        held.renew_at_s = now + held.lease_s / 3
                     return due
-                soonest = min((h.due for h in self._held.values()), default=None)
+                soonest = min((h.renew_at_s for h in self._held.values()), default=None)
                 self._changed.wait(None if soonest is None else soonest - now)
 
 

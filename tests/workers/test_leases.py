@@ -16,7 +16,7 @@ from tests.workers.shards import admit_answers
 
 pytestmark = pytest.mark.integration
 
-LEASE_S = 0.6  # renewed every 0.2 s
+LEASE_S = 3.0  # renewed every second
 
 
 def _claimed(store_url: str, count: int) -> list[tuple[int, object]]:
@@ -50,11 +50,15 @@ def _expiry(store_url: str, lease_id: int) -> datetime:
 
 
 def _renewed_twice(store_url: str, lease_id: int) -> bool:
-    """True once the lease's expiry has moved on twice from when this was first called."""
+    """True once the lease's expiry has moved on twice from when this was first called; an
+    AssertionError if the lease lapses meanwhile (renewed too late, or not at all)."""
+    from workers.store.timeutil import as_utc, utcnow
+
     seen = [_expiry(store_url, lease_id)]
 
     def check() -> bool:
         now = _expiry(store_url, lease_id)
+        assert as_utc(now) > utcnow(), f"lease {lease_id} lapsed at {now}"
         if now > seen[-1]:
             seen.append(now)
         return len(seen) >= 3
@@ -96,8 +100,9 @@ def test_one_thread_renews_every_held_lease_and_stops_at_release(store_url: str)
         holder.join(timeout=10)
     assert keeper.held == 0
     (third, third_owner), = _claimed(store_url, 1)
-    released_at = _expiry(store_url, first)
     with keeper.holding(store_url, third, third_owner, LEASE_S):  # type: ignore[arg-type]
+        assert _renewed_twice(store_url, third)  # a renewal begun before the release has landed
+        released_at = _expiry(store_url, first)
         assert _renewed_twice(store_url, third)
     assert _expiry(store_url, first) == released_at
     assert _keeper_threads() == threads_before + 1  # the same thread served the third
@@ -108,10 +113,11 @@ def test_a_forked_child_renews_its_leases_with_a_thread_of_its_own(store_url: st
     from workers.leases import LeaseKeeper
     from workers.store.engine import get_engine
 
-    (parents, parent_owner), (childs, child_owner) = _claimed(store_url, 2)
+    (parents, parent_owner), = _claimed(store_url, 1)
     keeper = LeaseKeeper()
     with keeper.holding(store_url, parents, parent_owner, LEASE_S):  # type: ignore[arg-type]
         assert _renewed_twice(store_url, parents)  # the parent's thread runs
+        (childs, child_owner), = _claimed(store_url, 1)
         pid = os.fork()
         if pid == 0:  # the child: what a prefork pool child does with an inherited keeper
             code = 1
@@ -122,5 +128,36 @@ def test_a_forked_child_renews_its_leases_with_a_thread_of_its_own(store_url: st
                     code = 0 if keeper.held == 1 and _renewed_twice(store_url, childs) else 2
             finally:
                 os._exit(code)
-        _, status = os.waitpid(pid, 0)
+        status = _wait_for_child(pid, timeout_s=60)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def _wait_for_child(pid: int, timeout_s: float) -> int:
+    """The child's wait status; a child still running after `timeout_s` is killed and fails
+    the test."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError(f"the forked child {pid} did not end within {timeout_s}s")
+
+
+def test_a_renewal_that_fails_stops_no_other(store_url: str) -> None:
+    from workers.leases import LeaseKeeper
+    from workers.store.stage_runs import LeaseOwner
+
+    (lease, owner), = _claimed(store_url, 1)
+    keeper = LeaseKeeper()
+    # Given a lease whose store cannot be reached, held beside one whose store can
+    unreachable = "postgresql://postgres@127.0.0.1:1/none"
+    with keeper.holding(unreachable, 1, LeaseOwner("host", os.getpid(), "lost"), LEASE_S), \
+            keeper.holding(store_url, lease, owner, LEASE_S):  # type: ignore[arg-type]
+        # Then the reachable one is renewed on time all the same
+        assert _renewed_twice(store_url, lease)
