@@ -144,7 +144,7 @@ class PipelineBench(Bench):
         admitted = submit_job(self.settings, path)
         if not admitted.created:
             raise BenchError(f"{label}: job {admitted.job_id} already existed")
-        done = wait_for_job(self.settings, admitted.job_id, self._check_workers,
+        done = wait_for_job(self.settings, admitted.job_id, self.check_workers,
                             timeout_s=timeout_s, poll_s=self.args.poll_s)
         seconds = time.perf_counter() - started
         if not done:
