@@ -25,7 +25,6 @@ import argparse
 import json
 import math
 import secrets
-import shutil
 import statistics
 import sys
 import tempfile
@@ -104,35 +103,35 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
+def spread_ms(seconds: list[float]) -> tuple[float, float, float]:
+    """Median, 95th percentile and maximum, in milliseconds."""
+    ms = [1000 * s for s in seconds]
+    return statistics.median(ms), percentile(ms, 0.95), max(ms)
+
+
 def report(rounds: list[Round], args: argparse.Namespace) -> dict[str, object]:
     print(f"\n{args.online} online requests per setting and round, batch of {args.batch_items} "
-        f"at shard {args.shard_size}; milliseconds from submit to terminal")
+          f"at shard {args.shard_size}; milliseconds from submit to terminal")
     print(f"{'round':<7} {'idle p50':>9} {'p95':>7} {'max':>7} {'behind p50':>11} {'p95':>7} "
-        f"{'max':>7} {'ratio p50':>10} {'batch s':>8} {'before batch':>13}")
+          f"{'max':>7} {'ratio p50':>10} {'batch s':>8} {'before batch':>13}")
     ratios = []
     for n, r in enumerate(rounds, 1):
-        idle, behind = [1000 * s for s in r.idle_s], [1000 * s for s in r.behind_s]
-        ratio = statistics.median(behind) / statistics.median(idle)
-        ratios.append(ratio)
-        print(f"{n:<7} {statistics.median(idle):>9.0f} {percentile(idle, 0.95):>7.0f} "
-            f"{max(idle):>7.0f} {statistics.median(behind):>11.0f} "
-            f"{percentile(behind, 0.95):>7.0f} {max(behind):>7.0f} {ratio:>9.2f}x "
-            f"{r.batch_s:>8.2f} {r.before_batch:>8}/{len(r.behind_s)}")
-    idle_all = [1000 * s for r in rounds for s in r.idle_s]
-    behind_all = [1000 * s for r in rounds for s in r.behind_s]
-    idle_p50, idle_p95 = statistics.median(idle_all), percentile(idle_all, 0.95)
-    behind_p50, behind_p95 = statistics.median(behind_all), percentile(behind_all, 0.95)
-    before = sum(r.before_batch for r in rounds)
-    print(f"all rounds: idle p50 {idle_p50:.0f} ms, p95 {idle_p95:.0f} ms; behind the batch "
-        f"p50 {behind_p50:.0f} ms, p95 {behind_p95:.0f} ms; median ratio "
-        f"{statistics.median(ratios):.2f}x; {before} of {len(behind_all)} ended before "
-        f"their batch")
-    summary = {"idle_ms": {"p50": idle_p50, "p95": idle_p95, "max": max(idle_all)},
-               "behind_batch_ms": {"p50": behind_p50, "p95": behind_p95,
-                                   "max": max(behind_all)},
-               "ratio_p50_median": statistics.median(ratios), "before_batch": before,
-               "online_behind": len(behind_all)}
-    return summary
+        idle, behind = spread_ms(r.idle_s), spread_ms(r.behind_s)
+        ratios.append(behind[0] / idle[0])
+        print(f"{n:<7} {idle[0]:>9.0f} {idle[1]:>7.0f} {idle[2]:>7.0f} {behind[0]:>11.0f} "
+              f"{behind[1]:>7.0f} {behind[2]:>7.0f} {ratios[-1]:>9.2f}x {r.batch_s:>8.2f} "
+              f"{r.before_batch:>8}/{len(r.behind_s)}")
+    idle = spread_ms([s for r in rounds for s in r.idle_s])
+    behind = spread_ms([s for r in rounds for s in r.behind_s])
+    before, online_behind = sum(r.before_batch for r in rounds), args.online * len(rounds)
+    print(f"all rounds: idle p50 {idle[0]:.0f} ms, p95 {idle[1]:.0f} ms; behind the batch "
+          f"p50 {behind[0]:.0f} ms, p95 {behind[1]:.0f} ms; median ratio "
+          f"{statistics.median(ratios):.2f}x; {before} of {online_behind} ended before "
+          f"their batch")
+    return {"idle_ms": dict(zip(("p50", "p95", "max"), idle, strict=True)),
+            "behind_batch_ms": dict(zip(("p50", "p95", "max"), behind, strict=True)),
+            "ratio_p50_median": statistics.median(ratios), "before_batch": before,
+            "online_behind": online_behind}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -183,7 +182,6 @@ def main(argv: list[str]) -> int:
             traceback.print_exc()
     finally:
         status = orchestration.cleanup(bench, created, db_name, url, prefix, data_dir) or status
-        shutil.rmtree(data_dir, ignore_errors=True)
     return status
 
 

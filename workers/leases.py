@@ -13,7 +13,6 @@ way (ops/bench_leases.py).
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import threading
@@ -29,7 +28,7 @@ from workers.store.engine import session_scope
 log = logging.getLogger("sluice.leases")
 
 
-@dataclass
+@dataclass(eq=False)  # held in a set by identity: two holds of one lease stay two
 class _Held:
     url: str
     lease_id: int
@@ -62,8 +61,7 @@ class LeaseKeeper:
 
     def _reset(self) -> None:
         self._changed = threading.Condition()
-        self._held: dict[int, _Held] = {}
-        self._tokens = itertools.count()
+        self._held: set[_Held] = set()
         self._thread: threading.Thread | None = None
 
     @contextmanager
@@ -77,15 +75,14 @@ class LeaseKeeper:
                                           daemon=True)
                 thread.start()
                 self._thread = thread
-            token = next(self._tokens)
-            self._held[token] = held
+            self._held.add(held)
             self._changed.notify()
         try:
             yield
         finally:
             with self._changed:
                 # Gone when this process forked inside the block: the child's keeper is new.
-                self._held.pop(token, None)
+                self._held.discard(held)
 
     @property
     def held(self) -> int:
@@ -107,12 +104,12 @@ class LeaseKeeper:
         with self._changed:
             while True:
                 now = time.monotonic()
-                due = [h for h in self._held.values() if h.renew_at_s <= now]
+                due = [h for h in self._held if h.renew_at_s <= now]
                 if due:
                     for held in due:
                         held.renew_at_s = now + held.lease_s / 3
                     return due
-                soonest = min((h.renew_at_s for h in self._held.values()), default=None)
+                soonest = min((h.renew_at_s for h in self._held), default=None)
                 self._changed.wait(None if soonest is None else soonest - now)
 
 

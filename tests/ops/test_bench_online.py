@@ -5,16 +5,13 @@ here; the benchmark script is where the figures are read."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "ops" / "bench_online.py"
+from tests.ops.bench_runs import ROOT, assert_cleaned_up, run_script
 
 
 @pytest.mark.unit
@@ -32,13 +29,10 @@ def test_percentile_takes_the_nearest_rank() -> None:
 @pytest.mark.slow
 @pytest.mark.usefixtures("services")
 def test_small_run_reports_both_settings_and_cleans_up(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
     figures = tmp_path / "online.json"
-    command = [sys.executable, str(SCRIPT), "--online", "2", "--batch-items", "64",
-               "--shard-size", "32", "--rounds", "2", "--json", str(figures)]
 
-    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=900)
+    done = run_script("bench_online.py", "--online", "2", "--batch-items", "64",
+                      "--shard-size", "32", "--rounds", "2", "--json", str(figures))
 
     assert done.returncode == 0, done.stderr[-4000:]
     rows = re.findall(r"^[12]\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+([\d.]+)x\s+"
@@ -52,12 +46,4 @@ def test_small_run_reports_both_settings_and_cleans_up(tmp_path: Path) -> None:
         assert 0 <= round_["before_batch"] <= 2 and round_["batch_s"] > 0
     assert fig["idle_ms"]["p50"] <= fig["idle_ms"]["max"]
     assert fig["online_behind"] == 4
-    assert "cleaned up" in done.stderr
-    database = re.search(r"database (sluice_bench_\w+)", done.stderr)
-    assert database is not None
-    import psycopg
-
-    with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres") as conn:
-        left = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s",
-                            (database.group(1),)).fetchone()
-    assert left is None
+    assert_cleaned_up(done.stderr)

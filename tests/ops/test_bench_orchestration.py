@@ -4,16 +4,12 @@ It measures nothing here; the benchmark script is where the figures are read."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "ops" / "bench_orchestration.py"
+from tests.ops.bench_runs import ROOT, assert_cleaned_up, run_script
 
 
 @pytest.mark.unit
@@ -43,12 +39,8 @@ def test_cpu_seconds_counts_this_process_and_grows_with_work() -> None:
 @pytest.mark.slow
 @pytest.mark.usefixtures("services")
 def test_small_warm_run_reports_ratios_cpu_and_cost_model_and_cleans_up() -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")}
-    command = [sys.executable, str(SCRIPT), "--items", "64", "--naive-items", "8",
-               "--caches", "warm", "--repeat", "2"]
-
-    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=900)
+    done = run_script("bench_orchestration.py", "--items", "64", "--naive-items", "8",
+                      "--caches", "warm", "--repeat", "2")
 
     assert done.returncode == 0, done.stderr[-4000:]
     out = done.stdout
@@ -62,12 +54,4 @@ def test_small_warm_run_reports_ratios_cpu_and_cost_model_and_cleans_up() -> Non
     assert float(value) == pytest.approx((float(first) + float(second)) / 2, abs=0.01)  # median
     assert re.search(r"^shard 32\s+(\s+\d+\.\d\d){9}$", out, re.M), out  # the CPU table row
     assert re.search(r"CPU model \(round 2\): F = -?[\d.]+ ms per shard", out), out
-    assert "cleaned up" in done.stderr
-    database = re.search(r"database (sluice_bench_\w+)", done.stderr)
-    assert database is not None
-    import psycopg
-
-    with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres") as conn:
-        left = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s",
-                            (database.group(1),)).fetchone()
-    assert left is None
+    assert_cleaned_up(done.stderr)
