@@ -20,7 +20,7 @@ from schemas.status import Lane, Status
 from workers.settings import Settings
 from workers.store.engine import session_scope
 from workers.store.models import Request
-from workers.store.progress import EndedListener
+from workers.store.progress import Interval, hearing
 
 
 class InvalidRequest(ValueError):
@@ -66,18 +66,28 @@ class SluiceClient:
                     "message": r.error_message, "run": r.run,
                     "tokens": {"prompt": r.prompt_tokens, "completion": r.completion_tokens}}
 
-    def wait(self, request_id: str, timeout_s: float = 120, poll_s: float = 0.2) -> dict[str, Any]:
-        """Read the request until it is terminal: on Postgres again as soon as a commit ends
-        requests, and at least every `poll_s`; TimeoutError otherwise."""
+    def wait(self, request_id: str, timeout_s: float = 120,
+             poll_s: float | None = None) -> dict[str, Any]:
+        """Read the request until it is terminal; TimeoutError after `timeout_s`.
+
+        On Postgres it reads again when a commit says that this request (or requests it
+        does not name) ended, and at least every `poll_s` (default 5 s); the process's
+        waits share one listening connection. On SQLite, which has no notifications, it
+        reads every `poll_s` (default 0.2 s)."""
         deadline = time.monotonic() + timeout_s
-        with EndedListener(self.settings.database_url) as ended:
+        with hearing(self.settings.database_url) as ended:
+            if poll_s is None:
+                poll_s = 0.2 if isinstance(ended, Interval) else 5.0
             while True:
                 result = self.result(request_id)
                 if result is None:
                     raise KeyError(f"no request with id {request_id!r}")
                 if Status(result["status"]).is_terminal:
                     return result
-                left = deadline - time.monotonic()
-                if left < 0:
+                if time.monotonic() > deadline:
                     raise TimeoutError(f"{request_id} still {result['status']} after {timeout_s}s")
-                ended.wait(min(poll_s, left))
+                read_at = min(deadline, time.monotonic() + poll_s)
+                while (left := read_at - time.monotonic()) > 0:
+                    news = ended.wait(left)
+                    if any(n is None or n.may_concern(request_id) for n in news):
+                        break

@@ -108,14 +108,15 @@ def test_a_stage_commit_that_ends_requests_notifies_unless_told_not_to(
         store_url: str, announce: bool) -> None:
     from workers.store.progress import Ended, EndedListener
 
-    _, dispatch = _online_request(store_url)
+    request_id, dispatch = _online_request(store_url)
     postgres = store_url.startswith("postgresql")
     with EndedListener(store_url, min_gap_s=0) as ended:
         # When the router commits the shard's one request (of no job) as refused
         _refuse_at_the_router(store_url, dispatch, announce)
-        # Then a listener hears it on Postgres, unless the commit was told not to announce
+        # Then a listener hears it on Postgres, by id, unless the commit was told not to
+        # announce
         heard = ended.wait(5 if postgres and announce else 0.3)
-        assert heard == ([Ended(None, 1)] if postgres and announce else [])
+        assert heard == ([Ended(None, 1, (request_id,))] if postgres and announce else [])
 
 
 def test_a_listener_returns_no_sooner_than_its_gap_after_the_last_return(
@@ -264,3 +265,137 @@ def test_a_commit_counts_the_requests_it_ended_not_those_it_was_given(store_url:
         heard = ended.wait(5)
         heard += [] if len(heard) > 1 else ended.wait(5)
         assert heard == [Ended(job_id, None), Ended(job_id, 0)]
+
+
+def test_news_names_requests_of_no_job_and_reads_older_payloads() -> None:
+    from workers.store.progress import Ended
+
+    named = Ended(None, 2, ("req-a", "req-b"))
+    assert Ended.parse(named.payload()) == named
+    assert Ended.parse(Ended("job-1", 3).payload()) == Ended("job-1", 3)
+    assert Ended.parse("1:") == Ended(None, 1)  # as commits sent it before names
+    assert Ended.parse("") is None
+    # A request of no job may be among the ended when it is named or nothing is named
+    assert named.may_concern("req-a") and not named.may_concern("req-c")
+    assert Ended(None, 1).may_concern("req-c")
+    assert not Ended("job-1", 3).may_concern("req-a")
+
+
+def _listening(store_url: str) -> list[int]:
+    """The backends of this process's shared listener on the test's database."""
+    from sqlalchemy import text
+
+    from workers.store.engine import session_scope
+    from workers.store.progress import HUB_APPLICATION
+
+    with session_scope(store_url) as session:
+        return list(session.scalars(text(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+            "AND application_name = :name"), {"name": HUB_APPLICATION}))
+
+
+def _until(check: Any, timeout_s: float = 20.0) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while not (found := check()):
+        assert time.monotonic() < deadline, "not within the time allowed"
+        time.sleep(0.05)
+    return found
+
+
+def _waiting(client: Any, request_id: str, results: dict[str, Any]) -> threading.Thread:
+    """A thread that waits for `request_id`, reading the store a minute apart at most:
+    a wait that ends well within the minute ended on a notification."""
+    def wait() -> None:
+        results[request_id] = client.wait(request_id, timeout_s=60, poll_s=60)
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("empty_store_url", ["postgres"], indirect=True)  # NOTIFY
+def test_the_client_waits_of_a_process_share_one_listening_connection(
+        store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ops.client import SluiceClient
+    from workers.settings import Settings
+    from workers.store import progress
+
+    monkeypatch.setattr(progress._Hub, "IDLE_S", 0.5)
+
+    online = dict(_online_request(store_url) for _ in range(6))
+    client = SluiceClient(Settings(database_url=store_url))
+    results: dict[str, Any] = {}
+    started = time.monotonic()
+    # Given six waits under way in threads of this process
+    threads = [_waiting(client, request_id, results) for request_id in online]
+    # Then one connection listens for all of them
+    listener = _until(lambda: _listening(store_url))
+    time.sleep(0.5)
+    assert _listening(store_url) == listener and len(listener) == 1
+    # When each request ends
+    for dispatch in online.values():
+        _refuse_at_the_router(store_url, dispatch)
+    for thread in threads:
+        thread.join(60)
+    # Then each wait returned its request's end, on the news, not at its next read
+    assert {rid: r["status"] for rid, r in results.items()} == dict.fromkeys(online, "refused")
+    assert time.monotonic() - started < 30
+    # And with nobody left waiting, the listener hangs up
+    _until(lambda: not _listening(store_url), timeout_s=10)
+
+
+@pytest.mark.parametrize("empty_store_url", ["postgres"], indirect=True)  # NOTIFY
+def test_a_client_wait_reads_the_store_only_on_news_that_may_concern_its_request(
+        store_url: str) -> None:
+    from ops.client import SluiceClient
+    from workers.settings import Settings
+
+    (mine, my_dispatch), *others = [_online_request(store_url) for _ in range(4)]
+    client = SluiceClient(Settings(database_url=store_url))
+    reads: list[str] = []
+    read = client.result
+
+    def result(request_id: str) -> Any:
+        reads.append(request_id)
+        return read(request_id)
+
+    client.result = result  # type: ignore[method-assign]
+    results: dict[str, Any] = {}
+    thread = _waiting(client, mine, results)
+    _until(lambda: reads and _listening(store_url))
+    time.sleep(0.5)  # the listener's first word (look: it may have missed news) is taken
+    reads.clear()
+    # When three other requests of no job end, each commit naming its own
+    for _, dispatch in others:
+        _refuse_at_the_router(store_url, dispatch)
+    time.sleep(1.0)
+    # Then the wait read nothing; when its own request ends, it reads once and returns
+    assert reads == []
+    _refuse_at_the_router(store_url, my_dispatch)
+    thread.join(60)
+    assert reads == [mine] and results[mine]["status"] == "refused"
+
+
+@pytest.mark.parametrize("empty_store_url", ["postgres"], indirect=True)  # NOTIFY
+def test_the_shared_listener_connects_again_when_its_connection_is_killed(
+        store_url: str) -> None:
+    from sqlalchemy import text
+
+    from ops.client import SluiceClient
+    from workers.settings import Settings
+    from workers.store.engine import session_scope
+
+    request_id, dispatch = _online_request(store_url)
+    results: dict[str, Any] = {}
+    started = time.monotonic()
+    thread = _waiting(SluiceClient(Settings(database_url=store_url)), request_id, results)
+    (first,) = _until(lambda: _listening(store_url))
+    # When the listening connection is killed (a Postgres restart, a proxy's idle cut)
+    with session_scope(store_url) as session:
+        assert session.scalar(text("SELECT pg_terminate_backend(:pid)"), {"pid": first})
+    # Then another one listens in its place, and the wait still ends on the commit's news
+    (second,) = _until(lambda: [pid for pid in _listening(store_url) if pid != first])
+    _refuse_at_the_router(store_url, dispatch)
+    thread.join(60)
+    assert results[request_id]["status"] == "refused"
+    assert time.monotonic() - started < 30

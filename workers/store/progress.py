@@ -11,7 +11,12 @@ its interval.
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -22,28 +27,44 @@ from sqlalchemy.orm import Session
 from workers.store.engine import get_engine
 
 CHANNEL = "sluice_requests_ended"
+log = logging.getLogger("sluice.progress")
 
 
 @dataclass(frozen=True)
 class Ended:
     """What one notification says: `count` requests of job `job_id` ended (job None: requests
     of no job, such as upstream systems' online ones). A count of None says that requests of
-    the job ended without saying how many: a waiter must look."""
+    the job ended without saying how many: a waiter must look. Requests of no job are named
+    (`request_ids`) when there are at most `NAMED_AT_MOST` of them, so that a waiter for one
+    of them looks only when it is named; none named means any may have ended."""
 
     job_id: str | None
     count: int | None
+    request_ids: tuple[str, ...] = ()
 
     def payload(self) -> str:
-        return f"{'?' if self.count is None else self.count}:{self.job_id or ''}"
+        count = "?" if self.count is None else str(self.count)
+        named = f":{','.join(self.request_ids)}" if self.request_ids else ""
+        return f"{count}:{self.job_id or ''}{named}"
 
     @classmethod
     def parse(cls, payload: str) -> Ended | None:
         """The notification's news, or None where it says nothing readable (an empty
         payload, as earlier versions sent): requests of some job ended."""
-        count, colon, job_id = payload.partition(":")
+        count, colon, rest = payload.partition(":")
         if not colon or not (count == "?" or count.isdigit()):
             return None
-        return cls(job_id or None, None if count == "?" else int(count))
+        job_id, _, named = rest.partition(":")
+        return cls(job_id or None, None if count == "?" else int(count),
+                   tuple(named.split(",")) if named else ())
+
+    def may_concern(self, request_id: str) -> bool:
+        """Whether a request of no job with this id may be among those that ended."""
+        return self.job_id is None and (not self.request_ids or request_id in self.request_ids)
+
+
+# Postgres caps a notification's payload at 8000 bytes; request ids are 28 characters.
+NAMED_AT_MOST = 100
 
 
 def announce_ended(session: Session, ended: Ended | None = None) -> None:
@@ -108,3 +129,145 @@ class EndedListener:
     def __exit__(self, _type: type[BaseException] | None, _exc: BaseException | None,
                  _tb: TracebackType | None) -> None:
         self.close()
+
+
+class _Hub:
+    """One LISTEN connection of a process to one store, shared by the process's waiters (see
+    `hearing`). Its thread hands every notification to every waiter; after it connects again
+    (the connection was lost: notifications may have gone unheard meanwhile) it hands each
+    waiter a None, which says to look. With no waiter for `IDLE_S` it closes the connection
+    and stops; the next waiter starts it again."""
+
+    IDLE_S = 30.0
+    RETRY_S = 1.0
+
+    def __init__(self, conninfo: str) -> None:
+        self._conninfo = conninfo
+        self._lock = threading.Lock()
+        self._waiters: set[_Waiter] = set()
+        self._thread: threading.Thread | None = None
+        self._idle_since: float | None = None
+
+    def join(self) -> _Waiter:
+        waiter = _Waiter()
+        with self._lock:
+            self._waiters.add(waiter)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="sluice-ended-hub",
+                                                daemon=True)
+                self._thread.start()
+        return waiter
+
+    def leave(self, waiter: _Waiter) -> None:
+        with self._lock:
+            self._waiters.discard(waiter)
+
+    def _hand_out(self, news: list[Ended | None]) -> None:
+        with self._lock:
+            waiters = list(self._waiters)
+        for waiter in waiters:
+            waiter.put(news)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                with psycopg.connect(self._conninfo, autocommit=True,
+                                     application_name=HUB_APPLICATION) as conn:
+                    conn.execute(f"LISTEN {CHANNEL}")
+                    self._hand_out([None])  # whatever ended before this LISTEN went unheard
+                    while not self._stopped(idle_s=self.IDLE_S):
+                        for note in conn.notifies(timeout=1.0):
+                            self._hand_out([Ended.parse(note.payload)])
+                    return
+            except Exception:  # noqa: BLE001 -- whatever it was, the waiters must not hang
+                if self._stopped(idle_s=0.0):  # nobody waits: nothing to connect again for
+                    return
+                log.warning("the shared listener lost its connection; connecting again in "
+                            "%.0fs (waiters read at their interval meanwhile)", self.RETRY_S,
+                            exc_info=True)
+                self._hand_out([None])
+                time.sleep(self.RETRY_S)
+
+    def _stopped(self, idle_s: float) -> bool:
+        """True, with the thread marked gone, once no waiter has been there for `idle_s`."""
+        with self._lock:
+            if self._waiters:
+                self._idle_since = None
+                return False
+            now = time.monotonic()
+            if self._idle_since is None:
+                self._idle_since = now
+            if now - self._idle_since < idle_s:
+                return False
+            self._thread, self._idle_since = None, None
+            return True
+
+
+class _Waiter:
+    """What one waiter has been handed and not yet taken."""
+
+    KEEP_AT_MOST = 1000  # news a waiter has not taken; past it, one None (look) stands for all
+
+    def __init__(self) -> None:
+        self._ready = threading.Condition()
+        self._news: list[Ended | None] = []
+
+    def put(self, news: list[Ended | None]) -> None:
+        with self._ready:
+            self._news = self._news + news if len(self._news) < self.KEEP_AT_MOST else [None]
+            self._ready.notify()
+
+    def wait(self, timeout_s: float) -> list[Ended | None]:
+        """What was handed since the last call, as soon as there is any, or [] after
+        `timeout_s`."""
+        with self._ready:
+            if not self._news:
+                self._ready.wait(max(0.0, timeout_s))
+            news, self._news = self._news, []
+        return news
+
+
+class Interval:
+    """A store without notifications (SQLite): a wait hears nothing and lasts its timeout."""
+
+    def wait(self, timeout_s: float) -> list[Ended | None]:
+        time.sleep(max(0.0, timeout_s))
+        return []
+
+
+HUB_APPLICATION = "sluice-ended-hub"
+_hubs: dict[str, _Hub] = {}
+_hubs_lock = threading.Lock()
+
+
+def _forget_hubs_in_child() -> None:
+    """A forked child has none of its parent's threads: it starts hubs of its own."""
+    global _hubs_lock
+    _hubs.clear()
+    _hubs_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_hubs_in_child)
+
+
+@contextmanager
+def hearing(url: str) -> Iterator[_Waiter | Interval]:
+    """Hear requests end, on the process's one listening connection to the store (Postgres).
+
+    `EndedListener` holds a connection of its own for as long as it waits, which one job's
+    waiter can afford and an upstream system waiting for many requests at once from one
+    process cannot: each wait would hold a connection that workers need too (Postgres
+    allows 100 by default). Here every wait of the process shares one. On SQLite a wait
+    hears nothing and lasts its timeout."""
+    engine_url = get_engine(url).url
+    if engine_url.get_backend_name() != "postgresql":
+        yield Interval()
+        return
+    conninfo = engine_url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with _hubs_lock:
+        hub = _hubs.setdefault(conninfo, _Hub(conninfo))
+    waiter = hub.join()
+    try:
+        yield waiter
+    finally:
+        hub.leave(waiter)

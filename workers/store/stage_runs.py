@@ -23,7 +23,7 @@ from schemas.status import ShardStageStatus, Stage, Status
 from workers.store.among import any_of
 from workers.store.bulk import insert_rows, update_rows
 from workers.store.models import AuditEvent, Request, Shard, ShardStage, StageRun
-from workers.store.progress import Ended, announce_ended
+from workers.store.progress import NAMED_AT_MOST, Ended, announce_ended
 from workers.store.timeutil import utcnow
 from workers.store.tuples import store_versions, versions_by_id
 
@@ -343,7 +343,7 @@ def _update_requests(session: Session, work: StageCommit, now: datetime) -> None
                         Request.run == work.key.hop.run,
                         or_(*(Request.status == status for status in ACTIVE)))
     if ended and work.announce:
-        announce_ended(session, _news(work.jobs, count))
+        announce_ended(session, _news(work.jobs, count, [row["id"] for row in ended]))
     onward = [r.request_id for r in work.results if r.request_id in work.queued
               and r.outcome is None and not r.untouched and not r.repair]
     if onward:
@@ -353,13 +353,15 @@ def _update_requests(session: Session, work: StageCommit, now: datetime) -> None
                         .execution_options(synchronize_session=False))
 
 
-def _news(jobs: frozenset[str | None] | None, count: int) -> Ended | None:
+def _news(jobs: frozenset[str | None] | None, count: int, ended: list[str]) -> Ended | None:
     """What the notification can say: whose requests ended and how many, when the claimed
-    requests all belong to one job (or all to none)."""
+    requests all belong to one job (or all to none); requests of no job by id, when few
+    (those the commit ended: a cancelled one it skipped is named too, and read for nothing)."""
     if jobs is None or len(jobs) != 1:
         return None
     (job_id,) = jobs
-    return Ended(job_id, count)
+    named = tuple(ended) if job_id is None and len(ended) <= NAMED_AT_MOST else ()
+    return Ended(job_id, count, named)
 
 
 def _ended_row(work: StageCommit, result: ItemResult, now: datetime) -> dict[str, Any]:
