@@ -20,7 +20,7 @@ from schemas.status import Lane, Status
 from workers.settings import Settings
 from workers.store.engine import session_scope
 from workers.store.models import Request
-from workers.store.progress import Interval, hearing
+from workers.store.progress import Hearing, PollingOnly, hearing
 
 
 class InvalidRequest(ValueError):
@@ -28,6 +28,8 @@ class InvalidRequest(ValueError):
 
 
 class SluiceClient:
+    MIN_GAP_S = 0.02  # between two reads of one wait: news comes in bursts
+
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or Settings()
 
@@ -60,8 +62,8 @@ class SluiceClient:
             r = session.get(Request, request_id)
             if r is None:
                 return None
-            return {"request_id": r.id, "custom_id": r.custom_id, "status": r.status,
-                    "output": r.output, "citations": list(r.citations or []),
+            return {"request_id": r.id, "custom_id": r.custom_id, "job_id": r.job_id,
+                    "status": r.status, "output": r.output, "citations": list(r.citations or []),
                     "error_class": r.error_class, "error_stage": r.error_stage,
                     "message": r.error_message, "run": r.run,
                     "tokens": {"prompt": r.prompt_tokens, "completion": r.completion_tokens}}
@@ -70,24 +72,34 @@ class SluiceClient:
              poll_s: float | None = None) -> dict[str, Any]:
         """Read the request until it is terminal; TimeoutError after `timeout_s`.
 
-        On Postgres it reads again when a commit says that this request (or requests it
-        does not name) ended, and at least every `poll_s` (default 5 s); the process's
-        waits share one listening connection. On SQLite, which has no notifications, it
-        reads every `poll_s` (default 0.2 s)."""
+        On Postgres it reads again when a commit's news may concern the request (it names
+        the request, or its job, or says nothing of whose), and at least every `poll_s`
+        (default 5 s; 0.2 s where commits do not notify, `notify_ends` off). The waits of a
+        process share one listening connection. On SQLite, which has no notifications, it
+        reads every `poll_s` (default 0.2 s). Reads are at least `MIN_GAP_S` apart."""
+        if poll_s is not None and poll_s <= 0:
+            raise ValueError(f"poll_s must be above 0, got {poll_s}")
         deadline = time.monotonic() + timeout_s
         with hearing(self.settings.database_url) as ended:
             if poll_s is None:
-                poll_s = 0.2 if isinstance(ended, Interval) else 5.0
+                notified = self.settings.notify_ends and not isinstance(ended, PollingOnly)
+                poll_s = 5.0 if notified else 0.2
             while True:
+                read_at = time.monotonic()
                 result = self.result(request_id)
                 if result is None:
                     raise KeyError(f"no request with id {request_id!r}")
                 if Status(result["status"]).is_terminal:
                     return result
-                if time.monotonic() > deadline:
+                if read_at > deadline:
                     raise TimeoutError(f"{request_id} still {result['status']} after {timeout_s}s")
-                read_at = min(deadline, time.monotonic() + poll_s)
-                while (left := read_at - time.monotonic()) > 0:
-                    news = ended.wait(left)
-                    if any(n is None or n.may_concern(request_id) for n in news):
-                        break
+                self._until_news(ended, request_id, result["job_id"],
+                                 min(deadline, read_at + poll_s))
+                time.sleep(max(0.0, read_at + self.MIN_GAP_S - time.monotonic()))
+
+    @staticmethod
+    def _until_news(ended: Hearing, request_id: str, job_id: str | None, until: float) -> None:
+        """Return on news that may concern the request, or at monotonic time `until`."""
+        while (left := until - time.monotonic()) > 0:
+            if any(n is None or n.may_concern(request_id, job_id) for n in ended.wait(left)):
+                return

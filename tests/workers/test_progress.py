@@ -6,7 +6,8 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import pytest
 
@@ -16,6 +17,7 @@ from schemas.status import DriftPolicy, Status
 from tests.workers.shards import VERSIONS, admit_answers, commit_router
 
 pytestmark = pytest.mark.integration
+T = TypeVar("T")
 
 
 def _job(store_url: str, count: int = 3, shard_size: int = 2) -> str:
@@ -267,18 +269,25 @@ def test_a_commit_counts_the_requests_it_ended_not_those_it_was_given(store_url:
         assert heard == [Ended(job_id, None), Ended(job_id, 0)]
 
 
+@pytest.mark.unit
 def test_news_names_requests_of_no_job_and_reads_older_payloads() -> None:
     from workers.store.progress import Ended
 
     named = Ended(None, 2, ("req-a", "req-b"))
-    assert Ended.parse(named.payload()) == named
+    assert named.payload() == "2::req-a,req-b" and Ended.parse(named.payload()) == named
     assert Ended.parse(Ended("job-1", 3).payload()) == Ended("job-1", 3)
     assert Ended.parse("1:") == Ended(None, 1)  # as commits sent it before names
+    assert Ended.parse("?:job:with:colons") == Ended("job:with:colons", None)
     assert Ended.parse("") is None
-    # A request of no job may be among the ended when it is named or nothing is named
-    assert named.may_concern("req-a") and not named.may_concern("req-c")
-    assert Ended(None, 1).may_concern("req-c")
-    assert not Ended("job-1", 3).may_concern("req-a")
+    with pytest.raises(ValueError, match="no job"):
+        Ended("job-1", 1, ("req-a",))
+    # A request may be among the ended when the news is of its job (None: of no job) and
+    # names it or names nobody
+    assert named.may_concern("req-a", None) and not named.may_concern("req-c", None)
+    assert Ended(None, 1).may_concern("req-c", None)
+    assert not Ended("job-1", 3).may_concern("req-a", None)
+    assert Ended("job-1", 3).may_concern("req-a", "job-1")
+    assert not Ended("job-2", 3).may_concern("req-a", "job-1")
 
 
 def _listening(store_url: str) -> list[int]:
@@ -294,7 +303,8 @@ def _listening(store_url: str) -> list[int]:
             "AND application_name = :name"), {"name": HUB_APPLICATION}))
 
 
-def _until(check: Any, timeout_s: float = 20.0) -> Any:
+def _until(check: Callable[[], T], timeout_s: float = 20.0) -> T:
+    """`check()`'s first true value, asked every 50 ms; fails after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while not (found := check()):
         assert time.monotonic() < deadline, "not within the time allowed"
@@ -302,36 +312,50 @@ def _until(check: Any, timeout_s: float = 20.0) -> Any:
     return found
 
 
-def _waiting(client: Any, request_id: str, results: dict[str, Any]) -> threading.Thread:
-    """A thread that waits for `request_id`, reading the store a minute apart at most:
-    a wait that ends well within the minute ended on a notification."""
-    def wait() -> None:
-        results[request_id] = client.wait(request_id, timeout_s=60, poll_s=60)
+class _CountingClient:
+    """The Python client with its store reads counted, in the order they came."""
 
-    thread = threading.Thread(target=wait)
-    thread.start()
-    return thread
+    def __init__(self, store_url: str, **settings: Any) -> None:
+        from ops.client import SluiceClient
+        from workers.settings import Settings
+
+        self.client = SluiceClient(Settings(database_url=store_url, **settings))
+        self.reads: list[str] = []
+        read = self.client.result
+
+        def result(request_id: str) -> Any:
+            self.reads.append(request_id)
+            return read(request_id)
+
+        self.client.result = result  # type: ignore[method-assign]
+
+    def waiting(self, request_id: str, results: dict[str, Any],
+                poll_s: float | None = 60) -> threading.Thread:
+        """A thread that waits for `request_id`, by default reading the store a minute apart
+        at most: a wait that ends well within the minute ended on news."""
+        def wait() -> None:
+            results[request_id] = self.client.wait(request_id, timeout_s=60, poll_s=poll_s)
+
+        thread = threading.Thread(target=wait)
+        thread.start()
+        return thread
 
 
 @pytest.mark.parametrize("empty_store_url", ["postgres"], indirect=True)  # NOTIFY
 def test_the_client_waits_of_a_process_share_one_listening_connection(
         store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from ops.client import SluiceClient
-    from workers.settings import Settings
     from workers.store import progress
 
     monkeypatch.setattr(progress._Hub, "IDLE_S", 0.5)
-
     online = dict(_online_request(store_url) for _ in range(6))
-    client = SluiceClient(Settings(database_url=store_url))
+    client = _CountingClient(store_url)
     results: dict[str, Any] = {}
     started = time.monotonic()
-    # Given six waits under way in threads of this process
-    threads = [_waiting(client, request_id, results) for request_id in online]
+    # Given six waits under way in threads of this process, each past its first read
+    threads = [client.waiting(request_id, results) for request_id in online]
+    _until(lambda: set(client.reads) == set(online))
     # Then one connection listens for all of them
-    listener = _until(lambda: _listening(store_url))
-    time.sleep(0.5)
-    assert _listening(store_url) == listener and len(listener) == 1
+    assert len(_listening(store_url)) == 1
     # When each request ends
     for dispatch in online.values():
         _refuse_at_the_router(store_url, dispatch)
@@ -346,34 +370,79 @@ def test_the_client_waits_of_a_process_share_one_listening_connection(
 
 @pytest.mark.parametrize("empty_store_url", ["postgres"], indirect=True)  # NOTIFY
 def test_a_client_wait_reads_the_store_only_on_news_that_may_concern_its_request(
-        store_url: str) -> None:
-    from ops.client import SluiceClient
-    from workers.settings import Settings
+        store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from workers.store import progress
 
     (mine, my_dispatch), *others = [_online_request(store_url) for _ in range(4)]
-    client = SluiceClient(Settings(database_url=store_url))
-    reads: list[str] = []
-    read = client.result
+    # What the wait is handed, and when it is back waiting for more, in order
+    steps: list[int | str] = []
+    hand = progress._Waiter.wait
 
-    def result(request_id: str) -> Any:
-        reads.append(request_id)
-        return read(request_id)
+    def wait(self: Any, timeout_s: float) -> list[Any]:
+        steps.append("waiting")
+        news = hand(self, timeout_s)
+        steps.append(len(news))
+        return news
 
-    client.result = result  # type: ignore[method-assign]
+    monkeypatch.setattr(progress._Waiter, "wait", wait)
+    client = _CountingClient(store_url)
     results: dict[str, Any] = {}
-    thread = _waiting(client, mine, results)
-    _until(lambda: reads and _listening(store_url))
-    time.sleep(0.5)  # the listener's first word (look: it may have missed news) is taken
-    reads.clear()
+    started = time.monotonic()
+    thread = client.waiting(mine, results)
+    # Given the wait's first read, and its second on the listener's first word (look:
+    # whatever ended before it listened went unheard)
+    _until(lambda: len(client.reads) == 2 and steps[-1] == "waiting")
     # When three other requests of no job end, each commit naming its own
     for _, dispatch in others:
         _refuse_at_the_router(store_url, dispatch)
-    time.sleep(1.0)
-    # Then the wait read nothing; when its own request ends, it reads once and returns
-    assert reads == []
+    # Then the wait takes the three pieces of news and waits on without reading
+    _until(lambda: sum(n for n in steps if n != "waiting") >= 4 and steps[-1] == "waiting")
+    assert client.reads == [mine, mine]
+    # When its own request ends, it reads once more and returns, on the news
     _refuse_at_the_router(store_url, my_dispatch)
     thread.join(60)
-    assert reads == [mine] and results[mine]["status"] == "refused"
+    assert client.reads == [mine] * 3 and results[mine]["status"] == "refused"
+    assert time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize("empty_store_url", ["postgres"], indirect=True)  # NOTIFY
+def test_a_client_wait_for_a_request_of_a_job_wakes_on_the_jobs_news(store_url: str) -> None:
+    from sqlalchemy import select
+
+    from workers.store.engine import session_scope
+    from workers.store.models import Request
+
+    # A batch line replayed with `sluice replay --wait` is waited for by the client
+    job_id, (dispatch,) = admit_answers(store_url, 1, 1)
+    with session_scope(store_url) as session:
+        request_id = session.scalars(select(Request.id).where(Request.job_id == job_id)).one()
+    client = _CountingClient(store_url)
+    results: dict[str, Any] = {}
+    started = time.monotonic()
+    thread = client.waiting(request_id, results)
+    _until(lambda: client.reads)
+    # When the router ends it (the commit's news names its job, not the request)
+    _refuse_at_the_router(store_url, dispatch)
+    thread.join(60)
+    # Then the wait returned on that news
+    assert results[request_id]["status"] == "refused"
+    assert time.monotonic() - started < 30
+
+
+def test_a_client_wait_reads_often_where_commits_do_not_notify(store_url: str) -> None:
+    request_id, dispatch = _online_request(store_url)
+    client = _CountingClient(store_url, notify_ends=False)
+    results: dict[str, Any] = {}
+    thread = client.waiting(request_id, results, poll_s=None)  # the default interval
+    _until(lambda: client.reads)
+    # When the request ends in a commit that tells no listener
+    ended = time.monotonic()
+    _refuse_at_the_router(store_url, dispatch, announce=False)
+    thread.join(60)
+    # Then the wait still sees it within its short interval (0.2 s), not the 5 s one that
+    # serves where commits notify
+    assert results[request_id]["status"] == "refused"
+    assert time.monotonic() - ended < 3
 
 
 @pytest.mark.parametrize("empty_store_url", ["postgres"], indirect=True)  # NOTIFY
@@ -381,20 +450,19 @@ def test_the_shared_listener_connects_again_when_its_connection_is_killed(
         store_url: str) -> None:
     from sqlalchemy import text
 
-    from ops.client import SluiceClient
-    from workers.settings import Settings
     from workers.store.engine import session_scope
 
     request_id, dispatch = _online_request(store_url)
+    client = _CountingClient(store_url)
     results: dict[str, Any] = {}
     started = time.monotonic()
-    thread = _waiting(SluiceClient(Settings(database_url=store_url)), request_id, results)
+    thread = client.waiting(request_id, results)
     (first,) = _until(lambda: _listening(store_url))
-    # When the listening connection is killed (a Postgres restart, a proxy's idle cut)
+    # When the listening connection is killed (a Postgres restart, an operator)
     with session_scope(store_url) as session:
         assert session.scalar(text("SELECT pg_terminate_backend(:pid)"), {"pid": first})
     # Then another one listens in its place, and the wait still ends on the commit's news
-    (second,) = _until(lambda: [pid for pid in _listening(store_url) if pid != first])
+    _until(lambda: [pid for pid in _listening(store_url) if pid != first])
     _refuse_at_the_router(store_url, dispatch)
     thread.join(60)
     assert results[request_id]["status"] == "refused"

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any, Protocol
 
 import psycopg
 from sqlalchemy import func, select
@@ -36,16 +37,23 @@ class Ended:
     of no job, such as upstream systems' online ones). A count of None says that requests of
     the job ended without saying how many: a waiter must look. Requests of no job are named
     (`request_ids`) when there are at most `NAMED_AT_MOST` of them, so that a waiter for one
-    of them looks only when it is named; none named means any may have ended."""
+    of them looks only when it is named; none named means any may have ended.
+
+    The payload is `count:job_id`, or `count::id,id,...` for named requests of no job."""
 
     job_id: str | None
     count: int | None
     request_ids: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        if self.request_ids and self.job_id is not None:
+            raise ValueError("only requests of no job are named")
+
     def payload(self) -> str:
         count = "?" if self.count is None else str(self.count)
-        named = f":{','.join(self.request_ids)}" if self.request_ids else ""
-        return f"{count}:{self.job_id or ''}{named}"
+        if self.request_ids:
+            return f"{count}::{','.join(self.request_ids)}"
+        return f"{count}:{self.job_id or ''}"
 
     @classmethod
     def parse(cls, payload: str) -> Ended | None:
@@ -54,16 +62,19 @@ class Ended:
         count, colon, rest = payload.partition(":")
         if not colon or not (count == "?" or count.isdigit()):
             return None
-        job_id, _, named = rest.partition(":")
-        return cls(job_id or None, None if count == "?" else int(count),
-                   tuple(named.split(",")) if named else ())
+        number = None if count == "?" else int(count)
+        if rest.startswith(":"):
+            return cls(None, number, tuple(n for n in rest[1:].split(",") if n))
+        return cls(rest or None, number)
 
-    def may_concern(self, request_id: str) -> bool:
-        """Whether a request of no job with this id may be among those that ended."""
-        return self.job_id is None and (not self.request_ids or request_id in self.request_ids)
+    def may_concern(self, request_id: str, job_id: str | None) -> bool:
+        """Whether request `request_id` of job `job_id` (None: of no job) may be among
+        those that ended."""
+        return self.job_id == job_id and (not self.request_ids or request_id in self.request_ids)
 
 
-# Postgres caps a notification's payload at 8000 bytes; request ids are 28 characters.
+# Postgres caps a payload at 8000 bytes. Request ids are at most 32 characters (the
+# column's size): 100 of them with their commas take 3300.
 NAMED_AT_MOST = 100
 
 
@@ -133,13 +144,17 @@ class EndedListener:
 
 class _Hub:
     """One LISTEN connection of a process to one store, shared by the process's waiters (see
-    `hearing`). Its thread hands every notification to every waiter; after it connects again
-    (the connection was lost: notifications may have gone unheard meanwhile) it hands each
-    waiter a None, which says to look. With no waiter for `IDLE_S` it closes the connection
-    and stops; the next waiter starts it again."""
+    `hearing`). Its thread hands every notification to every waiter. After it connects again
+    (the connection was lost, and notifications with it) it hands each waiter a None, which
+    says to look; meanwhile waiters read at their interval. With no waiter for `IDLE_S` it
+    closes the connection and stops; the next waiter starts another thread."""
 
     IDLE_S = 30.0
-    RETRY_S = 1.0
+    RETRY_S = (1.0, 30.0)  # first and longest wait before connecting again (doubling)
+    # libpq options: a connection the network silently dropped (a proxy's idle cut without
+    # a reset) fails within about a minute instead of listening to nothing for ever.
+    CONNECT = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 30,
+               "keepalives_interval": 10, "keepalives_count": 3}
 
     def __init__(self, conninfo: str) -> None:
         self._conninfo = conninfo
@@ -169,28 +184,40 @@ class _Hub:
             waiter.put(news)
 
     def _run(self) -> None:
+        failures = 0
         while True:
             try:
                 with psycopg.connect(self._conninfo, autocommit=True,
-                                     application_name=HUB_APPLICATION) as conn:
+                                     application_name=HUB_APPLICATION, **self.CONNECT) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
+                    failures = 0
                     self._hand_out([None])  # whatever ended before this LISTEN went unheard
-                    while not self._stopped(idle_s=self.IDLE_S):
-                        for note in conn.notifies(timeout=1.0):
-                            self._hand_out([Ended.parse(note.payload)])
-                    return
+                    self._listen(conn)
+                return
             except Exception:  # noqa: BLE001 -- whatever it was, the waiters must not hang
-                if self._stopped(idle_s=0.0):  # nobody waits: nothing to connect again for
+                if self._retire_if_idle(idle_s=0.0):  # nobody waits: no need to connect again
                     return
-                log.warning("the shared listener lost its connection; connecting again in "
-                            "%.0fs (waiters read at their interval meanwhile)", self.RETRY_S,
-                            exc_info=True)
-                self._hand_out([None])
-                time.sleep(self.RETRY_S)
+                failures += 1
+                retry_s = min(self.RETRY_S[0] * 2 ** (failures - 1), self.RETRY_S[1])
+                # Once per outage: the next failures of the same outage only wait longer.
+                if failures == 1:
+                    log.warning("the shared listener lost its connection; connecting again "
+                                "(waiters read at their interval meanwhile)", exc_info=True)
+                time.sleep(retry_s)
 
-    def _stopped(self, idle_s: float) -> bool:
-        """True, with the thread marked gone, once no waiter has been there for `idle_s`."""
+    def _listen(self, conn: psycopg.Connection[Any]) -> None:
+        """Hand out what `conn` hears until nobody has waited for `IDLE_S`."""
+        while not self._retire_if_idle(idle_s=self.IDLE_S):
+            for note in conn.notifies(timeout=1.0):
+                self._hand_out([Ended.parse(note.payload)])
+
+    def _retire_if_idle(self, idle_s: float) -> bool:
+        """True when this thread is to stop: no waiter has been there for `idle_s` (the
+        hub then forgets the thread, and the next waiter starts another), or the hub
+        already forgot it."""
         with self._lock:
+            if self._thread is not threading.current_thread():
+                return True
             if self._waiters:
                 self._idle_since = None
                 return False
@@ -227,12 +254,18 @@ class _Waiter:
         return news
 
 
-class Interval:
+class PollingOnly:
     """A store without notifications (SQLite): a wait hears nothing and lasts its timeout."""
 
     def wait(self, timeout_s: float) -> list[Ended | None]:
         time.sleep(max(0.0, timeout_s))
         return []
+
+
+class Hearing(Protocol):
+    def wait(self, timeout_s: float) -> list[Ended | None]:
+        """What was heard since the last call, as soon as there is any (None: look), or []
+        after `timeout_s`."""
 
 
 HUB_APPLICATION = "sluice-ended-hub"
@@ -247,11 +280,12 @@ def _forget_hubs_in_child() -> None:
     _hubs_lock = threading.Lock()
 
 
+# Registered at import: a process that forks (a prefork pool) may have waited before.
 os.register_at_fork(after_in_child=_forget_hubs_in_child)
 
 
 @contextmanager
-def hearing(url: str) -> Iterator[_Waiter | Interval]:
+def hearing(url: str) -> Iterator[Hearing]:
     """Hear requests end, on the process's one listening connection to the store (Postgres).
 
     `EndedListener` holds a connection of its own for as long as it waits, which one job's
@@ -261,7 +295,7 @@ def hearing(url: str) -> Iterator[_Waiter | Interval]:
     hears nothing and lasts its timeout."""
     engine_url = get_engine(url).url
     if engine_url.get_backend_name() != "postgresql":
-        yield Interval()
+        yield PollingOnly()
         return
     conninfo = engine_url.set(drivername="postgresql").render_as_string(hide_password=False)
     with _hubs_lock:
