@@ -467,3 +467,20 @@ def test_the_shared_listener_connects_again_when_its_connection_is_killed(
     thread.join(60)
     assert results[request_id]["status"] == "refused"
     assert time.monotonic() - started < 30
+
+
+@pytest.mark.unit
+def test_a_commit_names_at_most_so_many_requests_of_no_job() -> None:
+    from workers.store.progress import NAMED_AT_MOST, Ended
+    from workers.store.stage_runs import _news
+
+    ids = [f"req-{n:028d}" for n in range(NAMED_AT_MOST + 1)]
+    # Up to the cap, requests of no job are named; past it, none are (every waiter looks)
+    assert _news(frozenset({None}), NAMED_AT_MOST, ids[:-1]) == Ended(None, NAMED_AT_MOST,
+                                                                       tuple(ids[:-1]))
+    assert _news(frozenset({None}), len(ids), ids) == Ended(None, len(ids))
+    # The named payload fits Postgres's 8000 bytes with ids as long as the column allows
+    assert len(Ended(None, NAMED_AT_MOST, tuple(ids[:-1])).payload()) < 8000
+    # A job's news names no request; claimed requests of several jobs make no news to tell
+    assert _news(frozenset({"job-1"}), 2, ids[:2]) == Ended("job-1", 2)
+    assert _news(frozenset({"job-1", None}), 2, ids[:2]) is None
