@@ -24,12 +24,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import secrets
 import statistics
 import sys
-import tempfile
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -154,35 +151,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    token = secrets.token_hex(4)
-    db_name, prefix = f"sluice_bench_{token}", f"sluice_bench_{token}:"
-    data_dir = Path(tempfile.mkdtemp(prefix="sluice-bench-"))
-    url = orchestration.prepare_environment(db_name, prefix, data_dir)
-    orchestration.say(TITLE)
-    orchestration.say(f"database {db_name}, redis prefix {prefix!r}, data dir {data_dir}")
-    bench: orchestration.Bench | None = None
-    created = False
-    status = 0
-    try:
-        orchestration.create_database(db_name)
-        created = True
-        bench = orchestration.Bench(orchestration.parse_args(["--caches", "warm"]), data_dir)
-        bench.prepare_store()
-        bench.start_workers()
-        bench.warm_up()
+
+    def measure(bench: orchestration.Bench) -> None:
         rounds = [measure_round(bench, n, args) for n in range(args.rounds)]
         summary = report(rounds, args)
         if args.json is not None:
             args.json.write_text(json.dumps({"rounds": [r.__dict__ for r in rounds],
                                              **summary}, indent=2))
-    except BaseException as exc:  # noqa: BLE001 -- report, clean up, exit 1
-        status = 130 if isinstance(exc, KeyboardInterrupt) else 1
-        orchestration.say(f"\nERROR: {type(exc).__name__}: {exc}")
-        if not isinstance(exc, orchestration.BenchError):
-            traceback.print_exc()
-    finally:
-        status = orchestration.cleanup(bench, created, db_name, url, prefix, data_dir) or status
-    return status
+
+    return orchestration.run_on_warm_workers(TITLE, measure)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -675,6 +676,38 @@ def main(argv: list[str]) -> int:
         logs = data_dir / "logs"
         for log in sorted(logs.glob("worker-*.log")) if logs.is_dir() else []:
             say(f"--- last lines of {log.name} ---\n{tail(log)}")
+    finally:
+        status = cleanup(bench, created, db_name, url, prefix, data_dir) or status
+    return status
+
+
+def run_on_warm_workers(title: str, measure: Callable[[Bench], None]) -> int:
+    """The setup of the benchmarks built on this one (online latency, concurrent waits):
+    a fresh database and Redis prefix, the store, one worker per stage, warm caches; then
+    `measure(bench)`, which prints its figures; then everything removed. Exit status: 0, or
+    1 on any error (130 on an interrupt)."""
+    token = secrets.token_hex(4)
+    db_name, prefix = f"sluice_bench_{token}", f"sluice_bench_{token}:"
+    data_dir = Path(tempfile.mkdtemp(prefix="sluice-bench-"))
+    url = prepare_environment(db_name, prefix, data_dir)
+    say(title)
+    say(f"database {db_name}, redis prefix {prefix!r}, data dir {data_dir}")
+    bench: Bench | None = None
+    created = False
+    status = 0
+    try:
+        create_database(db_name)
+        created = True
+        bench = Bench(parse_args(["--caches", "warm"]), data_dir)
+        bench.prepare_store()
+        bench.start_workers()
+        bench.warm_up()
+        measure(bench)
+    except BaseException as exc:  # noqa: BLE001 -- report, clean up, exit 1
+        status = 130 if isinstance(exc, KeyboardInterrupt) else 1
+        say(f"\nERROR: {type(exc).__name__}: {exc}")
+        if not isinstance(exc, BenchError):
+            traceback.print_exc()
     finally:
         status = cleanup(bench, created, db_name, url, prefix, data_dir) or status
     return status

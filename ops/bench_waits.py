@@ -34,13 +34,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import statistics
 import sys
-import tempfile
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -52,7 +49,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 
 from ops import bench_orchestration as orchestration  # noqa: E402
-from ops.bench_online import online_line, percentile  # noqa: E402
+from ops.bench_online import online_line, spread_ms  # noqa: E402
 
 TITLE = "Sluice concurrent waits benchmark -- NULL generator (benchmark only)"
 SHARED, OWN = "shared", "own listener"
@@ -198,11 +195,6 @@ def _wake_seconds(returned: dict[str, tuple[float, dict[str, Any]]]) -> list[flo
             if at is not None]
 
 
-def ms(seconds: list[float]) -> tuple[float, float, float]:
-    values = [1000 * s for s in seconds]
-    return statistics.median(values), percentile(values, 0.95), max(values)
-
-
 def report(rounds: list[dict[str, Waits]], count: int) -> None:
     print(f"\n{count} concurrent waits per way and round; wake = terminal commit to return")
     print(f"{'round':<6} {'way':<13} {'peak conns':>10} {'reads/wait':>11} {'wake p50 ms':>12} "
@@ -210,7 +202,7 @@ def report(rounds: list[dict[str, Waits]], count: int) -> None:
     for n, ways in enumerate(rounds, 1):
         for way in (SHARED, OWN):
             w = ways[way]
-            p50, p95, top = ms(w.wake_s)
+            p50, p95, top = spread_ms(w.wake_s)
             print(f"{n:<6} {way:<13} {w.peak_connections:>10} {w.reads / count:>11.1f} "
                   f"{p50:>12.1f} {p95:>7.1f} {top:>7.1f} {w.seconds:>8.2f}")
 
@@ -220,7 +212,7 @@ def report(rounds: list[dict[str, Waits]], count: int) -> None:
     figures: dict[str, Callable[[Waits], float]] = {
         "peak connections": lambda w: w.peak_connections,
         "reads per wait": lambda w: w.reads / count,
-        "wake p50 ms": lambda w: ms(w.wake_s)[0],
+        "wake p50 ms": lambda w: spread_ms(w.wake_s)[0],
         "seconds": lambda w: w.seconds}
     print(f"\n{'median over rounds':<20} {SHARED:>10} {OWN:>13} {'own / shared':>13}")
     for name, figure in figures.items():
@@ -244,22 +236,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    token = secrets.token_hex(4)
-    db_name, prefix = f"sluice_bench_{token}", f"sluice_bench_{token}:"
-    data_dir = Path(tempfile.mkdtemp(prefix="sluice-bench-"))
-    url = orchestration.prepare_environment(db_name, prefix, data_dir)
-    orchestration.say(TITLE)
-    orchestration.say(f"database {db_name}, redis prefix {prefix!r}, data dir {data_dir}")
-    bench: orchestration.Bench | None = None
-    created = False
-    status = 0
-    try:
-        orchestration.create_database(db_name)
-        created = True
-        bench = orchestration.Bench(orchestration.parse_args(["--caches", "warm"]), data_dir)
-        bench.prepare_store()
-        bench.start_workers()
-        bench.warm_up()
+
+    def measure_rounds(bench: orchestration.Bench) -> None:
         rounds = []
         for n in range(args.rounds):
             order = (SHARED, OWN) if n % 2 == 0 else (OWN, SHARED)
@@ -267,14 +245,8 @@ def main(argv: list[str]) -> int:
                                         args.waits, args.timeout_s) for way in order})
             bench.check_workers(0, 0)
         report(rounds, args.waits)
-    except BaseException as exc:  # noqa: BLE001 -- report, clean up, exit 1
-        status = 130 if isinstance(exc, KeyboardInterrupt) else 1
-        orchestration.say(f"\nERROR: {type(exc).__name__}: {exc}")
-        if not isinstance(exc, orchestration.BenchError):
-            traceback.print_exc()
-    finally:
-        status = orchestration.cleanup(bench, created, db_name, url, prefix, data_dir) or status
-    return status
+
+    return orchestration.run_on_warm_workers(TITLE, measure_rounds)
 
 
 if __name__ == "__main__":

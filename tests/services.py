@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import psycopg
 import pytest
@@ -15,10 +16,11 @@ import redis
 from tests.conftest import POSTGRES_ADMIN_URL, REDIS_URL, TEST_DATABASE
 
 REQUIRE_SERVICES = os.environ.get("SLUICE_REQUIRE_SERVICES") == "1"
+T = TypeVar("T")
 
 
-def wait_until(condition: Callable[[], object], timeout_s: float, poll_s: float = 0.1,
-               what: str = "condition") -> object:
+def wait_until(condition: Callable[[], T], timeout_s: float, poll_s: float = 0.1,
+               what: str = "condition") -> T:
     """Poll `condition` until it returns something truthy; fail after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -6,18 +6,17 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
 from schemas.requests import RequestLine
 from schemas.stages import Outcome
 from schemas.status import DriftPolicy, Status
+from tests.services import wait_until
 from tests.workers.shards import VERSIONS, admit_answers, commit_router
 
 pytestmark = pytest.mark.integration
-T = TypeVar("T")
 
 
 def _job(store_url: str, count: int = 3, shard_size: int = 2) -> str:
@@ -303,15 +302,6 @@ def _listening(store_url: str) -> list[int]:
             "AND application_name = :name"), {"name": HUB_APPLICATION}))
 
 
-def _until(check: Callable[[], T], timeout_s: float = 20.0) -> T:
-    """`check()`'s first true value, asked every 50 ms; fails after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while not (found := check()):
-        assert time.monotonic() < deadline, "not within the time allowed"
-        time.sleep(0.05)
-    return found
-
-
 class _CountingClient:
     """The Python client with its store reads counted, in the order they came."""
 
@@ -353,7 +343,7 @@ def test_the_client_waits_of_a_process_share_one_listening_connection(
     started = time.monotonic()
     # Given six waits under way in threads of this process, each past its first read
     threads = [client.waiting(request_id, results) for request_id in online]
-    _until(lambda: set(client.reads) == set(online))
+    wait_until(lambda: set(client.reads) == set(online), 20, 0.05)
     # Then one connection listens for all of them
     assert len(_listening(store_url)) == 1
     # When each request ends
@@ -365,7 +355,7 @@ def test_the_client_waits_of_a_process_share_one_listening_connection(
     assert {rid: r["status"] for rid, r in results.items()} == dict.fromkeys(online, "refused")
     assert time.monotonic() - started < 30
     # And with nobody left waiting, the listener hangs up
-    _until(lambda: not _listening(store_url), timeout_s=10)
+    wait_until(lambda: not _listening(store_url), 10, 0.05, "the listener to hang up")
 
 
 @pytest.mark.parametrize("empty_store_url", ["postgres"], indirect=True)  # NOTIFY
@@ -391,12 +381,13 @@ def test_a_client_wait_reads_the_store_only_on_news_that_may_concern_its_request
     thread = client.waiting(mine, results)
     # Given the wait's first read, and its second on the listener's first word (look:
     # whatever ended before it listened went unheard)
-    _until(lambda: len(client.reads) == 2 and steps[-1] == "waiting")
+    wait_until(lambda: len(client.reads) == 2 and steps[-1] == "waiting", 20, 0.05)
     # When three other requests of no job end, each commit naming its own
     for _, dispatch in others:
         _refuse_at_the_router(store_url, dispatch)
     # Then the wait takes the three pieces of news and waits on without reading
-    _until(lambda: sum(n for n in steps if n != "waiting") >= 4 and steps[-1] == "waiting")
+    wait_until(lambda: sum(n for n in steps if n != "waiting") >= 4 and steps[-1] == "waiting",
+               20, 0.05)
     assert client.reads == [mine, mine]
     # When its own request ends, it reads once more and returns, on the news
     _refuse_at_the_router(store_url, my_dispatch)
@@ -420,7 +411,7 @@ def test_a_client_wait_for_a_request_of_a_job_wakes_on_the_jobs_news(store_url: 
     results: dict[str, Any] = {}
     started = time.monotonic()
     thread = client.waiting(request_id, results)
-    _until(lambda: client.reads)
+    wait_until(lambda: client.reads, 20, 0.05)
     # When the router ends it (the commit's news names its job, not the request)
     _refuse_at_the_router(store_url, dispatch)
     thread.join(60)
@@ -434,7 +425,7 @@ def test_a_client_wait_reads_often_where_commits_do_not_notify(store_url: str) -
     client = _CountingClient(store_url, notify_ends=False)
     results: dict[str, Any] = {}
     thread = client.waiting(request_id, results, poll_s=None)  # the default interval
-    _until(lambda: client.reads)
+    wait_until(lambda: client.reads, 20, 0.05)
     # When the request ends in a commit that tells no listener
     ended = time.monotonic()
     _refuse_at_the_router(store_url, dispatch, announce=False)
@@ -457,12 +448,12 @@ def test_the_shared_listener_connects_again_when_its_connection_is_killed(
     results: dict[str, Any] = {}
     started = time.monotonic()
     thread = client.waiting(request_id, results)
-    (first,) = _until(lambda: _listening(store_url))
+    (first,) = wait_until(lambda: _listening(store_url), 20, 0.05)
     # When the listening connection is killed (a Postgres restart, an operator)
     with session_scope(store_url) as session:
         assert session.scalar(text("SELECT pg_terminate_backend(:pid)"), {"pid": first})
     # Then another one listens in its place, and the wait still ends on the commit's news
-    _until(lambda: [pid for pid in _listening(store_url) if pid != first])
+    wait_until(lambda: [pid for pid in _listening(store_url) if pid != first], 20, 0.05)
     _refuse_at_the_router(store_url, dispatch)
     thread.join(60)
     assert results[request_id]["status"] == "refused"

@@ -88,6 +88,15 @@ def announce_ended(session: Session, ended: Ended | None = None) -> None:
         session.execute(select(func.pg_notify(CHANNEL, payload)))
 
 
+def _listening_conninfo(url: str) -> str | None:
+    """The psycopg connection string of the store at `url`, or None for a store without
+    notifications (SQLite)."""
+    engine_url = get_engine(url).url
+    if engine_url.get_backend_name() != "postgresql":
+        return None
+    return engine_url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
 class EndedListener:
     """Waits until requests end somewhere (Postgres) or an interval passes (SQLite), on a
     connection of its own. `wait` never returns sooner than `min_gap_s` after the previous
@@ -99,11 +108,9 @@ class EndedListener:
         self.min_gap_s = min_gap_s
         self._last = float("-inf")
         self._conn: psycopg.Connection[tuple[object, ...]] | None = None
-        engine_url = get_engine(url).url
-        if engine_url.get_backend_name() == "postgresql":
-            conninfo = engine_url.set(drivername="postgresql")
-            conn = psycopg.connect(conninfo.render_as_string(hide_password=False),
-                                   autocommit=True)
+        conninfo = _listening_conninfo(url)
+        if conninfo is not None:
+            conn = psycopg.connect(conninfo, autocommit=True)
             try:
                 conn.execute(f"LISTEN {CHANNEL}")
             except BaseException:
@@ -293,13 +300,14 @@ def hearing(url: str) -> Iterator[Hearing]:
     process cannot: each wait would hold a connection that workers need too (Postgres
     allows 100 by default). Here every wait of the process shares one. On SQLite a wait
     hears nothing and lasts its timeout."""
-    engine_url = get_engine(url).url
-    if engine_url.get_backend_name() != "postgresql":
+    conninfo = _listening_conninfo(url)
+    if conninfo is None:
         yield PollingOnly()
         return
-    conninfo = engine_url.set(drivername="postgresql").render_as_string(hide_password=False)
     with _hubs_lock:
-        hub = _hubs.setdefault(conninfo, _Hub(conninfo))
+        hub = _hubs.get(conninfo)
+        if hub is None:
+            hub = _hubs[conninfo] = _Hub(conninfo)
     waiter = hub.join()
     try:
         yield waiter
