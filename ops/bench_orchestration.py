@@ -632,23 +632,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    token = secrets.token_hex(4)
-    db_name = f"sluice_bench_{token}"
-    prefix = f"sluice_bench_{token}:"
-    data_dir = Path(tempfile.mkdtemp(prefix="sluice-bench-"))
-    url = prepare_environment(db_name, prefix, data_dir)
-    say(TITLE)
-    say(f"database {db_name}, redis prefix {prefix!r}, data dir {data_dir}")
-    bench: Bench | None = None
-    created = False
-    status = 0
-    try:
-        create_database(db_name)
-        created = True
-        bench = Bench(args, data_dir)
-        bench.prepare_store()
-        bench.start_workers()
-        bench.warm_up()
+
+    def measure(bench: Bench) -> None:
         rounds: list[Round] = []
         for n in range(args.repeat):
             mark = f" #{n + 1}" if n else ""  # the first pass keeps the plain labels
@@ -668,24 +653,17 @@ def main(argv: list[str]) -> int:
         embed_s = bench.embedding_cost() if args.caches == "cold" else None
         say(bench.cache_stats())
         report(rows, rounds, embed_s, args.caches)
-    except BaseException as exc:  # noqa: BLE001 -- report, clean up, exit 1
-        status = 130 if isinstance(exc, KeyboardInterrupt) else 1
-        say(f"\nERROR: {type(exc).__name__}: {exc}")
-        if not isinstance(exc, BenchError):
-            traceback.print_exc()
-        logs = data_dir / "logs"
-        for log in sorted(logs.glob("worker-*.log")) if logs.is_dir() else []:
-            say(f"--- last lines of {log.name} ---\n{tail(log)}")
-    finally:
-        status = cleanup(bench, created, db_name, url, prefix, data_dir) or status
-    return status
+
+    return run_on_warm_workers(TITLE, measure, args)
 
 
-def run_on_warm_workers(title: str, measure: Callable[[Bench], None]) -> int:
-    """The setup of the benchmarks built on this one (online latency, concurrent waits):
-    a fresh database and Redis prefix, the store, one worker per stage, warm caches; then
-    `measure(bench)`, which prints its figures; then everything removed. Exit status: 0, or
-    1 on any error (130 on an interrupt)."""
+def run_on_warm_workers(title: str, measure: Callable[[Bench], None],
+                        args: argparse.Namespace | None = None) -> int:
+    """The setup of this benchmark and of those built on it (online latency, concurrent
+    waits): a fresh database and Redis prefix, the store, one worker per stage, warmed up
+    (with `args`' caches, warm by default); then `measure(bench)`, which prints its figures;
+    then everything removed. Exit status: 0, or 1 on any error (130 on an interrupt), with
+    the workers' last log lines."""
     token = secrets.token_hex(4)
     db_name, prefix = f"sluice_bench_{token}", f"sluice_bench_{token}:"
     data_dir = Path(tempfile.mkdtemp(prefix="sluice-bench-"))
@@ -698,7 +676,7 @@ def run_on_warm_workers(title: str, measure: Callable[[Bench], None]) -> int:
     try:
         create_database(db_name)
         created = True
-        bench = Bench(parse_args(["--caches", "warm"]), data_dir)
+        bench = Bench(args or parse_args(["--caches", "warm"]), data_dir)
         bench.prepare_store()
         bench.start_workers()
         bench.warm_up()
@@ -708,6 +686,9 @@ def run_on_warm_workers(title: str, measure: Callable[[Bench], None]) -> int:
         say(f"\nERROR: {type(exc).__name__}: {exc}")
         if not isinstance(exc, BenchError):
             traceback.print_exc()
+        logs = data_dir / "logs"
+        for log in sorted(logs.glob("worker-*.log")) if logs.is_dir() else []:
+            say(f"--- last lines of {log.name} ---\n{tail(log)}")
     finally:
         status = cleanup(bench, created, db_name, url, prefix, data_dir) or status
     return status
