@@ -534,6 +534,29 @@ def test_any_of_matches_exactly_the_listed_ids_with_one_statement_for_any_length
     assert len(set(statements)) == 1
 
 
+def test_any_of_finds_values_that_an_array_literal_would_have_to_quote(store_url: str) -> None:
+    """On Postgres the list travels as an array's text: quotes, backslashes, commas, braces,
+    blanks, an empty string and the word NULL must each still match exactly itself."""
+    from workers.store.among import any_of
+    from workers.store.bulk import insert_rows
+    from workers.store.engine import get_engine
+    from workers.store.models import StageRun
+
+    awkward = ['a "quote"', "back\\slash", "x,y}", "{z", " blank ", "", "NULL", "it's"]
+    plain = ["req-1", "req-2"]
+    with get_engine(store_url).begin() as connection:
+        insert_rows(connection, StageRun.__table__, [
+            {"request_id": value, "shard_id": "shard-1", "stage": "router", "run": 0,
+             "round": 0, "status": "done", "deliveries": 1, "created_at": utcnow(),
+             "output": {}} for value in awkward + plain])
+        query = select(StageRun.request_id).where(any_of(StageRun.request_id,
+                                                         [*awkward, "null", "back"]))
+        assert sorted(connection.scalars(query)) == sorted(awkward)
+        assert list(connection.scalars(
+            select(StageRun.request_id).where(any_of(StageRun.request_id, plain[:1])))) \
+            == ["req-1"]
+
+
 def test_bulk_update_writes_each_rows_values_only_where_its_clauses_hold(store_url: str) -> None:
     """One UPDATE reading a jsonb map of the rows on Postgres, an executemany on SQLite: each
     row gets its own values (text, JSON, NULL, timestamps, integers), a row the extra clause

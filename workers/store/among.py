@@ -4,8 +4,9 @@
 length, which the driver parses again on every execution (psycopg caches the translation of
 statements of up to 50 parameters only) and the server plans again. A shard stage reads and
 writes its requests by id lists of the shard's size, several times per stage, so here the
-list goes as one parameter: `= ANY (array)` on Postgres, `IN (SELECT value FROM
-json_each(json array))` on SQLite. The statement text stays the same for any length.
+list goes as one parameter: `= ANY (CAST(array literal AS VARCHAR[]))` on Postgres,
+`IN (SELECT value FROM json_each(json array))` on SQLite. The statement text stays the same
+for any length.
 """
 
 from __future__ import annotations
@@ -14,31 +15,36 @@ from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy import String, bindparam
-from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import BindParameter, ColumnElement
 from sqlalchemy.sql.visitors import InternalTraversal
-from sqlalchemy.types import Boolean, TypeDecorator, TypeEngine
+from sqlalchemy.types import Boolean, TypeDecorator
 
 from workers.store.engine import json_text
 
 
 class _StringList(TypeDecorator[list[str]]):
-    """A list of strings as one parameter: a text array on Postgres, JSON text elsewhere."""
+    """A list of strings as one parameter: a text array's literal on Postgres (the statement
+    casts it), JSON text elsewhere."""
 
     impl = String
     cache_ok = True
 
-    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
-        if dialect.name == "postgresql":
-            return dialect.type_descriptor(ARRAY(String))
-        return dialect.type_descriptor(String())
-
     def process_bind_param(self, value: list[str] | None, dialect: Dialect) -> Any:
         values = list(value or [])
-        return values if dialect.name == "postgresql" else json_text(values)
+        return array_literal(values) if dialect.name == "postgresql" else json_text(values)
+
+
+def array_literal(values: list[str]) -> str:
+    """Postgres's text form of a text array, every element quoted (so "NULL" stays a string).
+    psycopg would dump a Python list element by element in Python, about 1 us per id more
+    for a statement of 64 ids (driver and server together, measured)."""
+    joined = '","'.join(values)
+    if '"' in joined or "\\" in joined:
+        joined = '","'.join(v.replace("\\", "\\\\").replace('"', '\\"') for v in values)
+    return '{"' + joined + '"}' if values else "{}"
 
 
 class AnyOf(ColumnElement[bool]):
@@ -72,4 +78,5 @@ def _in_json_each(element: AnyOf, compiler: SQLCompiler, **kw: Any) -> str:
 
 @compiles(AnyOf, "postgresql")
 def _equals_any(element: AnyOf, compiler: SQLCompiler, **kw: Any) -> str:
-    return f"{compiler.process(element.column, **kw)} = ANY ({compiler.process(element.values, **kw)})"
+    return (f"{compiler.process(element.column, **kw)} = "
+            f"ANY (CAST({compiler.process(element.values, **kw)} AS VARCHAR[]))")

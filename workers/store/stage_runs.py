@@ -193,25 +193,26 @@ def load_shard(session: Session, request_ids: list[str],
     # loading machinery would cost more than the rows' decoding.
     connection = session.connection()
     c = Request.__table__.c
-    requests = connection.execute(
+    rows = connection.execute(
         select(c.id, c.job_id, c.tenant_id, c.grants, c.kind, c.payload, c.status, c.run,
                c.pinned_versions_id, c.drift_policy, c.deadline_at)
         .where(any_of(c.id, request_ids))).all()
     previous = _previous_outputs(connection, request_ids, key)
-    pins = versions_by_id(connection, {r.pinned_versions_id for r in requests})
-    unknown = sorted({r.pinned_versions_id for r in requests} - pins.keys())
+    pinned = {row.pinned_versions_id for row in rows}
+    pins = versions_by_id(connection, pinned)
+    unknown = sorted(pinned - pins.keys())
     if unknown:
         raise LookupError(f"the store holds no version tuple {unknown}, which requests of "
                           f"shard {key.hop.shard_id} pin")
-    states = {r.id: RequestState(r.job_id, Status(r.status), r.run, r.pinned_versions_id,
-                                 pins[r.pinned_versions_id], r.drift_policy, r.deadline_at)
-              for r in requests}
-    # Built without validating again: every field is a column this store wrote from a model
-    # validated on the way in (the request line at admission, each stage's output contract).
-    records = [ItemRecord.model_construct(request_id=r.id, tenant=r.tenant_id, grants=r.grants,
-                                          kind=r.kind, payload=r.payload,
-                                          previous=previous[r.id], round=key.hop.round)
-               for r in requests]
+    states: dict[str, RequestState] = {}
+    records: list[ItemRecord] = []
+    # Unpacked: a row's attributes are looked up by name on every access. The record is
+    # validated (pydantic's compiled validator builds it faster than model_construct does).
+    for rid, job_id, tenant, grants, kind, payload, status, run, pin, policy, deadline in rows:
+        states[rid] = RequestState(job_id, Status(status), run, pin, pins[pin], policy, deadline)
+        records.append(ItemRecord(request_id=rid, tenant=tenant, grants=grants, kind=kind,
+                                  payload=payload, previous=previous[rid],
+                                  round=key.hop.round))
     return states, records
 
 
