@@ -117,6 +117,44 @@ def test_the_append_only_rows_lose_their_foreign_keys_and_a_downgrade_restores_t
 
 
 @pytest.mark.integration
+def test_requests_lose_their_foreign_keys_and_a_downgrade_restores_them(
+        empty_store_url: str) -> None:
+    """0013 drops the referential checks of requests on jobs and tenants (both backends), a
+    downgrade to 0012 puts them back, and admission still records the job and the tenant."""
+    import sqlalchemy as sa
+    from alembic import command
+
+    from schemas.requests import RequestLine
+    from schemas.status import DriftPolicy
+    from schemas.versions import VersionTuple
+    from workers.store.admission import admit_one
+    from workers.store.engine import get_engine, session_scope
+    from workers.store.migrate import alembic_config, upgrade
+    from workers.store.models import Request, Tenant
+
+    url = empty_store_url
+    upgrade(url)
+    engine = get_engine(url)
+
+    def foreign_keys() -> list[str]:
+        return sorted(str(k["name"]) for k in sa.inspect(engine).get_foreign_keys("requests"))
+
+    assert foreign_keys() == []
+    line = RequestLine.model_validate({"custom_id": "fk-1", "tenant": "newco", "grants": [],
+                                       "request": {"kind": "answer", "question": "Why?"}})
+    with session_scope(url) as session:
+        request_id, _ = admit_one(session, line, VersionTuple(
+            model="m", prompt="p", router="r", index="i", tool_schemas="t", validators="v",
+            decoding="d", runtime="rt"), DriftPolicy.STRICT)
+    with session_scope(url) as session:
+        assert session.get_one(Request, request_id).tenant_id == "newco"
+        assert session.get(Tenant, "newco") is not None  # upserted with the request
+    command.downgrade(alembic_config(url), "0012")
+    engine.dispose()
+    assert foreign_keys() == ["fk_requests_job_id_jobs", "fk_requests_tenant_id_tenants"]
+
+
+@pytest.mark.integration
 def test_request_status_leaves_the_rewritten_indexes_and_failures_keep_a_partial_one(
         empty_store_url: str) -> None:
     """0008 (both backends): status is in no index but a partial one of failed requests; a

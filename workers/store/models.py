@@ -89,10 +89,12 @@ class Request(Base):
         {"postgresql_with": {"fillfactor": REQUESTS_FILLFACTOR}},
     )
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"))
+    # No foreign keys (migration 0013): admission, the only writer, holds the job's row and
+    # has upserted the tenant in the same transaction; nothing deletes either.
+    job_id: Mapped[str | None] = mapped_column(String(32))
     line_no: Mapped[int | None] = mapped_column(Integer)
     custom_id: Mapped[str] = mapped_column(String(128))
-    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    tenant_id: Mapped[str] = mapped_column(String(128))
     grants: Mapped[list[Any]] = mapped_column(JSON)
     kind: Mapped[str] = mapped_column(String(32))
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
