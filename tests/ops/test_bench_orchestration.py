@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -55,3 +56,39 @@ def test_small_warm_run_reports_ratios_cpu_and_cost_model_and_cleans_up() -> Non
     assert re.search(r"^shard 32\s+(\s+\d+\.\d\d){9}$", out, re.M), out  # the CPU table row
     assert re.search(r"CPU model \(round 2\): F = -?[\d.]+ ms per shard", out), out
     assert_cleaned_up(done.stderr)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("empty_store_url", ["postgres"], indirect=True)
+def test_the_benchmark_vacuums_its_store_itself_between_runs(
+        store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Autovacuum is off for every table of the benchmark's database, so it cannot start in
+    the middle of a measured run, and `settle` (before each run) vacuums and analyzes them."""
+    sys.path.insert(0, str(ROOT))
+    from sqlalchemy import text
+
+    from ops.bench_orchestration import Bench, parse_args
+    from tests.services import wait_until
+    from workers.store.engine import get_engine
+
+    monkeypatch.setenv("SLUICE_DATABASE_URL", store_url)
+    bench = Bench(parse_args(["--caches", "warm"]), tmp_path)
+    bench.vacuum_by_hand()
+    engine = get_engine(store_url)
+    with engine.connect() as conn:
+        options = dict(conn.execute(text(
+            "SELECT c.relname, c.reloptions FROM pg_class c JOIN pg_tables t "
+            "ON t.tablename = c.relname AND t.schemaname = current_schema()")).all())
+    assert "requests" in options and "stage_runs" in options
+    assert all(o is not None and "autovacuum_enabled=false" in o for o in options.values()), \
+        options
+
+    def vacuumed() -> set[str]:
+        with engine.connect() as conn:
+            return set(conn.execute(text(
+                "SELECT relname FROM pg_stat_user_tables WHERE last_vacuum IS NOT NULL "
+                "AND last_analyze IS NOT NULL")).scalars())
+
+    assert "requests" not in vacuumed()
+    bench.settle()
+    assert wait_until(lambda: options.keys() <= vacuumed(), timeout_s=10)
