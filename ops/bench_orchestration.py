@@ -57,7 +57,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 _HERE = Path(__file__).resolve().parent
 _ROOT = _HERE.parent
@@ -66,6 +66,7 @@ _ROOT = _HERE.parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_ROOT))
 
+B = TypeVar("B", bound="Bench")
 TITLE = "Sluice orchestration benchmark -- NULL generator (benchmark only, not model throughput)"
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 PG_URL = "postgresql://postgres@127.0.0.1:5432/{name}"
@@ -327,8 +328,8 @@ class Bench:
         self.settle()
 
     def vacuum_by_hand(self) -> None:
-        """Autovacuum off for this database's tables: `settle` vacuums them before each
-        measured run instead. Autovacuum starts when a table's changes pass a threshold, at a
+        """Autovacuum off for this database's tables: `settle` vacuums them after warm-up and
+        after each measured run instead. Autovacuum starts when a table's changes pass a threshold, at a
         point no run chooses, and the run it overlaps pays for the rows of the runs before it
         (on 2026-12-07 one shard-64 run measured 1.61 ms of Postgres CPU per item against
         0.34-0.45 in the other five rounds, and its ratio fell to 18.5x)."""
@@ -545,8 +546,7 @@ def report(rows: list[Measurement], rounds: list[Round], embed_s: float | None,
             continue
         value = statistics.median(values)
         met = "yes" if value >= goal else "NO"
-        each = ("  rounds: " + ", ".join(f"{v:.2f}x" for v in values)) if len(values) > 1 else ""
-        print(f"{name:<24} {value:>7.2f}x {'>=' + f'{goal:g}x':>8}  {met}{each}")
+        print(f"{name:<24} {value:>7.2f}x {'>=' + f'{goal:g}x':>8}  {met}{_each_round(values)}")
     report_charged(rounds)
     naive = rounds[0].naive
     if embed_s is not None and naive.rate > 0:
@@ -567,15 +567,18 @@ def report_charged(rounds: list[Round]) -> None:
     while the runs keep the cores equally busy. A bound, not a goal: see Bench.settle."""
     lines = []
     for name, shard, against, _ in GOALS:
-        values = [v for v in (_charged_ratio(r, shard) for r in rounds if against == "naive")
-                  if v is not None]
+        if against != "naive":
+            continue
+        values = [v for v in (_charged_ratio(r, shard) for r in rounds) if v is not None]
         if values:
-            each = ("  rounds: " + ", ".join(f"{v:.2f}x" for v in values)) if len(values) > 1 \
-                else ""
-            lines.append(f"{name:<24} {statistics.median(values):>7.2f}x{each}")
+            lines.append(f"{name:<24} {statistics.median(values):>7.2f}x{_each_round(values)}")
     if lines:
         print("\nwith each run charged its VACUUM (ANALYZE) (a bound; see `vacuum` below):")
         print("\n".join(lines))
+
+
+def _each_round(values: list[float]) -> str:
+    return ("  rounds: " + ", ".join(f"{v:.2f}x" for v in values)) if len(values) > 1 else ""
 
 
 def _charged_ratio(round_: Round, shard: int) -> float | None:
@@ -728,26 +731,40 @@ def main(argv: list[str]) -> int:
 def run_on_warm_workers(title: str, measure: Callable[[Bench], None],
                         args: argparse.Namespace | None = None) -> int:
     """The setup of this benchmark and of those built on it (online latency, concurrent
-    waits): a fresh database and Redis prefix, the store, one worker per stage, warmed up
-    (with `args`' caches, warm by default); then `measure(bench)`, which prints its figures;
-    then everything removed. Exit status: 0, or 1 on any error (130 on an interrupt), with
-    the workers' last log lines."""
+    waits): `run_in_fresh_store` with the store, one worker per stage, warmed up (with
+    `args`' caches, warm by default), then `measure(bench)`, which prints its figures."""
+
+    def warm_then_measure(bench: Bench) -> None:
+        bench.prepare_store()
+        bench.start_workers()
+        bench.warm_up()
+        measure(bench)
+
+    return run_in_fresh_store(title, prepare_environment,
+                              lambda data_dir: Bench(args or parse_args(["--caches", "warm"]),
+                                                     data_dir),
+                              warm_then_measure)
+
+
+def run_in_fresh_store(title: str, configure: Callable[[str, str, Path], str],
+                       make: Callable[[Path], B], measure: Callable[[B], None]) -> int:
+    """A fresh database and Redis prefix, the environment `configure(db_name, prefix,
+    data_dir)` sets (it returns the store's URL), the bench `make(data_dir)` builds, then
+    `measure(bench)`; then everything removed. Exit status: 0, or 1 on any error (130 on an
+    interrupt), with the workers' last log lines."""
     token = secrets.token_hex(4)
     db_name, prefix = f"sluice_bench_{token}", f"sluice_bench_{token}:"
     data_dir = Path(tempfile.mkdtemp(prefix="sluice-bench-"))
-    url = prepare_environment(db_name, prefix, data_dir)
+    url = configure(db_name, prefix, data_dir)
     say(title)
     say(f"database {db_name}, redis prefix {prefix!r}, data dir {data_dir}")
-    bench: Bench | None = None
+    bench: B | None = None
     created = False
     status = 0
     try:
         create_database(db_name)
         created = True
-        bench = Bench(args or parse_args(["--caches", "warm"]), data_dir)
-        bench.prepare_store()
-        bench.start_workers()
-        bench.warm_up()
+        bench = make(data_dir)
         measure(bench)
     except BaseException as exc:  # noqa: BLE001 -- report, clean up, exit 1
         status = 130 if isinstance(exc, KeyboardInterrupt) else 1

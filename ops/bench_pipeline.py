@@ -31,11 +31,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import sys
-import tempfile
 import time
-import traceback
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -54,12 +51,10 @@ from ops.bench_orchestration import (  # noqa: E402 -- after the sys.path fix ab
     PHRASINGS,
     Bench,
     BenchError,
-    cleanup,
-    create_database,
     fmt_counts,
     prepare_environment,
+    run_in_fresh_store,
     say,
-    tail,
 )
 
 TITLE = "Sluice pipeline overhead benchmark -- engine in the four-queue pipeline vs engine alone"
@@ -422,34 +417,16 @@ def measure(args: argparse.Namespace, bench: PipelineBench) -> dict[str, Any]:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    token = secrets.token_hex(4)
-    db_name, prefix = f"sluice_bench_{token}", f"sluice_bench_{token}:"
-    data_dir = Path(tempfile.mkdtemp(prefix="sluice-bench-"))
-    url = configure(args, db_name, prefix, data_dir)
-    say(TITLE)
-    say(f"database {db_name}, redis prefix {prefix!r}, data dir {data_dir}")
-    bench: PipelineBench | None = None
-    created = False
-    status = 0
-    try:
-        create_database(db_name)
-        created = True
-        bench = PipelineBench(args, data_dir)
+
+    def measure_and_report(bench: PipelineBench) -> None:
         fig = measure(args, bench)
         report(fig)
         if args.json is not None:
             args.json.write_text(json.dumps(fig, indent=2) + "\n", encoding="utf-8")
-    except BaseException as exc:  # noqa: BLE001 -- report, clean up, exit 1
-        status = 130 if isinstance(exc, KeyboardInterrupt) else 1
-        say(f"\nERROR: {type(exc).__name__}: {exc}")
-        if not isinstance(exc, BenchError):
-            traceback.print_exc()
-        logs = data_dir / "logs"
-        for log in sorted(logs.glob("worker-*.log")) if logs.is_dir() else []:
-            say(f"--- last lines of {log.name} ---\n{tail(log)}")
-    finally:
-        status = cleanup(bench, created, db_name, url, prefix, data_dir) or status
-    return status
+
+    return run_in_fresh_store(
+        TITLE, lambda db_name, prefix, data_dir: configure(args, db_name, prefix, data_dir),
+        lambda data_dir: PipelineBench(args, data_dir), measure_and_report)
 
 
 if __name__ == "__main__":
