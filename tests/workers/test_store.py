@@ -557,6 +557,31 @@ def test_any_of_finds_values_that_an_array_literal_would_have_to_quote(store_url
             == ["req-1"]
 
 
+@pytest.mark.parametrize("empty_store_url", ["postgres"], indirect=True)
+def test_any_of_reaches_the_postgres_planner_as_one_constant_array(store_url: str) -> None:
+    """The list's parameter is typed `VARCHAR[]` itself, so the server reads the literal once
+    and plans with a constant. Text cast to an array in the statement is no constant (the
+    cast is only stable): a sequential scan read the whole literal again for every row."""
+    from workers.store.among import any_of
+    from workers.store.engine import get_engine
+    from workers.store.models import Request
+
+    with get_engine(store_url).connect() as connection:
+        connection.connection.dbapi_connection.prepare_threshold = 0  # type: ignore[union-attr]
+        assert list(connection.scalars(select(Request.id)
+                                       .where(any_of(Request.id, ["req-a", 'b "c'])))) == []
+        name, types = connection.exec_driver_sql(
+            "SELECT name, parameter_types::text FROM pg_prepared_statements "
+            "WHERE statement LIKE 'SELECT requests.id%%'").one()
+        assert types == '{"character varying[]"}'
+        connection.exec_driver_sql("SET enable_indexscan = off")
+        connection.exec_driver_sql("SET enable_bitmapscan = off")
+        plan = "\n".join(connection.exec_driver_sql(
+            f"EXPLAIN EXECUTE {name}('{{\"req-x\",\"req-y\"}}')").scalars())
+        assert "Seq Scan" in plan
+        assert "= ANY ('{req-x,req-y}'::" in plan, plan
+
+
 def test_bulk_update_writes_each_rows_values_only_where_its_clauses_hold(store_url: str) -> None:
     """One UPDATE reading a jsonb map of the rows on Postgres, an executemany on SQLite: each
     row gets its own values (text, JSON, NULL, timestamps, integers), a row the extra clause

@@ -4,9 +4,19 @@
 length, which the driver parses again on every execution (psycopg caches the translation of
 statements of up to 50 parameters only) and the server plans again. A shard stage reads and
 writes its requests by id lists of the shard's size, several times per stage, so here the
-list goes as one parameter: `= ANY (CAST(array literal AS VARCHAR[]))` on Postgres,
+list goes as one parameter: `= ANY ($1::VARCHAR[])` with an array literal on Postgres,
 `IN (SELECT value FROM json_each(json array))` on SQLite. The statement text stays the same
 for any length.
+
+On Postgres the parameter is typed `VARCHAR[]` itself, so that the server reads the literal
+once, when the statement is bound, and plans with the array as a constant of known length.
+Typed as text and cast in the statement (`CAST($1::VARCHAR AS VARCHAR[])`, as before
+2026-12-07), the cast is not folded into a constant (the array input function is only
+stable): an index scan evaluates it once, but wherever the planner chose a sequential scan
+it parsed the whole literal again for every row it read. The planner did choose one in the
+orchestration benchmark's first rounds, while the requests table had just grown past what
+its statistics said (a read of 64 requests took 9-23 ms; `array_in` was 5-7% of the
+machine's samples), and such a run spent twice the Postgres CPU per item of the others.
 """
 
 from __future__ import annotations
@@ -20,17 +30,34 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import BindParameter, ColumnElement
 from sqlalchemy.sql.visitors import InternalTraversal
-from sqlalchemy.types import Boolean, TypeDecorator
+from sqlalchemy.types import Boolean, TypeDecorator, TypeEngine, UserDefinedType
 
 from workers.store.engine import json_text
 
 
+class _ArrayLiteral(UserDefinedType[str]):
+    """A Postgres text array's literal, bound as it is and cast to `VARCHAR[]` at the
+    placeholder (`$1::VARCHAR[]`): the driver sends the text untyped, and the cast types the
+    parameter itself."""
+
+    cache_ok = True
+    render_bind_cast = True
+
+    def get_col_spec(self, **_kw: Any) -> str:
+        return "VARCHAR[]"
+
+
 class _StringList(TypeDecorator[list[str]]):
-    """A list of strings as one parameter: a text array's literal on Postgres (the statement
-    casts it), JSON text elsewhere."""
+    """A list of strings as one parameter: a text array's literal on Postgres (see
+    `_ArrayLiteral`), JSON text elsewhere."""
 
     impl = String
     cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "postgresql":
+            return _ArrayLiteral()
+        return dialect.type_descriptor(String())
 
     def process_bind_param(self, value: list[str] | None, dialect: Dialect) -> Any:
         values = list(value or [])
@@ -78,5 +105,4 @@ def _in_json_each(element: AnyOf, compiler: SQLCompiler, **kw: Any) -> str:
 
 @compiles(AnyOf, "postgresql")
 def _equals_any(element: AnyOf, compiler: SQLCompiler, **kw: Any) -> str:
-    return (f"{compiler.process(element.column, **kw)} = "
-            f"ANY (CAST({compiler.process(element.values, **kw)} AS VARCHAR[]))")
+    return f"{compiler.process(element.column, **kw)} = ANY ({compiler.process(element.values, **kw)})"
