@@ -198,11 +198,11 @@ class ValidatorSuite:
         candidates = [c for c in cases if c.rule.grounded and c.claims and c.item.chunk_texts
                       and any(r.validator in ("citations", "support") for r in c.reasons)]
         requests = [(case, s) for case in candidates for s in case.claims]
-        assessed = self.scorer.assess_many(
+        scores = self.scorer.scores_many(
             [(s.claim, "\n\n".join(case.item.chunk_texts.values())) for case, s in requests])
         best: dict[int, float] = {}
-        for (case, _), assessment in zip(requests, assessed, strict=True):
-            best[id(case)] = max(best.get(id(case), 0.0), assessment.score)
+        for (case, _), score in zip(requests, scores, strict=True):
+            best[id(case)] = max(best.get(id(case), 0.0), score)
         for case in candidates:
             if best.get(id(case), 0.0) < threshold:
                 case.reasons.append(Reason(

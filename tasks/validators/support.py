@@ -152,13 +152,26 @@ class SupportScorer:
 
     def assess_many(self, requests: Sequence[tuple[str, str]]) -> list[SupportAssessment]:
         """One assessment per (sentence, evidence text); every text is embedded once."""
+        profiles, vectors = self._prepare(requests)
+        return [_assess(sentence, profiles[evidence], vectors[sentence])
+                for sentence, evidence in requests]
+
+    def scores_many(self, requests: Sequence[tuple[str, str]]) -> list[float]:
+        """The score alone of each (sentence, evidence text), as `assess_many` has it, without
+        looking for missing specifics (a third of an assessment's work against long evidence)."""
+        profiles, vectors = self._prepare(requests)
+        return [0.0 if profiles[evidence].matrix is None
+                else _scored(sentence, profiles[evidence], vectors[sentence]).score
+                for sentence, evidence in requests]
+
+    def _prepare(self, requests: Sequence[tuple[str, str]],
+                 ) -> tuple[dict[str, _Evidence], dict[str, np.ndarray]]:
         known = {e: self._evidence[e] for _, e in requests if e in self._evidence}
         new = {e: evidence_windows(e) for _, e in requests if e not in known}
         vectors = self._encode([s for s, _ in requests] + [w for ws in new.values() for w in ws])
         profiles = known | {e: _Evidence.of(e, ws, vectors) for e, ws in new.items()}
         _remember(self._evidence, profiles, self.evidence_cache_size)
-        return [_assess(sentence, profiles[evidence], vectors[sentence])
-                for sentence, evidence in requests]
+        return profiles, vectors
 
     def _encode(self, texts: list[str]) -> dict[str, np.ndarray]:
         wanted = list(dict.fromkeys(texts))
@@ -212,28 +225,51 @@ class _Evidence:
         return hits / len(terms) if terms else hits
 
 
-def _assess(sentence: str, evidence: _Evidence, vector: np.ndarray) -> SupportAssessment:
+@dataclass(frozen=True)
+class _Scored:
+    """A sentence's score against one evidence, and the alignment it came from."""
+
+    score: float
+    cosine: float
+    coverage: float
+    negation: bool
+    contrast: bool
+    alignment: np.ndarray  # per window
+    best: int  # the aligned window
+
+
+def _scored(sentence: str, evidence: _Evidence, vector: np.ndarray) -> _Scored:
+    """The score parts; the evidence has windows (a matrix)."""
     windows = evidence.windows
-    if evidence.matrix is None:
-        return SupportAssessment(0.0, 0.0, 0.0, False, False, tuple(sorted(numbers(sentence))),
-                                 tuple(names(sentence)), "")
+    assert evidence.matrix is not None
     cosines = evidence.matrix @ vector
     terms = _terms(sentence)
     alignment = 0.5 * cosines + 0.5 * evidence.window_coverage(terms)
     best = int(np.argmax(alignment))
-    near = [windows[i] for i in np.flatnonzero(alignment >= alignment[best] - ALIGN_SLACK)]
     coverage = _coverage(terms, evidence.terms)
     context = f"{windows[best]} {evidence.headings}"  # "## Things We Do Not Reimburse"
     negation, contrast = _negation(sentence, context), _contrast(sentence, windows[best])
     top = float(cosines.max())
     score = (WEIGHT_COSINE * top + WEIGHT_COVERAGE * coverage
              - NEGATION_PENALTY * negation - CONTRAST_PENALTY * contrast)
+    return _Scored(round(score, 4), round(top, 4), round(coverage, 4), negation, contrast,
+                   alignment, best)
+
+
+def _assess(sentence: str, evidence: _Evidence, vector: np.ndarray) -> SupportAssessment:
+    windows = evidence.windows
+    if evidence.matrix is None:
+        return SupportAssessment(0.0, 0.0, 0.0, False, False, tuple(sorted(numbers(sentence))),
+                                 tuple(names(sentence)), "")
+    scored = _scored(sentence, evidence, vector)
+    alignment = scored.alignment
+    near = [windows[i] for i in np.flatnonzero(alignment >= alignment[scored.best] - ALIGN_SLACK)]
     return SupportAssessment(
-        score=round(score, 4), cosine=round(top, 4), coverage=round(coverage, 4),
-        negation=negation, contrast=contrast,
+        score=scored.score, cosine=scored.cosine, coverage=scored.coverage,
+        negation=scored.negation, contrast=scored.contrast,
         missing_numbers=_missing_numbers(sentence, near),
         missing_names=tuple(n for n in _names(sentence) if not words(n) <= evidence.words),
-        aligned=windows[best])
+        aligned=windows[scored.best])
 
 
 def _missing_numbers(sentence: str, windows: list[str]) -> tuple[str, ...]:

@@ -181,3 +181,40 @@ def test_every_line_of_the_example_job_files_still_parses_as_before() -> None:
         lines = (jobs / name).read_text(encoding="utf-8").splitlines()
         parsed = [parse_request_line(raw, n) for n, raw in enumerate(lines, start=1)]
         assert {p.line_no for p in parsed if isinstance(p, MalformedLine)} == malformed_lines
+
+
+EDGE_LINES = [
+    '{"custom_id": "a", "tenant": "t", "custom_id": "b", "request": {"kind": "answer", "question": "q"}}',
+    '{"custom_id": "a", "tenant": "t", "deadline_s": "5", "request": {"kind": "answer", "question": "q"}}',
+    '{"custom_id": "a", "tenant": "t", "deadline_s": NaN, "request": {"kind": "answer", "question": "q"}}',
+    '{"custom_id": "a", "tenant": "t", "deadline_s": 1e400, "request": {"kind": "answer", "question": "q"}}',
+    '{"custom_id": "a", "tenant": "t", "request": {"kind": "answer", "question": "caf\\u00e9 \\ud800"}}',
+    '{"custom_id": "a", "tenant": "t", "grants": ["b", "a", "b"], "request": {"kind": "document", '
+    '"template": "t", "topic": "x", "inputs": {"n": 1, "f": 1.5, "b": true, "s": "1"}}}',
+    '{"custom_id": "a", "tenant": "t", "idempotency_key": 7, "request": {"kind": "answer", "question": "q"}}',
+    '[1, 2]',
+    '{"custom_id": "a", "tenant": "t", "request": {"kind": "answer", "question": "q"}} trailing',
+]
+
+
+def test_the_one_pass_parse_agrees_with_json_loads_then_validate_on_every_line() -> None:
+    """`parse_request_line` lets pydantic read the JSON itself and goes the long way
+    (json.loads, then the dict) only for a line that fails: every example job line and the
+    edge cases (repeated keys, numbers as text, NaN, overflow, escapes, lone surrogates,
+    coercions, non-objects, trailing text) come out as the long way alone makes them."""
+    lines = list(EDGE_LINES)
+    for path in sorted((Path(__file__).parents[2] / "ops" / "examples" / "jobs").glob("*.jsonl")):
+        lines += [raw for raw in path.read_text(encoding="utf-8").splitlines() if raw.strip()]
+    valid = 0
+    for n, raw in enumerate(lines, 1):
+        try:
+            expected: RequestLine | None = RequestLine.model_validate(json.loads(raw))
+        except (ValueError, TypeError):
+            expected = None
+        parsed = parse_request_line(raw, n)
+        if expected is None:
+            assert isinstance(parsed, MalformedLine), raw
+        else:
+            assert parsed == expected, raw
+            valid += 1
+    assert valid >= 20

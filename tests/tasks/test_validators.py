@@ -533,6 +533,19 @@ def test_cached_evidence_scores_as_freshly_read_evidence_and_its_cache_stays_bou
     assert first == again == one_by_one
 
 
+def test_scores_alone_are_the_scores_of_full_assessments(suite: ValidatorSuite) -> None:
+    """`scores_many` (the weak-evidence check) skips the search for missing specifics, not
+    any part of the score: on every labelled pair, and on evidence with no text, it gives
+    what `assess_many` does."""
+    pairs = [(p.sentence, p.evidence) for p in load_pairs(PAIRS_PATH)]
+    pairs += [("Refunds take 12 weeks.", ""), ("Refunds take 12 weeks.", "## Heading only")]
+
+    scores = suite.scorer.scores_many(pairs)
+
+    assert scores == [a.score for a in suite.scorer.assess_many(pairs)]
+    assert len(set(scores)) > 10 and scores[-2:] == [0.0, 0.0]
+
+
 def test_a_target_precision_picks_the_lowest_threshold_reaching_it() -> None:
     import numpy as np
 

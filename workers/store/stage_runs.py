@@ -222,13 +222,12 @@ def _previous_outputs(connection: Connection, request_ids: list[str],
     earlier = [s.value for s in Stage][: list(Stage).index(key.stage)]
     c = StageRun.__table__.c
     if earlier:
-        for row in connection.execute(select(c.request_id, c.stage, c.output)
-                                      .where(any_of(c.request_id, request_ids),
-                                             c.run == key.hop.run,
-                                             c.stage.in_(earlier),
-                                             c.round <= key.hop.round)
-                                      .order_by(c.round)).all():  # a later round overrides
-            previous[row.request_id][row.stage] = row.output or {}
+        for rid, stage, output in connection.execute(
+                select(c.request_id, c.stage, c.output)
+                .where(any_of(c.request_id, request_ids), c.run == key.hop.run,
+                       c.stage.in_(earlier), c.round <= key.hop.round)
+                .order_by(c.round)):  # a later round overrides
+            previous[rid][stage] = output or {}  # unpacked: a row's names cost a lookup each
     if key.stage == Stage.GENERATION and key.hop.round > 0:
         for row in connection.execute(select(c.request_id, c.stage, c.output)
                                       .where(any_of(c.request_id, request_ids),
