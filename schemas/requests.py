@@ -95,6 +95,8 @@ def parse_request_line(raw: str, line_no: int) -> RequestLine | MalformedLine:
         data: Any = json.loads(raw)
     except json.JSONDecodeError as exc:
         return MalformedLine(line_no=line_no, reason=f"not valid JSON: {exc.msg} at column {exc.colno}")
+    except (ValueError, RecursionError) as exc:  # an integer of over 4,300 digits, deep nesting
+        return MalformedLine(line_no=line_no, reason=f"not readable as JSON: {exc}")
     if not isinstance(data, dict):
         return MalformedLine(line_no=line_no,
                              reason=f"a line must be a JSON object, got {type(data).__name__}")

@@ -160,8 +160,7 @@ class SupportScorer:
         """The score alone of each (sentence, evidence text), as `assess_many` has it, without
         looking for missing specifics (a third of an assessment's work against long evidence)."""
         profiles, vectors = self._prepare(requests)
-        return [0.0 if profiles[evidence].matrix is None
-                else _scored(sentence, profiles[evidence], vectors[sentence]).score
+        return [_score(sentence, profiles[evidence], vectors[sentence])
                 for sentence, evidence in requests]
 
     def _prepare(self, requests: Sequence[tuple[str, str]],
@@ -254,6 +253,11 @@ def _scored(sentence: str, evidence: _Evidence, vector: np.ndarray) -> _Scored:
              - NEGATION_PENALTY * negation - CONTRAST_PENALTY * contrast)
     return _Scored(round(score, 4), round(top, 4), round(coverage, 4), negation, contrast,
                    alignment, best)
+
+
+def _score(sentence: str, evidence: _Evidence, vector: np.ndarray) -> float:
+    """The score alone: 0 against evidence with no windows, as `_assess` has it."""
+    return 0.0 if evidence.matrix is None else _scored(sentence, evidence, vector).score
 
 
 def _assess(sentence: str, evidence: _Evidence, vector: np.ndarray) -> SupportAssessment:

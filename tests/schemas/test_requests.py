@@ -193,23 +193,34 @@ EDGE_LINES = [
     '"template": "t", "topic": "x", "inputs": {"n": 1, "f": 1.5, "b": true, "s": "1"}}}',
     '{"custom_id": "a", "tenant": "t", "idempotency_key": 7, "request": {"kind": "answer", "question": "q"}}',
     '[1, 2]',
+    '{"custom_id": "a", "tenant": "t", "deadline_s": 5, "request": {"kind": "answer", '
+    '"question": "q"}, "deadline_s": -1}',
+    '{"custom_id": "a", "tenant": "t", "request": {"kind": "document", "template": "t", '
+    '"topic": "x", "kind": "answer"}}',
+    '{"custom_id": "a", "tenant": "t", "request": {"kind": "document", "template": "t", '
+    '"topic": "x", "inputs": {"n": ' + "9" * 5000 + '}}}',
+    '{"custom_id": "a", "tenant": "t", "request": {"kind": "document", "template": "t", '
+    '"topic": "x", "inputs": {"n": ' + "[" * 3000 + "]" * 3000 + '}}}',
     '{"custom_id": "a", "tenant": "t", "request": {"kind": "answer", "question": "q"}} trailing',
 ]
 
 
 def test_the_one_pass_parse_agrees_with_json_loads_then_validate_on_every_line() -> None:
     """`parse_request_line` lets pydantic read the JSON itself and goes the long way
-    (json.loads, then the dict) only for a line that fails: every example job line and the
-    edge cases (repeated keys, numbers as text, NaN, overflow, escapes, lone surrogates,
-    coercions, non-objects, trailing text) come out as the long way alone makes them."""
+    (json.loads, then the dict) only for a line that fails. On every example job line and
+    the edge cases (repeated keys, the last one invalid; numbers as text, NaN, overflow, an
+    integer past Python's 4,300 digits, nesting past its recursion limit, escapes, lone
+    surrogates, coercions, non-objects, trailing text), a line the long way accepts comes out
+    the same request, and a line it rejects comes out malformed, never raised."""
     lines = list(EDGE_LINES)
-    for path in sorted((Path(__file__).parents[2] / "ops" / "examples" / "jobs").glob("*.jsonl")):
+    jobs = Path(__file__).resolve().parents[2] / "ops" / "examples" / "jobs"
+    for path in sorted(jobs.glob("*.jsonl")):
         lines += [raw for raw in path.read_text(encoding="utf-8").splitlines() if raw.strip()]
     valid = 0
     for n, raw in enumerate(lines, 1):
         try:
             expected: RequestLine | None = RequestLine.model_validate(json.loads(raw))
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, RecursionError):
             expected = None
         parsed = parse_request_line(raw, n)
         if expected is None:

@@ -10,13 +10,10 @@ for any length.
 
 On Postgres the parameter is typed `VARCHAR[]` itself, so that the server reads the literal
 once, when the statement is bound, and plans with the array as a constant of known length.
-Typed as text and cast in the statement (`CAST($1::VARCHAR AS VARCHAR[])`, as before
-2026-12-07), the cast is not folded into a constant (the array input function is only
-stable): an index scan evaluates it once, but wherever the planner chose a sequential scan
-it parsed the whole literal again for every row it read. The planner did choose one in the
-orchestration benchmark's first rounds, while the requests table had just grown past what
-its statistics said (a read of 64 requests took 9-23 ms; `array_in` was 5-7% of the
-machine's samples), and such a run spent twice the Postgres CPU per item of the others.
+Text cast to an array in the statement (`CAST($1::VARCHAR AS VARCHAR[])`) is no constant:
+the array input function is only stable, so the planner does not fold the cast, and a
+sequential scan, which the planner picks where its statistics find a table small, parses
+the whole literal again for every row it reads (the README has what that cost).
 """
 
 from __future__ import annotations

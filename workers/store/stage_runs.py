@@ -229,13 +229,12 @@ def _previous_outputs(connection: Connection, request_ids: list[str],
                 .order_by(c.round)):  # a later round overrides
             previous[rid][stage] = output or {}  # unpacked: a row's names cost a lookup each
     if key.stage == Stage.GENERATION and key.hop.round > 0:
-        for row in connection.execute(select(c.request_id, c.stage, c.output)
-                                      .where(any_of(c.request_id, request_ids),
-                                             c.run == key.hop.run,
-                                             c.stage.in_([Stage.GENERATION.value,
-                                                          Stage.VALIDATION.value]),
-                                             c.round == key.hop.round - 1)).all():
-            previous[row.request_id].setdefault(REPAIR, {})[row.stage] = row.output or {}
+        for rid, stage, output in connection.execute(
+                select(c.request_id, c.stage, c.output)
+                .where(any_of(c.request_id, request_ids), c.run == key.hop.run,
+                       c.stage.in_([Stage.GENERATION.value, Stage.VALIDATION.value]),
+                       c.round == key.hop.round - 1)):
+            previous[rid].setdefault(REPAIR, {})[stage] = output or {}
     return previous
 
 
