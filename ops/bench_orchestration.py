@@ -327,16 +327,20 @@ class Bench:
         say(f"warmed up ({time.perf_counter() - started:.1f}s)")
         self.settle()
 
-    def vacuum_by_hand(self) -> None:
-        """Autovacuum off for this database's tables: `settle` vacuums them after warm-up and
-        after each measured run instead. Autovacuum starts when a table's changes pass a threshold, at a
-        point no run chooses, and the run it overlaps pays for the rows of the runs before it
-        (on 2026-12-07 one shard-64 run measured 1.61 ms of Postgres CPU per item against
-        0.34-0.45 in the other five rounds, and its ratio fell to 18.5x)."""
+    def _autocommit(self) -> Any:
+        """A connection to the benchmark's store outside any transaction (VACUUM needs one)."""
         from workers.store.engine import get_engine
 
         engine = get_engine(self.settings.database_url)
-        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        return engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+
+    def vacuum_by_hand(self) -> None:
+        """Autovacuum off for this database's tables: `settle` vacuums them after warm-up and
+        after each measured run instead. Autovacuum starts when a table's changes pass a
+        threshold, at a point no run chooses, and the run it overlaps pays for the rows of the
+        runs before it (on 2026-12-07 one shard-64 run measured 1.61 ms of Postgres CPU per
+        item against 0.34-0.45 in the other five rounds, and its ratio fell to 18.5x)."""
+        with self._autocommit() as conn:
             tables = conn.exec_driver_sql(
                 "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()").scalars()
             for table in list(tables):
@@ -359,11 +363,8 @@ class Bench:
         the call after it. That bound overstates what a store in service pays per item:
         autovacuum analyzes a table after a tenth of it has changed, and vacuums one after a
         fifth, where this call does the whole database after every run."""
-        from workers.store.engine import get_engine
-
-        engine = get_engine(self.settings.database_url)
         before = cpu_seconds({}).get("postgres", 0.0)
-        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        with self._autocommit() as conn:
             conn.exec_driver_sql("VACUUM (ANALYZE)")
         return max(0.0, cpu_seconds({}).get("postgres", 0.0) - before)
 

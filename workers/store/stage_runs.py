@@ -9,6 +9,7 @@ transaction, and only while it still holds the lease.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -222,20 +223,27 @@ def _previous_outputs(connection: Connection, request_ids: list[str],
     earlier = [s.value for s in Stage][: list(Stage).index(key.stage)]
     c = StageRun.__table__.c
     if earlier:
-        for rid, stage, output in connection.execute(
-                select(c.request_id, c.stage, c.output)
-                .where(any_of(c.request_id, request_ids), c.run == key.hop.run,
-                       c.stage.in_(earlier), c.round <= key.hop.round)
-                .order_by(c.round)):  # a later round overrides
-            previous[rid][stage] = output or {}  # unpacked: a row's names cost a lookup each
+        for rid, stage, output in _outputs(connection, request_ids, key.hop.run, earlier,
+                                           c.round <= key.hop.round):
+            previous[rid][stage] = output  # ordered by round: a later round overrides
     if key.stage == Stage.GENERATION and key.hop.round > 0:
-        for rid, stage, output in connection.execute(
-                select(c.request_id, c.stage, c.output)
-                .where(any_of(c.request_id, request_ids), c.run == key.hop.run,
-                       c.stage.in_([Stage.GENERATION.value, Stage.VALIDATION.value]),
-                       c.round == key.hop.round - 1)):
-            previous[rid].setdefault(REPAIR, {})[stage] = output or {}
+        for rid, stage, output in _outputs(connection, request_ids, key.hop.run,
+                                           [Stage.GENERATION.value, Stage.VALIDATION.value],
+                                           c.round == key.hop.round - 1):
+            previous[rid].setdefault(REPAIR, {})[stage] = output
     return previous
+
+
+def _outputs(connection: Connection, request_ids: list[str], run: int, stages: list[str],
+             rounds: Any) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """(request, stage, output) of the requests' stage runs of `run` in `stages` and `rounds`,
+    by round; unpacked from the rows, whose names would cost a lookup each."""
+    c = StageRun.__table__.c
+    for rid, stage, output in connection.execute(
+            select(c.request_id, c.stage, c.output)
+            .where(any_of(c.request_id, request_ids), c.run == run, c.stage.in_(stages), rounds)
+            .order_by(c.round)):
+        yield rid, stage, output or {}
 
 
 @dataclass
