@@ -36,6 +36,31 @@ def test_cpu_seconds_counts_this_process_and_grows_with_work() -> None:
     assert spent["benchmark"] > 0
 
 
+@pytest.mark.unit
+def test_the_cost_model_fits_the_median_runs_not_each_round(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Rounds whose runs cost F/s + P with F = 96 ms and P = 1 ms, except one run thrown off
+    by the machine: the fit comes from each size's median run, so the outlier moves nothing
+    (fitted from its own round, it would give F = 0, P = 4)."""
+    sys.path.insert(0, str(ROOT))
+    from ops.bench_orchestration import Measurement, Round, report_model
+
+    def run(shard: int, ms_per_item: float) -> Measurement:
+        return Measurement(f"shard {shard}", shard, 1000, seconds=1.0,
+                           cpu={"router": ms_per_item})  # ms per item over 1000 items
+
+    rounds = [Round(run(1, 97.0), {32: run(32, 4.0), 64: run(64, 2.5)}) for _ in range(2)]
+    rounds.append(Round(run(1, 97.0), {32: run(32, 4.0), 64: run(64, 4.0)}))
+    report_model(rounds)
+
+    out = capsys.readouterr().out
+    assert "CPU model (medians of 3 rounds): F = 96.0 ms per shard (four stages), " \
+           "P = 1.00 ms per item; naive 97.0 ms per item" in out, out
+    # shard 32: 97/20 - 96/32 = 1.85; shard 64: 97/30 - 96/64 = 1.73 (to two places)
+    assert "shard32 / naive >= 20x needs P <= 1.85 ms (now 1.00)" in out, out
+    assert "shard64 / naive >= 30x needs P <= 1.73 ms (now 1.00)" in out, out
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.usefixtures("services")
@@ -58,7 +83,7 @@ def test_small_warm_run_reports_ratios_cpu_and_cost_model_and_cleans_up() -> Non
     assert len(charged) == 2, out  # the ratios as they would be with the maintenance charged
     assert re.search(r"^shard64 / naive\s+[\d.]+x  rounds: [\d.]+x, [\d.]+x$", charged[1],
                      re.M), out
-    assert re.search(r"CPU model \(round 2\): F = -?[\d.]+ ms per shard", out), out
+    assert re.search(r"CPU model \(medians of 2 rounds\): F = -?[\d.]+ ms per shard", out), out
     assert_cleaned_up(done.stderr)
 
 
