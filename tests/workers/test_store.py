@@ -536,7 +536,9 @@ def test_any_of_matches_exactly_the_listed_ids_with_one_statement_for_any_length
 
 def test_any_of_finds_values_that_an_array_literal_would_have_to_quote(store_url: str) -> None:
     """On Postgres the list travels as an array's text: quotes, backslashes, commas, braces,
-    blanks, an empty string and the word NULL must each still match exactly itself."""
+    blanks, an empty string and the word NULL must each still match exactly itself, bound or
+    written into the statement (compiled with `literal_binds`, as one prints it to run it by
+    hand)."""
     from workers.store.among import any_of
     from workers.store.bulk import insert_rows
     from workers.store.engine import get_engine
@@ -552,6 +554,11 @@ def test_any_of_finds_values_that_an_array_literal_would_have_to_quote(store_url
         query = select(StageRun.request_id).where(any_of(StageRun.request_id,
                                                          [*awkward, "null", "back"]))
         assert sorted(connection.scalars(query)) == sorted(awkward)
+        inline = str(query.compile(dialect=connection.dialect,
+                                   compile_kwargs={"literal_binds": True}))
+        assert "it''s" in inline  # no parameter left: the values are in the text
+        assert sorted(connection.exec_driver_sql(inline.replace("%", "%%")).scalars()) \
+            == sorted(awkward)
         assert list(connection.scalars(
             select(StageRun.request_id).where(any_of(StageRun.request_id, plain[:1])))) \
             == ["req-1"]

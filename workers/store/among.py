@@ -43,6 +43,11 @@ class _ArrayLiteral(UserDefinedType[str]):
     def get_col_spec(self, **_kw: Any) -> str:
         return "VARCHAR[]"
 
+    def literal_processor(self, dialect: Dialect) -> Any:
+        """The literal inline, for a statement compiled with `literal_binds` (one printed
+        to be read or run by hand): a quoted string, cast as the placeholder is."""
+        return lambda value: "'" + value.replace("'", "''") + "'::VARCHAR[]"
+
 
 class _StringList(TypeDecorator[list[str]]):
     """A list of strings as one parameter: a text array's literal on Postgres (see
