@@ -18,7 +18,7 @@ the whole literal again for every row it reads (the README has what that cost).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from sqlalchemy import String, bindparam
@@ -43,7 +43,7 @@ class _ArrayLiteral(UserDefinedType[str]):
     def get_col_spec(self, **_kw: Any) -> str:
         return "VARCHAR[]"
 
-    def literal_processor(self, dialect: Dialect) -> Any:
+    def literal_processor(self, dialect: Dialect) -> Callable[[str], str]:
         """The literal inline, for a statement compiled with `literal_binds` (one printed
         to be read or run by hand): a quoted string, cast as the placeholder is."""
         return lambda value: "'" + value.replace("'", "''") + "'::VARCHAR[]"
