@@ -630,9 +630,10 @@ def report_cpu(rows: list[Measurement], rounds: list[Round]) -> None:
 
 def report_model(rounds: list[Round]) -> None:
     """F and P from the CPU per item at shards 32 and 64, and the P each naive goal needs.
-    Over several rounds, from the medians of each run's CPU per item: a fit from one round's
-    two runs swings with the machine (P from 0.4 to 2.5 ms in one six-round run), and a
-    median of such fits would mix F and P from different rounds."""
+    Over several rounds, fitted to each size's median CPU per item: a fit to one round's two
+    runs swings with the machine (P from 0.4 to 2.5 ms in one six-round run), and F/s + P
+    of this fit is each size's median run, which the medians of per-round fits need not
+    reproduce."""
     fitted = [r for r in rounds if r.naive.cpu and all(
         s in r.by_shard and r.by_shard[s].cpu for s in (32, 64))]
     if not fitted:

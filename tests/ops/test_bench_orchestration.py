@@ -39,26 +39,27 @@ def test_cpu_seconds_counts_this_process_and_grows_with_work() -> None:
 @pytest.mark.unit
 def test_the_cost_model_fits_the_median_runs_not_each_round(
         capsys: pytest.CaptureFixture[str]) -> None:
-    """Rounds whose runs cost F/s + P with F = 96 ms and P = 1 ms, except one run thrown off
-    by the machine: the fit comes from each size's median run, so the outlier moves nothing
-    (fitted from its own round, it would give F = 0, P = 4)."""
+    """Three rounds at shards 32 and 64 of 4 and 2.5, 4.5 and 2.5, 4.5 and 3 ms per item: the
+    fit to each size's median run (4.5 and 2.5) gives F = 128 ms and P = 0.5 ms; fitted
+    round by round they would give F = 96, 128, 96 and P = 1, 0.5, 1.5 (medians 96 and 1)."""
     sys.path.insert(0, str(ROOT))
     from ops.bench_orchestration import Measurement, Round, report_model
 
     def run(shard: int, ms_per_item: float) -> Measurement:
+        # CPU seconds over 1000 items: the same number as ms per item
         return Measurement(f"shard {shard}", shard, 1000, seconds=1.0,
-                           cpu={"router": ms_per_item})  # ms per item over 1000 items
+                           cpu={"router": ms_per_item})
 
-    rounds = [Round(run(1, 97.0), {32: run(32, 4.0), 64: run(64, 2.5)}) for _ in range(2)]
-    rounds.append(Round(run(1, 97.0), {32: run(32, 4.0), 64: run(64, 4.0)}))
+    rounds = [Round(run(1, 97.0), {32: run(32, at32), 64: run(64, at64)})
+              for at32, at64 in ((4.0, 2.5), (4.5, 2.5), (4.5, 3.0))]
     report_model(rounds)
 
     out = capsys.readouterr().out
-    assert "CPU model (medians of 3 rounds): F = 96.0 ms per shard (four stages), " \
-           "P = 1.00 ms per item; naive 97.0 ms per item" in out, out
-    # shard 32: 97/20 - 96/32 = 1.85; shard 64: 97/30 - 96/64 = 1.73 (to two places)
-    assert "shard32 / naive >= 20x needs P <= 1.85 ms (now 1.00)" in out, out
-    assert "shard64 / naive >= 30x needs P <= 1.73 ms (now 1.00)" in out, out
+    assert "CPU model (medians of 3 rounds): F = 128.0 ms per shard (four stages), " \
+           "P = 0.50 ms per item; naive 97.0 ms per item" in out, out
+    # shard 32: 97/20 - 128/32 = 0.85; shard 64: 97/30 - 128/64 = 1.23 (to two places)
+    assert "shard32 / naive >= 20x needs P <= 0.85 ms (now 0.50)" in out, out
+    assert "shard64 / naive >= 30x needs P <= 1.23 ms (now 0.50)" in out, out
 
 
 @pytest.mark.integration

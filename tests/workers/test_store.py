@@ -536,15 +536,14 @@ def test_any_of_matches_exactly_the_listed_ids_with_one_statement_for_any_length
 
 def test_any_of_finds_values_that_an_array_literal_would_have_to_quote(store_url: str) -> None:
     """On Postgres the list travels as an array's text: quotes, backslashes, commas, braces,
-    blanks, an empty string and the word NULL must each still match exactly itself, bound or
-    written into the statement (compiled with `literal_binds`, as one prints it to run it by
-    hand)."""
+    blanks, an empty string, a percent sign and the word NULL must each still match exactly
+    itself, bound or written into the statement (compiled with `literal_binds`)."""
     from workers.store.among import any_of
     from workers.store.bulk import insert_rows
     from workers.store.engine import get_engine
     from workers.store.models import StageRun
 
-    awkward = ['a "quote"', "back\\slash", "x,y}", "{z", " blank ", "", "NULL", "it's"]
+    awkward = ['a "quote"', "back\\slash", "x,y}", "{z", " blank ", "", "NULL", "it's", "50%"]
     plain = ["req-1", "req-2"]
     with get_engine(store_url).begin() as connection:
         insert_rows(connection, StageRun.__table__, [
@@ -556,7 +555,7 @@ def test_any_of_finds_values_that_an_array_literal_would_have_to_quote(store_url
         assert sorted(connection.scalars(query)) == sorted(awkward)
         inline = str(query.compile(dialect=connection.dialect,
                                    compile_kwargs={"literal_binds": True}))
-        assert "it''s" in inline  # no parameter left: the values are in the text
+        assert "it''s" in inline  # the values are in the text, quoted
         assert sorted(connection.exec_driver_sql(inline).scalars()) \
             == sorted(awkward)
         assert list(connection.scalars(

@@ -45,8 +45,11 @@ class _ArrayLiteral(UserDefinedType[str]):
 
     def literal_processor(self, dialect: Dialect) -> Callable[[str], str]:
         """The literal inline, for a statement compiled with `literal_binds` (one printed
-        to be read or run by hand): a quoted string, cast as the placeholder is."""
-        return lambda value: "'" + value.replace("'", "''") + "'::VARCHAR[]"
+        to be read, or run through the driver): quoted as the dialect quotes any string
+        (`%` doubled where the driver takes `%` placeholders), cast as the placeholder is."""
+        quoted = String().literal_processor(dialect)
+        assert quoted is not None  # every dialect renders a string literal
+        return lambda value: f"{quoted(value)}::VARCHAR[]"
 
 
 class _StringList(TypeDecorator[list[str]]):
