@@ -146,6 +146,15 @@ class Measurement:
     def rate(self) -> float:
         return self.items / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def cpu_total(self) -> float:
+        """CPU seconds of every process group together."""
+        return sum(self.cpu.values())
+
+    @property
+    def cpu_ms_per_item(self) -> float:
+        return self.cpu_total * 1000 / self.items
+
 
 @dataclass
 class Round:
@@ -588,7 +597,7 @@ def _charged_ratio(round_: Round, shard: int) -> float | None:
         return None
 
     def share(m: Measurement) -> float:
-        spent = sum(m.cpu.values())
+        spent = m.cpu_total
         return spent / (spent + m.upkeep) if spent > 0 else 1.0
 
     return top.rate * share(top) / (base.rate * share(base))
@@ -620,10 +629,9 @@ def report_cpu(rows: list[Measurement], rounds: list[Round]) -> None:
     print(header)
     print("-" * len(header))
     for m in rows:
-        total = sum(m.cpu.values())
         print(f"{m.label:<24} " + " ".join(f"{m.cpu.get(g, 0.0) * 1000 / m.items:>10.2f}"
                                             for g in CPU_GROUPS)
-              + f" {total * 1000 / m.items:>8.2f} {total / m.seconds:>6.2f}"
+              + f" {m.cpu_ms_per_item:>8.2f} {m.cpu_total / m.seconds:>6.2f}"
               + f" {m.upkeep * 1000 / m.items:>7.2f}")
     report_model(rounds)
 
@@ -640,7 +648,7 @@ def report_model(rounds: list[Round]) -> None:
         return
 
     def per_item(runs: list[Measurement]) -> float:
-        return statistics.median(sum(m.cpu.values()) * 1000 / m.items for m in runs)
+        return statistics.median(m.cpu_ms_per_item for m in runs)
 
     at = {s: per_item([r.by_shard[s] for r in fitted]) for s in (32, 64)}
     fixed = (at[32] - at[64]) / (1 / 32 - 1 / 64)

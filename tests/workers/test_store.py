@@ -556,8 +556,7 @@ def test_any_of_finds_values_that_an_array_literal_would_have_to_quote(store_url
         inline = str(query.compile(dialect=connection.dialect,
                                    compile_kwargs={"literal_binds": True}))
         assert "it''s" in inline  # the values are in the text, quoted
-        assert sorted(connection.exec_driver_sql(inline).scalars()) \
-            == sorted(awkward)
+        assert sorted(connection.exec_driver_sql(inline).scalars()) == sorted(awkward)
         assert list(connection.scalars(
             select(StageRun.request_id).where(any_of(StageRun.request_id, plain[:1])))) \
             == ["req-1"]
