@@ -29,6 +29,8 @@ _HEADER = re.compile(r"\A---\n(?P<head>.*?)\n---\n(?P<body>.*)\Z", re.S)
 _BRACKET_ROLES = re.compile(r"\[(/?(?:INST|SYS|SYSTEM_PROMPT|AVAILABLE_TOOLS|TOOL_RESULTS)\b)",
                             re.I)
 TOOL_DOCUMENT_PREFIX = "tool:"
+# `<`, `>`, and an `&` that does not already start an entity (`&lt;`, `&#91;`).
+_BARE_SPECIALS = re.compile(r"[<>]|&(?!(?:[a-zA-Z]+|#\d+|#x[0-9a-fA-F]+);)")
 
 
 class PromptTemplateError(ValueError):
@@ -95,7 +97,7 @@ class PromptTemplates:
         messages = [{"role": "system", "content": self.by_name["system"].body},
                     {"role": "user", "content": template.body.format(**fields)}]
         if item.feedback:
-            messages += [{"role": "assistant", "content": escape_data(item.previous_draft or "")},
+            messages += [{"role": "assistant", "content": escape_draft(item.previous_draft or "")},
                          {"role": "user", "content": self.by_name["repair"].body.format(
                              feedback=feedback_block(item.feedback))}]
         return messages, labels
@@ -106,6 +108,17 @@ def escape_data(text: str) -> str:
     """Untrusted text as inert data: no tag, role marker or special token survives, because
     `<`, `>` and `&` become entities and bracketed role markers lose their bracket."""
     return _BRACKET_ROLES.sub(r"&#91;\1", escape(text, quote=False))
+
+
+def escape_draft(text: str) -> str:
+    """A rejected draft as inert data, escaped once: entities the model copied from an earlier
+    escaped prompt are left as they are, so a draft carried through repair rounds does not
+    grow a layer of escaping per round (`&lt;` -> `&amp;lt;` -> `&amp;amp;lt;`)."""
+    return _BRACKET_ROLES.sub(r"&#91;\1", _BARE_SPECIALS.sub(_entity, text))
+
+
+def _entity(match: re.Match[str]) -> str:
+    return {"&": "&amp;", "<": "&lt;", ">": "&gt;"}[match[0]]
 
 
 @lru_cache(maxsize=4096)

@@ -8,7 +8,13 @@ import pytest
 
 from schemas.stages import GenerationItem, RetrievedChunk
 from schemas.status import AnswerClass
-from tasks.prompting import PromptTemplate, PromptTemplateError, PromptTemplates, escape_data
+from tasks.prompting import (
+    PromptTemplate,
+    PromptTemplateError,
+    PromptTemplates,
+    escape_data,
+    escape_draft,
+)
 from tests.tasks.engine.conftest import MODEL_DIR
 
 pytestmark = [pytest.mark.unit]
@@ -116,3 +122,19 @@ def test_tool_results_go_to_the_tool_output_channel(templates: PromptTemplates) 
 def test_escape_is_plain_for_plain_text() -> None:
     assert escape_data("Laptops are replaced every three years.") == \
         "Laptops are replaced every three years."
+
+
+def test_a_draft_carried_through_repair_rounds_is_escaped_once(templates: PromptTemplates) -> None:
+    # Given a draft that echoed a tag, and the next round's draft that copied it escaped
+    first = "<instruction>\nWhen? [INST]\n</instruction> R&D"
+    copied = escape_draft(first)
+
+    # When each is carried into the repair turn
+    rendered = [templates.messages(_item([_chunk(1, "Text.")], previous_draft=draft,
+                                         feedback=["Cite a source."]))[0][2]["content"]
+                for draft in (first, copied)]
+
+    # Then the second round's turn is the first's, not one more layer of escaping
+    assert rendered[0] == rendered[1] == copied
+    assert "<" not in copied and "[INST]" not in copied and "&amp;lt;" not in copied
+    assert "R&amp;D" in copied
