@@ -187,6 +187,16 @@ class Reason(BaseModel):
     sentence: int | None = None  # 1-based, over the draft's checked sentences
 
 
+class Attribution(BaseModel):
+    """A citation the validator added: the model left a claim uncited, and one retrieved source
+    supports it under the same support check that cited claims must pass."""
+
+    sentence: int  # 1-based, over the draft's checked sentences
+    label: str  # the source label written into the released text, e.g. S2
+    chunk_id: str
+    score: float  # its support score; the best of the sources that support the claim
+
+
 class Verdict(BaseModel):
     request_id: str
     validator_version: str
@@ -195,6 +205,7 @@ class Verdict(BaseModel):
     reasons: list[str]  # the findings' messages, in order: the repair feedback
     outcome: Outcome
     findings: list[Reason] = Field(default_factory=list)
+    attributions: list[Attribution] = Field(default_factory=list)
 
 
 class ValidationOutput(BaseModel):

@@ -197,7 +197,8 @@ def validation_results(output: ValidationOutput, records: list[ItemRecord]) -> R
     events = [AuditRecord(request_id=v.request_id, kind=EventKind.VALIDATOR_VERDICT, payload={
         "validator_version": v.validator_version, "status": v.outcome.status.value,
         "error_class": v.outcome.error_class, "citations": v.citations, "reasons": v.reasons,
-        "findings": [f.model_dump(mode="json", exclude={"message"}) for f in v.findings]})
+        "findings": [f.model_dump(mode="json", exclude={"message"}) for f in v.findings],
+        "attributions": [a.model_dump(mode="json") for a in v.attributions]})
         for v in output.verdicts]
     return results, events
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from schemas.stages import Reason, ValidationItem
 from tasks.validators.text import Sentence
 
-CITATIONS_VERSION = "citations-1"
+CITATIONS_VERSION = "citations-2"  # 2: the suite may attribute uncited claims (rules: attribute_uncited)
 
 
 def check_citations(sentences: Sequence[Sentence], item: ValidationItem) -> list[Reason]:
@@ -35,6 +35,12 @@ def check_citations(sentences: Sequence[Sentence], item: ValidationItem) -> list
                                        f"Sentence {sentence.index} cites [{label}], a source that "
                                        "was not retrieved for this request."))
     return reasons
+
+
+def retrieved_labels(item: ValidationItem) -> list[str]:
+    """The source labels of the draft that name chunks retrieved for this request."""
+    retrieved = set(item.retrieved_chunk_ids)
+    return [label for label, chunk_id in item.source_labels.items() if chunk_id in retrieved]
 
 
 def valid_labels(sentence: Sentence, item: ValidationItem) -> list[str]:

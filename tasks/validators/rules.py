@@ -41,6 +41,7 @@ class ValidatorRules:
     deny: tuple[DenyRule, ...] = ()
     pii: tuple[str, ...] = PII_KINDS
     classes: dict[str, ClassRule] = field(default_factory=dict)
+    attribute_uncited: bool = False  # cite an uncited claim with the source that supports it
     digest: str = "inline"  # content hash of the file they came from
 
     @classmethod
@@ -66,7 +67,7 @@ class ValidatorRules:
             raise RulesError(f"malformed validator rules: {exc!r}") from exc
         return cls(abstention=abstention, abstain_text=str(data.get("abstain_text", "I don't know.")),
                    deny=deny, pii=tuple(policy.get("pii", PII_KINDS)), classes=classes,
-                   digest=digest)
+                   attribute_uncited=bool(data.get("attribute_uncited", False)), digest=digest)
 
     def for_class(self, answer_class: str) -> ClassRule:
         return self.classes.get(answer_class, ClassRule())

@@ -7,7 +7,10 @@ Order of judgement for one item:
 2. abstention: a grounded class with no retrieved chunk ends `abstained` (NoEvidence), and
    the system's own abstention text is released, whatever the draft said; a draft made only
    of explicit abstentions ends `abstained` (ModelAbstained);
-3. otherwise contract, policy, citations and support all run, and their reasons are
+3. otherwise contract and policy run; where the rules allow it (`attribute_uncited`), a claim
+   the model left uncited is cited with the retrieved source that best supports it, if any
+   does (an `Attribution` on the verdict, the label written into the released text); then
+   citations and support run, and all their reasons are
    collected, so that one repair round can fix them all; when claims fail and no claim of the
    draft reaches the support threshold's score against any retrieved chunk (weak evidence),
    the abstention validator adds a reason asking for the explicit abstention (WeakEvidence).
@@ -20,14 +23,19 @@ loop that the sources do not hold the answer).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from schemas.stages import Outcome, Reason, ValidationItem, Verdict
+from schemas.stages import Attribution, Outcome, Reason, ValidationItem, Verdict
 from schemas.status import Status
 from tasks.embedding import embedder_id
-from tasks.validators.citations import CITATIONS_VERSION, check_citations, valid_labels
+from tasks.validators.citations import (
+    CITATIONS_VERSION,
+    check_citations,
+    retrieved_labels,
+    valid_labels,
+)
 from tasks.validators.contract import ContractRegistry, claim_passages
 from tasks.validators.policy import PolicyFindings, check_policy, forbidden_output
 from tasks.validators.rules import RULES_PATH, ClassRule, ValidatorRules
@@ -67,6 +75,7 @@ class _Case:
     outcome: Outcome | None = None  # decided before the checks (refused, abstained)
     output: str | None = None
     policy: PolicyFindings | None = None
+    attributions: list[Attribution] = field(default_factory=list)
 
     @property
     def claims(self) -> list[Sentence]:
@@ -113,6 +122,11 @@ class ValidatorSuite:
     def judge(self, items: Sequence[ValidationItem]) -> list[Verdict]:
         cases = [self._prepare(item) for item in items]
         checked = [c for c in cases if c.outcome is None]
+        if self.rules.attribute_uncited:
+            self._attribute_uncited(checked)
+        for case in checked:
+            if case.rule.grounded:
+                case.reasons.extend(check_citations(case.sentences, case.item))
         self._check_support(checked)
         self._check_evidence_strength(checked)
         version = self.version
@@ -132,7 +146,7 @@ class ValidatorSuite:
         if raw and all(s.abstains for s in raw):
             return self._abstain(case, "ModelAbstained", "model_abstained",
                                  "The model said the sources do not contain the answer.", draft)
-        self._check_contract_policy_citations(case, raw)
+        self._check_contract_policy(case, raw)
         return case
 
     def _forbid_output(self, case: _Case, draft: str) -> _Case:
@@ -152,7 +166,7 @@ class ValidatorSuite:
         case.output = output
         return case
 
-    def _check_contract_policy_citations(self, case: _Case, raw: list[Sentence]) -> None:
+    def _check_contract_policy(self, case: _Case, raw: list[Sentence]) -> None:
         """`raw`: the draft's sentences, which are the claims unless the contract's model
         names other passages."""
         item = case.item
@@ -168,8 +182,49 @@ class ValidatorSuite:
         passages = claim_passages(parsed, item.draft)
         case.sentences = raw if passages == [item.draft] else split_sentences(
             passages, self.rules.abstention)
-        if case.rule.grounded:
-            case.reasons.extend(check_citations(case.sentences, item))
+
+    def _attribute_uncited(self, cases: list[_Case]) -> None:
+        """Cite each uncited claim with the retrieved source that best supports it, when one
+        does: the label goes after the sentence in the released text. A claim whose text cannot
+        be found in the draft as written keeps no label (and fails as uncited)."""
+        requests: list[tuple[_Case, Sentence, str]] = []
+        for case in (c for c in cases if c.rule.grounded):
+            labels = [label for label in retrieved_labels(case.item)
+                      if case.item.chunk_texts.get(label, "").strip()]
+            requests += [(case, sentence, label) for sentence in case.claims
+                         if not sentence.labels for label in labels]
+        assessed = self.scorer.assess_many([(s.claim, c.item.chunk_texts[label])
+                                            for c, s, label in requests])
+        best: dict[tuple[int, int], tuple[_Case, Sentence, str, SupportAssessment]] = {}
+        for (case, sentence, label), assessment in zip(requests, assessed, strict=True):
+            key = (id(case), sentence.index)
+            if assessment.supported(self.calibration.threshold) and (
+                    key not in best or assessment.score > best[key][3].score):
+                best[key] = (case, sentence, label, assessment)
+        for case in cases:
+            found = {sentence.index: (label, assessment) for c, sentence, label, assessment
+                     in best.values() if c is case}
+            if found:
+                self._cite(case, found)
+
+    def _cite(self, case: _Case, found: dict[int, tuple[str, SupportAssessment]]) -> None:
+        text, cursor, sentences = case.item.draft, 0, []
+        for sentence in case.sentences:
+            at = text.find(sentence.text, cursor) if sentence.index in found else -1
+            if at < 0:
+                sentences.append(sentence)
+                continue
+            label, assessment = found[sentence.index]
+            end = at + len(sentence.text)
+            text = f"{text[:end]} [{label}]{text[end:]}"
+            cursor = end + len(label) + 3
+            sentences.append(replace(sentence, text=f"{sentence.text} [{label}]", labels=(label,)))
+            case.attributions.append(Attribution(
+                sentence=sentence.index, label=label, chunk_id=case.item.source_labels[label],
+                score=round(assessment.score, 4)))
+        case.sentences = sentences
+        if case.attributions:
+            case.output = text
 
     def _check_support(self, cases: list[_Case]) -> None:
         """Each claim against the text of the sources it validly cites, in one batch."""
@@ -239,7 +294,8 @@ class ValidatorSuite:
         return Verdict(request_id=item.request_id, validator_version=version,
                        output=item.draft if case.output is None else case.output,
                        citations=list(dict.fromkeys(cited)),
-                       reasons=[r.message for r in reasons], findings=reasons, outcome=outcome)
+                       reasons=[r.message for r in reasons], findings=reasons, outcome=outcome,
+                       attributions=case.attributions)
 
 
 def _outcome(reasons: list[Reason]) -> Outcome:

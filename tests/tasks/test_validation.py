@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from schemas.stages import ValidationInput, ValidationItem, Verdict
 from schemas.status import AnswerClass, Status
 from tasks.validation import VALIDATOR_VERSION, default_suite, validate, validators_version
+from tasks.validators.suite import ValidatorSuite
 
 pytestmark = [pytest.mark.unit]
 
@@ -22,17 +25,22 @@ TEXTS = {"S1": TEXT_A, "S2": TEXT_B}
 
 
 def _judge(draft: str, labels: dict[str, str] | None = None,
-           retrieved: list[str] | None = None, texts: dict[str, str] | None = None) -> Verdict:
+           retrieved: list[str] | None = None, texts: dict[str, str] | None = None,
+           attribute: bool = True) -> Verdict:
     item = ValidationItem(
         request_id="r1", answer_class=AnswerClass.GROUNDED_ANSWER, draft=draft,
         source_labels={"S1": CHUNK_A, "S2": CHUNK_B} if labels is None else labels,
         retrieved_chunk_ids=[CHUNK_A, CHUNK_B] if retrieved is None else retrieved,
         chunk_texts=TEXTS if texts is None else texts,
     )
-    verdicts = validate(ValidationInput(items=[item])).verdicts
+    suite = default_suite()
+    if not attribute:  # the shipped rules let the validator cite; this suite may not
+        suite = ValidatorSuite(suite.scorer, suite.calibration,
+                               replace(suite.rules, attribute_uncited=False), suite.contracts)
+    verdicts = validate(ValidationInput(items=[item]), suite).verdicts
     assert len(verdicts) == 1
     assert verdicts[0].request_id == "r1"
-    assert verdicts[0].validator_version == default_suite().version
+    assert verdicts[0].validator_version == suite.version
     return verdicts[0]
 
 
@@ -70,18 +78,47 @@ def test_label_mapping_to_a_chunk_that_was_not_retrieved_fails() -> None:
     assert verdict.outcome.error_class == "UnknownCitation"
 
 
-def test_draft_without_citation_fails() -> None:
-    verdict = _judge("Laptop replacements are requested in the IT portal.")
+def test_draft_without_citation_fails_when_the_validator_may_not_cite() -> None:
+    verdict = _judge("Laptop replacements are requested in the IT portal.", attribute=False)
 
     assert verdict.outcome.status == Status.FAILED
     assert verdict.outcome.error_class == "MissingCitation"
     assert verdict.citations == []
+    assert verdict.attributions == []
+
+
+def test_an_uncited_claim_a_source_supports_is_cited_by_the_validator() -> None:
+    # Given a draft whose two claims cite nothing, each supported by one source
+    verdict = _judge("Laptops are replaced every 4 years. Accounts lock after 5 failed sign-in "
+                     "attempts.")
+
+    # Then each is cited with the source that supports it, in the released text too
+    assert verdict.outcome.status == Status.SUCCEEDED, verdict.reasons
+    assert verdict.output == ("Laptops are replaced every 4 years. [S1] Accounts lock after 5 "
+                              "failed sign-in attempts. [S2]")
+    assert verdict.citations == [CHUNK_A, CHUNK_B]
+    assert [(a.sentence, a.label, a.chunk_id) for a in verdict.attributions] == [
+        (1, "S1", CHUNK_A), (2, "S2", CHUNK_B)]
+    assert all(a.score >= default_suite().calibration.threshold for a in verdict.attributions)
+
+
+def test_an_uncited_claim_no_single_source_supports_stays_uncited() -> None:
+    # Given a cited claim, and an uncited one whose two numbers come from two different sources
+    verdict = _judge("Laptops are replaced every 4 years [S1]. Laptops are replaced every 4 "
+                     "years and accounts lock after 5 failed sign-in attempts.")
+
+    # Then no source is credited with the second, which fails as uncited
+    assert verdict.outcome.status == Status.FAILED
+    assert verdict.outcome.error_class == "MissingCitation"
+    assert [(f.code, f.sentence) for f in verdict.findings] == [("missing_citation", 2)]
+    assert verdict.attributions == []
+    assert verdict.output.endswith("sign-in attempts.")
 
 
 def test_every_sentence_must_cite_not_just_one() -> None:
     # Given a first sentence with a citation and a second without (the old contract passed it)
     verdict = _judge("Laptops are replaced every 4 years [S1]. Accounts lock after 5 failed "
-                     "sign-in attempts.")
+                     "sign-in attempts.", attribute=False)
 
     # Then the second sentence is named in the reason
     assert verdict.outcome.status == Status.FAILED

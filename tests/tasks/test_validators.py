@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -218,14 +219,33 @@ def test_a_json_document_is_checked_per_section_body_and_its_title_needs_no_cita
     uncited = _policy_brief("If the primary does not acknowledge a page within 10 minutes, "
                             "PagerLoop escalates to the secondary.")
 
-    # When both are judged under the template's contract
-    passed = _judge(suite, good, answer_class=AnswerClass.DOCUMENT, contract="policy_brief")
-    failed = _judge(suite, uncited, answer_class=AnswerClass.DOCUMENT, contract="policy_brief")
+    # When both are judged under the template's contract, by a suite that may not cite
+    strict = ValidatorSuite(suite.scorer, suite.calibration,
+                            replace(suite.rules, attribute_uncited=False), suite.contracts)
+    passed = _judge(strict, good, answer_class=AnswerClass.DOCUMENT, contract="policy_brief")
+    failed = _judge(strict, uncited, answer_class=AnswerClass.DOCUMENT, contract="policy_brief")
 
     # Then only the body's sentence is a claim that needs a citation
     assert passed.outcome.status == Status.SUCCEEDED, passed.reasons
     assert passed.citations == ["c-rotation", "c-compensation", "c-escalation"]
     assert _codes(failed) == [("citations", "missing_citation", 3)]
+
+
+def test_the_validator_cites_an_uncited_section_body_inside_the_json(
+        suite: ValidatorSuite) -> None:
+    # Given a policy brief whose last body cites nothing, though a source supports it
+    uncited = _policy_brief("If the primary does not acknowledge a page within 10 minutes, "
+                            "PagerLoop escalates to the secondary.")
+
+    # When the shipped suite judges it
+    verdict = _judge(suite, uncited, answer_class=AnswerClass.DOCUMENT, contract="policy_brief")
+
+    # Then the body is cited inside the JSON, which still parses, and the citation is listed
+    assert verdict.outcome.status == Status.SUCCEEDED, verdict.reasons
+    assert json.loads(verdict.output)["deadlines"].endswith("to the secondary. [S3]")
+    assert verdict.citations == ["c-rotation", "c-compensation", "c-escalation"]
+    assert [(a.sentence, a.label, a.chunk_id) for a in verdict.attributions] == [
+        (3, "S3", "c-escalation")]
 
 
 def test_a_markdown_document_fails_its_json_contract(suite: ValidatorSuite) -> None:

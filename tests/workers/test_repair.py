@@ -39,16 +39,19 @@ def test_failed_verdicts_go_back_only_while_rounds_are_left() -> None:
     assert events[0].payload["reasons"] == ["sentence 1 cites nothing"]
 
 
-def _inject_uncited_draft(runtime, records, _budget):  # type: ignore[no-untyped-def]
-    """The fault: a first draft with no citations (the small model is too erratic to fail on
-    cue). Everything around it -- claim, commit, audit -- is the real stage machinery."""
+def _inject_miscited_draft(runtime, records, _budget):  # type: ignore[no-untyped-def]
+    """The fault: a first draft citing a source label that does not exist (the small model is
+    too erratic to fail on cue). Everything around it -- claim, commit, audit -- is the real
+    stage machinery."""
     # Weak evidence ends as an abstention without a repair, so the draft must be supported.
     drafts = []
     for record in records:
         item = adapters.generation_input([record], None).items[0]
         _, labels = runtime.prompt_templates().messages(item)
-        # Supported by the top source, word for word, but citing nothing: MissingCitation.
-        first = item.chunks[0].text.split("\n\n")[-1].split(". ")[0].rstrip(".") + "."
+        # Supported by the top source, word for word, but citing a label no source has:
+        # UnknownCitation (an uncited claim would be cited by the validator, see
+        # attribute_uncited in tasks/rules/validators.yaml, and need no repair).
+        first = item.chunks[0].text.split("\n\n")[-1].split(". ")[0].rstrip(".") + " [S99]."
         drafts.append(Draft(request_id=record.request_id, source_labels=labels, text=first,
                             prompt_tokens=11, completion_tokens=7, finish_reason="stop",
                             model=INJECTED))
@@ -77,7 +80,7 @@ def test_a_failing_first_draft_is_repaired_by_the_model_within_the_bound(
     # runs here too: it must send the draft back to the generation queue for round 1.
     hop = route_shard.apply(args=(hop,)).get()
     hop = retrieve_shard.apply(args=(hop,)).get()
-    generate_shard.execute(Stage.GENERATION, hop, _inject_uncited_draft)
+    generate_shard.execute(Stage.GENERATION, hop, _inject_miscited_draft)
     validate_shard.apply(args=(hop,)).get()
 
     result = SluiceClient(settings).wait(request_id, timeout_s=600)  # type: ignore[arg-type]
@@ -102,7 +105,7 @@ def test_a_failing_first_draft_is_repaired_by_the_model_within_the_bound(
     verdicts = {r: e for kind, r, e in events if kind == EventKind.VALIDATOR_VERDICT}
     assert sorted(verdicts) == list(range(last + 1))
     assert verdicts[0]["status"] == Status.FAILED and verdicts[0]["reasons"]
-    assert verdicts[0]["error_class"] == "MissingCitation"
+    assert verdicts[0]["error_class"] == "UnknownCitation"
     repairs = sorted(e["next_round"] for kind, _, e in events if kind == EventKind.REPAIR_REQUESTED)
     assert repairs == list(range(1, last + 1))
     if result["status"] == Status.FAILED:  # the budget ran out: the reasons stand
