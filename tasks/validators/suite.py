@@ -30,6 +30,7 @@ from typing import Any
 from schemas.stages import Attribution, Outcome, Reason, ValidationItem, Verdict
 from schemas.status import Status
 from tasks.embedding import embedder_id
+from tasks.lexical import tokenize
 from tasks.validators.citations import (
     CITATIONS_VERSION,
     check_citations,
@@ -49,6 +50,7 @@ from tasks.validators.support import (
 from tasks.validators.text import Sentence, split_sentences
 
 SUITE_VERSION = "suite-1"
+ATTRIBUTION_MIN_TERMS = 3  # content words (tasks.lexical) an uncited claim needs to be cited
 POLICY_VERSION = "policy-2"  # 2: other tenants' record ids
 ABSTENTION_VERSION = "abstention-1"
 _ERROR_CLASSES = {
@@ -192,7 +194,7 @@ class ValidatorSuite:
             labels = [label for label in retrieved_labels(case.item)
                       if case.item.chunk_texts.get(label, "").strip()]
             requests += [(case, sentence, label) for sentence in case.claims
-                         if not sentence.labels for label in labels]
+                         if not sentence.labels and _attributable(sentence) for label in labels]
         assessed = self.scorer.assess_many([(s.claim, c.item.chunk_texts[label])
                                             for c, s, label in requests])
         best: dict[tuple[int, int], tuple[_Case, Sentence, str, SupportAssessment]] = {}
@@ -306,6 +308,12 @@ def _outcome(reasons: list[Reason]) -> Outcome:
                                      _ERROR_BY_VALIDATOR.get(first.validator, "ValidationFailed"))
     more = f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""
     return Outcome(status=Status.FAILED, error_class=error_class, message=first.message + more)
+
+
+def _attributable(sentence: Sentence) -> bool:
+    """A claim that says enough for a source to be credited with it: "The answer is:" has one
+    content word, which a source can cover without saying anything the claim does."""
+    return len(tokenize(sentence.claim)) >= ATTRIBUTION_MIN_TERMS
 
 
 def _missing_text(sentence: Sentence, labels: list[str]) -> Reason:

@@ -102,6 +102,16 @@ def test_an_uncited_claim_a_source_supports_is_cited_by_the_validator() -> None:
     assert all(a.score >= default_suite().calibration.threshold for a in verdict.attributions)
 
 
+def test_a_claim_too_short_to_credit_a_source_with_stays_uncited() -> None:
+    # Given an uncited sentence of two content words, both in the first source
+    verdict = _judge("Laptops are replaced every 4 years [S1]. Request a replacement.")
+
+    # Then the validator credits no source with it
+    assert verdict.outcome.status == Status.FAILED
+    assert [(f.code, f.sentence) for f in verdict.findings] == [("missing_citation", 2)]
+    assert verdict.attributions == []
+
+
 def test_an_uncited_claim_no_single_source_supports_stays_uncited() -> None:
     # Given a cited claim, and an uncited one whose two numbers come from two different sources
     verdict = _judge("Laptops are replaced every 4 years [S1]. Laptops are replaced every 4 "
