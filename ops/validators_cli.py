@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tasks.validators.calibration import (
+    ATTRIBUTION_PRECISION,
     HOLDOUT_PATH,
     PAIRS_PATH,
     CalibrationReport,
@@ -38,6 +39,9 @@ def validators_calibrate(
     = CALIBRATION_PATH,
     target_precision: Annotated[float | None, typer.Option(
         help="lowest threshold reaching this precision (default: the best F1)")] = None,
+    attribution_precision: Annotated[float, typer.Option(
+        help="precision the threshold for citing an uncited claim must reach")]
+    = ATTRIBUTION_PRECISION,
     write: Annotated[bool, typer.Option("--write/--dry-run", help="write the calibration file")]
     = True,
     mistakes: Annotated[bool, typer.Option(help="list the pairs judged wrongly")] = False,
@@ -54,7 +58,8 @@ def validators_calibrate(
         labelled = load_pairs(pairs)
         held = load_pairs(holdout) if holdout is not None and holdout.exists() else None
         with console.status(f"scoring {len(labelled)} pairs"):
-            report = calibrate(labelled, scorer, data_sha256(pairs), target_precision)
+            report = calibrate(labelled, scorer, data_sha256(pairs), target_precision,
+                               attribution_precision)
             held_out = evaluate(held, scorer, report.calibration.threshold) if held else None
     except (PairsError, OSError, ValueError) as exc:
         console.print(f"[red]error:[/red] {exc}")
@@ -71,6 +76,9 @@ def _print_report(report: CalibrationReport, pairs: Path, held_out: Evaluation |
                   holdout: Path | None, mistakes: bool) -> None:
     c = report.calibration
     out.print(f"support threshold [bold]{c.threshold:.4f}[/bold]  ({c.version})")
+    out.print(f"attribution threshold [bold]{c.attribution_threshold:.4f}[/bold]: the lowest "
+              f"reaching precision {c.attribution_target} on the calibration file; "
+              f"cross-validated precision {c.attribution_cv_precision:.3f}")
     table = Table("judged on", "pairs", "precision", "recall", "F1", "accepted unsupported",
                   "rejected supported", title="supported = positive class")
     table.add_row("calibration file", *_row(report.in_sample.confusion))

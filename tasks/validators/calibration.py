@@ -27,6 +27,9 @@ _REPO = Path(__file__).resolve().parents[2]
 PAIRS_PATH = _REPO / "ops" / "examples" / "support_pairs.jsonl"
 HOLDOUT_PATH = _REPO / "ops" / "examples" / "support_pairs_holdout.jsonl"  # never tuned on
 LABELS = ("supported", "unsupported")
+# A citation the validator adds on its own needs more than one the model made: the threshold
+# at which this share of the accepted pairs is really supported.
+ATTRIBUTION_PRECISION = 0.92
 
 
 class PairsError(ValueError):
@@ -185,15 +188,22 @@ def _judged(pairs: Sequence[LabelledPair], scores: Scores, assessments: list[Sup
 
 
 def calibrate(pairs: Sequence[LabelledPair], scorer: SupportScorer, data_sha: str,
-              target_precision: float | None = None) -> CalibrationReport:
-    """Score every pair, choose the threshold, and measure it in sample and cross-validated."""
+              target_precision: float | None = None,
+              attribution_precision: float = ATTRIBUTION_PRECISION) -> CalibrationReport:
+    """Score every pair, choose the threshold, and measure it in sample and cross-validated;
+    then the attribution threshold: the lowest reaching `attribution_precision`, and never
+    below the support threshold."""
     scores, assessments = score_pairs(pairs, scorer)
     threshold = choose_threshold(scores, target_precision)
     judged = _judged(pairs, scores, assessments, threshold)
     held_out = cross_validate(scores, target_precision)
+    attribution = max(threshold, choose_threshold(scores, attribution_precision))
+    attribution_held_out = cross_validate(scores, attribution_precision)
     calibration = SupportCalibration(
         threshold=threshold, data_sha256=data_sha, embedder=embedder_id(scorer.embedder.model_path),
         pairs=len(pairs), precision=round(judged.confusion.precision, 4),
         recall=round(judged.confusion.recall, 4), cv_precision=round(held_out.precision, 4),
-        cv_recall=round(held_out.recall, 4))
+        cv_recall=round(held_out.recall, 4), attribution_threshold=attribution,
+        attribution_target=attribution_precision,
+        attribution_cv_precision=round(attribution_held_out.precision, 4))
     return CalibrationReport(calibration, judged, held_out)

@@ -8,8 +8,9 @@ Order of judgement for one item:
    the system's own abstention text is released, whatever the draft said; a draft made only
    of explicit abstentions ends `abstained` (ModelAbstained);
 3. otherwise contract and policy run; where the rules allow it (`attribute_uncited`), a claim
-   the model left uncited is cited with the retrieved source that best supports it, if any
-   does (an `Attribution` on the verdict, the label written into the released text); then
+   the model left uncited is cited with the retrieved source that best supports it at the
+   calibration's stricter attribution threshold, if any does (an `Attribution` on the
+   verdict, the label written into the released text); then
    citations and support run, and all their reasons are
    collected, so that one repair round can fix them all; when claims fail and no claim of the
    draft reaches the support threshold's score against any retrieved chunk (weak evidence),
@@ -92,6 +93,10 @@ class ValidatorSuite:
 
     def __init__(self, scorer: SupportScorer, calibration: SupportCalibration,
                  rules: ValidatorRules, contracts: ContractRegistry | None = None) -> None:
+        if rules.attribute_uncited and calibration.attribution_threshold is None:
+            raise CalibrationError("the rules let the validator cite uncited claims, and the "
+                                   "support calibration has no attribution threshold: run "
+                                   "`sluice validators calibrate`")
         self.scorer = scorer
         self.calibration = calibration
         self.rules = rules
@@ -186,9 +191,10 @@ class ValidatorSuite:
             passages, self.rules.abstention)
 
     def _attribute_uncited(self, cases: list[_Case]) -> None:
-        """Cite each uncited claim with the retrieved source that best supports it, when one
-        does: the label goes after the sentence in the released text. A claim whose text cannot
-        be found in the draft as written keeps no label (and fails as uncited)."""
+        """Cite each uncited claim with the retrieved source that best supports it at the
+        calibration's stricter attribution threshold, when one does: the label goes after the
+        sentence in the released text. A claim whose text cannot be found in the draft as
+        written keeps no label (and fails as uncited)."""
         requests: list[tuple[_Case, Sentence, str]] = []
         for case in (c for c in cases if c.rule.grounded):
             labels = [label for label in retrieved_labels(case.item)
@@ -197,10 +203,12 @@ class ValidatorSuite:
                          if not sentence.labels and _attributable(sentence) for label in labels]
         assessed = self.scorer.assess_many([(s.claim, c.item.chunk_texts[label])
                                             for c, s, label in requests])
+        threshold = self.calibration.attribution_threshold
+        assert threshold is not None  # __init__ refuses rules that attribute without one
         best: dict[tuple[int, int], tuple[_Case, Sentence, str, SupportAssessment]] = {}
         for (case, sentence, label), assessment in zip(requests, assessed, strict=True):
             key = (id(case), sentence.index)
-            if assessment.supported(self.calibration.threshold) and (
+            if assessment.supported(threshold) and (
                     key not in best or assessment.score > best[key][3].score):
                 best[key] = (case, sentence, label, assessment)
         for case in cases:

@@ -101,10 +101,18 @@ class SupportCalibration:
     scorer: str = SCORER_VERSION
     cv_precision: float | None = None
     cv_recall: float | None = None
+    # The stricter threshold a source must reach to be credited with a claim the model left
+    # uncited: the lowest reaching `attribution_target` precision on the same pairs.
+    attribution_threshold: float | None = None
+    attribution_target: float | None = None
+    attribution_cv_precision: float | None = None
 
     @property
     def version(self) -> str:
-        return f"{self.scorer}:t{self.threshold:.3f}:d{self.data_sha256[:8]}:{self.embedder}"
+        attribution = "" if self.attribution_threshold is None else \
+            f":a{self.attribution_threshold:.3f}"
+        return (f"{self.scorer}:t{self.threshold:.3f}{attribution}:d{self.data_sha256[:8]}:"
+                f"{self.embedder}")
 
     @classmethod
     def load(cls, path: Path = CALIBRATION_PATH) -> SupportCalibration:

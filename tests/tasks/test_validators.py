@@ -43,7 +43,7 @@ from tasks.validators.calibration import (
     load_pairs,
 )
 from tasks.validators.policy import check_policy
-from tasks.validators.support import SCORER_VERSION, SupportScorer
+from tasks.validators.support import SCORER_VERSION, CalibrationError, SupportScorer
 from tasks.validators.text import abstention_pattern, split_sentences
 
 pytestmark = [pytest.mark.unit]
@@ -462,8 +462,9 @@ def test_the_version_names_every_validator_threshold_and_data(suite: ValidatorSu
     calibration = suite.calibration
 
     assert list(suite.versions) == ["contract", "policy", "citations", "support", "abstention"]
-    assert suite.versions["support"] == (f"{SCORER_VERSION}:t{calibration.threshold:.3f}:"
-                                         f"d{calibration.data_sha256[:8]}:{calibration.embedder}")
+    assert suite.versions["support"] == (
+        f"{SCORER_VERSION}:t{calibration.threshold:.3f}:a{calibration.attribution_threshold:.3f}:"
+        f"d{calibration.data_sha256[:8]}:{calibration.embedder}")
     assert all(v in suite.version for v in suite.versions.values())
 
 
@@ -531,10 +532,23 @@ def test_calibration_reaches_its_precision_and_recall(suite: ValidatorSuite) -> 
           f"{held_out.confusion.precision:.3f}/{held_out.confusion.recall:.3f}")
 
     assert c.threshold == SupportCalibration.load().threshold  # the committed file is current
+    assert c.attribution_threshold == SupportCalibration.load().attribution_threshold
+    assert c.attribution_threshold is not None and c.attribution_threshold > c.threshold
+    assert c.attribution_cv_precision is not None and c.attribution_cv_precision > c.cv_precision  # type: ignore[operator]
+    stricter = evaluate(load_pairs(HOLDOUT_PATH), suite.scorer, c.attribution_threshold)
+    assert stricter.confusion.precision >= held_out.confusion.precision
     assert c.precision >= 0.8 and c.recall >= 0.7
     assert c.cv_precision is not None and c.cv_precision >= 0.8
     assert c.cv_recall is not None and c.cv_recall >= 0.7
     assert held_out.confusion.precision >= 0.8 and held_out.confusion.recall >= 0.7
+
+
+def test_rules_that_attribute_need_a_calibrated_attribution_threshold(suite: ValidatorSuite) -> None:
+    bare = replace(suite.calibration, attribution_threshold=None)
+
+    with pytest.raises(CalibrationError, match="attribution threshold"):
+        ValidatorSuite(suite.scorer, bare, suite.rules)
+    ValidatorSuite(suite.scorer, bare, replace(suite.rules, attribute_uncited=False))
 
 
 def test_cached_evidence_scores_as_freshly_read_evidence_and_its_cache_stays_bounded(
