@@ -76,9 +76,9 @@ def _print_report(report: CalibrationReport, pairs: Path, held_out: Evaluation |
                   holdout: Path | None, mistakes: bool) -> None:
     c = report.calibration
     out.print(f"support threshold [bold]{c.threshold:.4f}[/bold]  ({c.version})")
-    out.print(f"attribution threshold [bold]{c.attribution_threshold:.4f}[/bold]: the lowest "
-              f"reaching precision {c.attribution_target} on the calibration file; "
-              f"cross-validated precision {c.attribution_cv_precision:.3f}")
+    out.print(f"attribution threshold [bold]{c.attribution_threshold:.4f}[/bold] (target "
+              f"precision {c.attribution_target}): precision {c.attribution_precision:.3f} on the "
+              f"calibration file, {c.attribution_cv_precision:.3f} cross-validated")
     table = Table("judged on", "pairs", "precision", "recall", "F1", "accepted unsupported",
                   "rejected supported", title="supported = positive class")
     table.add_row("calibration file", *_row(report.in_sample.confusion))

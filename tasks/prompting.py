@@ -4,8 +4,10 @@ A template is a file under `tasks/prompts/` with a small header (`id`, `version`
 its identity is `id@version#content-hash`, and the set of identities is the version tuple's
 `prompt` component. A prompt keeps its channels apart: system instructions in the system
 turn; the user's input, retrieved chunks and tool outputs in tagged blocks of the user turn,
-the data ones marked untrusted; validator feedback on a repair in its own turn. Text from a
-data channel is escaped, so it can neither close its block nor open a role or special token.
+the data ones marked untrusted; on a repair, the rejected draft as the assistant's turn and
+the validator feedback in a turn of its own. Text from a data channel is escaped, so it can
+neither close its block nor open a role or special token; the draft and the feedback (which
+quotes it) are escaped once, keeping entities the model copied from an earlier prompt.
 """
 
 from __future__ import annotations
@@ -143,5 +145,5 @@ def sources_block(chunks: list[RetrievedChunk]) -> str:
 
 
 def feedback_block(reasons: list[str]) -> str:
-    lines = "\n".join(f"- {escape_data(reason)}" for reason in reasons)
+    lines = "\n".join(f"- {escape_draft(reason)}" for reason in reasons)  # they quote the draft
     return f"<validator_feedback>\n{lines}\n</validator_feedback>"

@@ -40,8 +40,8 @@ def default_suite() -> ValidatorSuite:
 def validators_version(contracts: ContractRegistry | None = None, rules_path: Path = RULES_PATH,
                        calibration_path: Path = CALIBRATION_PATH) -> str:
     """The suite's full version from files alone (no model is loaded), for the version tuple:
-    `suite-1;contract-1:<h>;policy-1:<h>;citations-1;support-scorer-1:t<thr>:d<data>:<embedder>;
-    abstention-1:<h>`."""
+    `suite-1;contract-1:<h>;policy-2:<h>;citations-2:<attribute|strict>;
+    support-scorer-1:t<thr>:a<thr>:d<data>:<embedder>;abstention-1:<h>`."""
     return join_versions(suite_versions(SupportCalibration.load(calibration_path),
                                         ValidatorRules.load(rules_path),
                                         contracts or ContractRegistry.default()))

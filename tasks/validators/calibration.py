@@ -191,13 +191,15 @@ def calibrate(pairs: Sequence[LabelledPair], scorer: SupportScorer, data_sha: st
               target_precision: float | None = None,
               attribution_precision: float = ATTRIBUTION_PRECISION) -> CalibrationReport:
     """Score every pair, choose the threshold, and measure it in sample and cross-validated;
-    then the attribution threshold: the lowest reaching `attribution_precision`, and never
-    below the support threshold."""
+    then the attribution threshold: the lowest reaching `attribution_precision` (the best F1's
+    where none does: the precision it reached is recorded), and never below the support
+    threshold."""
     scores, assessments = score_pairs(pairs, scorer)
     threshold = choose_threshold(scores, target_precision)
     judged = _judged(pairs, scores, assessments, threshold)
     held_out = cross_validate(scores, target_precision)
     attribution = max(threshold, choose_threshold(scores, attribution_precision))
+    attributed = _judged(pairs, scores, assessments, attribution)
     attribution_held_out = cross_validate(scores, attribution_precision)
     calibration = SupportCalibration(
         threshold=threshold, data_sha256=data_sha, embedder=embedder_id(scorer.embedder.model_path),
@@ -205,5 +207,6 @@ def calibrate(pairs: Sequence[LabelledPair], scorer: SupportScorer, data_sha: st
         recall=round(judged.confusion.recall, 4), cv_precision=round(held_out.precision, 4),
         cv_recall=round(held_out.recall, 4), attribution_threshold=attribution,
         attribution_target=attribution_precision,
+        attribution_precision=round(attributed.confusion.precision, 4),
         attribution_cv_precision=round(attribution_held_out.precision, 4))
     return CalibrationReport(calibration, judged, held_out)

@@ -10,11 +10,11 @@ Order of judgement for one item:
 3. otherwise contract and policy run; where the rules allow it (`attribute_uncited`), a claim
    the model left uncited is cited with the retrieved source that best supports it at the
    calibration's stricter attribution threshold, if any does (an `Attribution` on the
-   verdict, the label written into the released text); then
-   citations and support run, and all their reasons are
-   collected, so that one repair round can fix them all; when claims fail and no claim of the
-   draft reaches the support threshold's score against any retrieved chunk (weak evidence),
-   the abstention validator adds a reason asking for the explicit abstention (WeakEvidence).
+   verdict, the label written into the released text); then citations and support run, and
+   all their reasons are collected, so that one repair round can fix them all; when claims
+   fail and no claim of the draft reaches the support threshold's score against any
+   retrieved chunk (weak evidence), the abstention validator adds a reason asking for the
+   explicit abstention (WeakEvidence).
 
 No reasons: `succeeded`. Otherwise `failed`, the reasons in the order contract, policy,
 abstention, citations, support, and the error class of the first (WeakEvidence tells the repair
@@ -38,7 +38,7 @@ from tasks.validators.citations import (
     retrieved_labels,
     valid_labels,
 )
-from tasks.validators.contract import ContractRegistry, claim_passages
+from tasks.validators.contract import Contract, ContractRegistry, claim_passages
 from tasks.validators.policy import PolicyFindings, check_policy, forbidden_output
 from tasks.validators.rules import RULES_PATH, ClassRule, ValidatorRules
 from tasks.validators.support import (
@@ -78,6 +78,9 @@ class _Case:
     outcome: Outcome | None = None  # decided before the checks (refused, abstained)
     output: str | None = None
     policy: PolicyFindings | None = None
+    contract: Contract | None = None
+    # uncited claims' best supporting source at the attribution threshold: (label, assessment)
+    supporters: dict[int, tuple[str, SupportAssessment]] = field(default_factory=dict)
     attributions: list[Attribution] = field(default_factory=list)
 
     @property
@@ -177,7 +180,7 @@ class ValidatorSuite:
         """`raw`: the draft's sentences, which are the claims unless the contract's model
         names other passages."""
         item = case.item
-        contract = self.contracts.for_item(item)
+        contract = case.contract = self.contracts.for_item(item)
         parsed, reasons = (None, [self.contracts.missing_reason(item)]) if contract is None else (
             contract.check(item.draft))
         case.reasons.extend(reasons)
@@ -192,49 +195,48 @@ class ValidatorSuite:
 
     def _attribute_uncited(self, cases: list[_Case]) -> None:
         """Cite each uncited claim with the retrieved source that best supports it at the
-        calibration's stricter attribution threshold, when one does: the label goes after the
-        sentence in the released text. A claim whose text cannot be found in the draft as
-        written keeps no label (and fails as uncited)."""
-        requests: list[tuple[_Case, Sentence, str]] = []
-        for case in (c for c in cases if c.rule.grounded):
-            labels = [label for label in retrieved_labels(case.item)
-                      if case.item.chunk_texts.get(label, "").strip()]
-            requests += [(case, sentence, label) for sentence in case.claims
-                         if not sentence.labels and _attributable(sentence) for label in labels]
-        assessed = self.scorer.assess_many([(s.claim, c.item.chunk_texts[label])
-                                            for c, s, label in requests])
+        calibration's stricter attribution threshold, when one does; see `_cite`."""
         threshold = self.calibration.attribution_threshold
         assert threshold is not None  # __init__ refuses rules that attribute without one
-        best: dict[tuple[int, int], tuple[_Case, Sentence, str, SupportAssessment]] = {}
+        requests = [(case, sentence, label) for case in cases if case.rule.grounded
+                    for sentence in case.claims if not sentence.labels and _attributable(sentence)
+                    for label in _readable_labels(case.item)]
+        assessed = self.scorer.assess_many([(s.claim, c.item.chunk_texts[label])
+                                            for c, s, label in requests])
         for (case, sentence, label), assessment in zip(requests, assessed, strict=True):
-            key = (id(case), sentence.index)
-            if assessment.supported(threshold) and (
-                    key not in best or assessment.score > best[key][3].score):
-                best[key] = (case, sentence, label, assessment)
+            held = case.supporters.get(sentence.index)
+            if assessment.supported(threshold) and (held is None or assessment.score > held[1].score):
+                case.supporters[sentence.index] = (label, assessment)
         for case in cases:
-            found = {sentence.index: (label, assessment) for c, sentence, label, assessment
-                     in best.values() if c is case}
-            if found:
-                self._cite(case, found)
+            if case.supporters:
+                self._cite(case)
 
-    def _cite(self, case: _Case, found: dict[int, tuple[str, SupportAssessment]]) -> None:
-        text, cursor, sentences = case.item.draft, 0, []
+    def _cite(self, case: _Case) -> None:
+        """Write each supporter's label after its sentence in the released text. The draft's
+        sentences are found in order, so a label lands after its own sentence even when an
+        earlier one contains the same words. A sentence not found as written (a JSON body
+        with escaped characters) stays uncited; so do all of them when the cited text would
+        no longer fit the item's contract (a body pushed over its length limit)."""
+        text, cursor, sentences, attributions = case.item.draft, 0, [], []
         for sentence in case.sentences:
-            at = text.find(sentence.text, cursor) if sentence.index in found else -1
+            at = text.find(sentence.text, cursor)
             if at < 0:
                 sentences.append(sentence)
                 continue
-            label, assessment = found[sentence.index]
-            end = at + len(sentence.text)
-            text = f"{text[:end]} [{label}]{text[end:]}"
-            cursor = end + len(label) + 3
+            cursor = at + len(sentence.text)
+            if sentence.index not in case.supporters:
+                sentences.append(sentence)
+                continue
+            label, assessment = case.supporters[sentence.index]
+            text = f"{text[:cursor]} [{label}]{text[cursor:]}"
+            cursor += len(label) + 3
             sentences.append(replace(sentence, text=f"{sentence.text} [{label}]", labels=(label,)))
-            case.attributions.append(Attribution(
+            attributions.append(Attribution(
                 sentence=sentence.index, label=label, chunk_id=case.item.source_labels[label],
                 score=round(assessment.score, 4)))
-        case.sentences = sentences
-        if case.attributions:
-            case.output = text
+        if not attributions or (case.contract is not None and case.contract.check(text)[1]):
+            return
+        case.sentences, case.attributions, case.output = sentences, attributions, text
 
     def _check_support(self, cases: list[_Case]) -> None:
         """Each claim against the text of the sources it validly cites, in one batch."""
@@ -318,6 +320,11 @@ def _outcome(reasons: list[Reason]) -> Outcome:
     return Outcome(status=Status.FAILED, error_class=error_class, message=first.message + more)
 
 
+def _readable_labels(item: ValidationItem) -> list[str]:
+    """The labels of retrieved sources whose text the validator was given."""
+    return [label for label in retrieved_labels(item) if item.chunk_texts.get(label, "").strip()]
+
+
 def _attributable(sentence: Sentence) -> bool:
     """A claim that says enough for a source to be credited with it: "The answer is:" has one
     content word, which a source can cover without saying anything the claim does."""
@@ -340,7 +347,8 @@ def suite_versions(calibration: SupportCalibration, rules: ValidatorRules,
     """Each validator's version: its code version plus what it reads (rules hash, contract
     schemas, support threshold, labelled data hash and embedder)."""
     return {"contract": contracts.version, "policy": f"{POLICY_VERSION}:{rules.digest[:8]}",
-            "citations": CITATIONS_VERSION, "support": calibration.version,
+            "citations": f"{CITATIONS_VERSION}:{'attribute' if rules.attribute_uncited else 'strict'}",
+            "support": calibration.version,
             "abstention": f"{ABSTENTION_VERSION}:{rules.digest[:8]}"}
 
 

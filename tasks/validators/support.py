@@ -105,6 +105,7 @@ class SupportCalibration:
     # uncited: the lowest reaching `attribution_target` precision on the same pairs.
     attribution_threshold: float | None = None
     attribution_target: float | None = None
+    attribution_precision: float | None = None  # reached on the pairs: below target if none did
     attribution_cv_precision: float | None = None
 
     @property

@@ -118,6 +118,17 @@ def test_a_source_must_clear_the_stricter_threshold_to_be_credited() -> None:
     assert cited.outcome.status == Status.SUCCEEDED, cited.reasons
 
 
+def test_a_label_lands_after_its_own_sentence_when_an_earlier_one_holds_the_same_words() -> None:
+    # Given a cited sentence that contains the words of a later, uncited one
+    verdict = _judge("Note: Laptops are replaced every 4 years. [S1] Laptops are replaced "
+                     "every 4 years.")
+
+    # Then the label goes after the second sentence, not into the first
+    assert verdict.output == ("Note: Laptops are replaced every 4 years. [S1] Laptops are "
+                              "replaced every 4 years. [S1]")
+    assert [(a.sentence, a.label) for a in verdict.attributions] == [(2, "S1")]
+
+
 def test_a_claim_too_short_to_credit_a_source_with_stays_uncited() -> None:
     # Given an uncited sentence of two content words, both in the first source
     verdict = _judge("Laptops are replaced every 4 years [S1]. Request a replacement.")

@@ -16,7 +16,8 @@ import pytest
 from pydantic import BaseModel, Field
 from typer.testing import CliRunner
 
-from schemas.stages import ItemRecord, ValidationItem, Verdict
+from schemas.documents import BODY_MAX_CHARS
+from schemas.stages import Attribution, ItemRecord, Outcome, ValidationItem, ValidationOutput, Verdict
 from schemas.status import AnswerClass, Stage, Status
 from tasks import adapters
 from tasks.embedding import embedder_id
@@ -466,6 +467,39 @@ def test_the_version_names_every_validator_threshold_and_data(suite: ValidatorSu
         f"{SCORER_VERSION}:t{calibration.threshold:.3f}:a{calibration.attribution_threshold:.3f}:"
         f"d{calibration.data_sha256[:8]}:{calibration.embedder}")
     assert all(v in suite.version for v in suite.versions.values())
+
+
+def test_a_body_the_citation_would_push_over_its_limit_is_left_uncited(
+        suite: ValidatorSuite) -> None:
+    # Given a policy brief whose last body cites nothing and has room for no label
+    sentence = ("If the primary does not acknowledge a page within 10 minutes, PagerLoop "
+                "escalates to the secondary.")
+    body = ("The outgoing primary hands over in a 15-minute call with the incoming primary [S1]. "
+            f"Nobody is on call for more than 2 weeks in a row [S1]. {sentence}")
+    assert BODY_MAX_CHARS - len(" [S3]") < len(body) <= BODY_MAX_CHARS
+
+    # When it is judged
+    verdict = _judge(suite, _policy_brief(body), answer_class=AnswerClass.DOCUMENT,
+                     contract="policy_brief")
+
+    # Then the validator cites nothing rather than release a brief that breaks its contract
+    assert verdict.attributions == []
+    assert ("citations", "missing_citation", 5) in _codes(verdict)
+    assert verdict.output == _policy_brief(body)
+
+
+def test_the_verdict_event_records_each_attribution() -> None:
+    attribution = Attribution(sentence=1, label="S2", chunk_id="c2", score=0.8)
+    verdict = Verdict(request_id="r1", validator_version="v", output="x. [S2]", citations=["c2"],
+                      reasons=[], outcome=Outcome(status=Status.SUCCEEDED),
+                      attributions=[attribution])
+    record = ItemRecord(request_id="r1", tenant="acme", grants=["public"], kind="answer",
+                        payload={}, previous={Stage.GENERATION: {"text": "x."}})
+
+    _, [event] = adapters.validation_results(ValidationOutput(verdicts=[verdict]), [record])
+
+    assert event.payload["attributions"] == [
+        {"sentence": 1, "label": "S2", "chunk_id": "c2", "score": 0.8}]
 
 
 def test_validation_input_gives_each_label_its_chunk_text() -> None:
