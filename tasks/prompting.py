@@ -116,11 +116,7 @@ def escape_draft(text: str) -> str:
     """A rejected draft as inert data, escaped once: entities the model copied from an earlier
     escaped prompt are left as they are, so a draft carried through repair rounds does not
     grow a layer of escaping per round (`&lt;` -> `&amp;lt;` -> `&amp;amp;lt;`)."""
-    return _BRACKET_ROLES.sub(r"&#91;\1", _BARE_SPECIALS.sub(_entity, text))
-
-
-def _entity(match: re.Match[str]) -> str:
-    return {"&": "&amp;", "<": "&lt;", ">": "&gt;"}[match[0]]
+    return _BRACKET_ROLES.sub(r"&#91;\1", _BARE_SPECIALS.sub(lambda m: escape(m[0]), text))
 
 
 @lru_cache(maxsize=4096)

@@ -37,12 +37,6 @@ def check_citations(sentences: Sequence[Sentence], item: ValidationItem) -> list
     return reasons
 
 
-def retrieved_labels(item: ValidationItem) -> list[str]:
-    """The source labels of the draft that name chunks retrieved for this request."""
-    retrieved = set(item.retrieved_chunk_ids)
-    return [label for label, chunk_id in item.source_labels.items() if chunk_id in retrieved]
-
-
 def valid_labels(sentence: Sentence, item: ValidationItem) -> list[str]:
     retrieved = set(item.retrieved_chunk_ids)
     return [label for label in sentence.labels

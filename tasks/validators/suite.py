@@ -32,12 +32,7 @@ from schemas.stages import Attribution, Outcome, Reason, ValidationItem, Verdict
 from schemas.status import Status
 from tasks.embedding import embedder_id
 from tasks.lexical import tokenize
-from tasks.validators.citations import (
-    CITATIONS_VERSION,
-    check_citations,
-    retrieved_labels,
-    valid_labels,
-)
+from tasks.validators.citations import CITATIONS_VERSION, check_citations, valid_labels
 from tasks.validators.contract import Contract, ContractRegistry, claim_passages
 from tasks.validators.policy import PolicyFindings, check_policy, forbidden_output
 from tasks.validators.rules import RULES_PATH, ClassRule, ValidatorRules
@@ -198,9 +193,12 @@ class ValidatorSuite:
         calibration's stricter attribution threshold, when one does; see `_cite`."""
         threshold = self.calibration.attribution_threshold
         assert threshold is not None  # __init__ refuses rules that attribute without one
-        requests = [(case, sentence, label) for case in cases if case.rule.grounded
-                    for sentence in case.claims if not sentence.labels and _attributable(sentence)
-                    for label in _readable_labels(case.item)]
+        requests: list[tuple[_Case, Sentence, str]] = []
+        for case in (c for c in cases if c.rule.grounded):
+            uncited = [s for s in case.claims if not s.labels and _attributable(s)]
+            if uncited:
+                labels = _readable_labels(case.item)
+                requests += [(case, sentence, label) for sentence in uncited for label in labels]
         assessed = self.scorer.assess_many([(s.claim, c.item.chunk_texts[label])
                                             for c, s, label in requests])
         for (case, sentence, label), assessment in zip(requests, assessed, strict=True):
@@ -322,7 +320,9 @@ def _outcome(reasons: list[Reason]) -> Outcome:
 
 def _readable_labels(item: ValidationItem) -> list[str]:
     """The labels of retrieved sources whose text the validator was given."""
-    return [label for label in retrieved_labels(item) if item.chunk_texts.get(label, "").strip()]
+    retrieved = set(item.retrieved_chunk_ids)
+    return [label for label, chunk_id in item.source_labels.items()
+            if chunk_id in retrieved and item.chunk_texts.get(label, "").strip()]
 
 
 def _attributable(sentence: Sentence) -> bool:
