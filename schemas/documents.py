@@ -13,7 +13,8 @@ import re
 from collections.abc import Mapping
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic_core import PydanticCustomError
 
 TITLE_MAX_CHARS = 80
 BODY_MIN_CHARS = 10
@@ -21,6 +22,12 @@ BODY_MIN_CHARS = 10
 BODY_MAX_CHARS = 240
 HEADING_MAX_CHARS = 60
 MAX_SECTIONS = 8
+# A section says something: a body of fewer words ("Health checks", "Runbook-route-planner")
+# is a heading or a name copied into the body, which a source can "support" word for word.
+BODY_MIN_WORDS = 3
+_LABEL = re.compile(r"\[S\d+\]")
+_WORD = re.compile(r"\S*[^\W\d_]\S*")
+_ALNUM = re.compile(r"[^\W_]+")
 
 
 class UnknownDocumentName(KeyError):
@@ -85,6 +92,27 @@ class DocumentModel(BaseModel):
     def claim_texts(self) -> list[str]:
         """Section bodies carry the claims the citation and support validators check."""
         return [getattr(self, name) for name in type(self).model_fields if name != "title"]
+
+    @model_validator(mode="after")
+    def _sections_say_something_of_their_own(self) -> DocumentModel:
+        """Every body is a statement, and no two sections say the same thing: a model that
+        fills every section with one sentence has not written the document."""
+        seen: dict[str, str] = {}
+        for name, info in type(self).model_fields.items():
+            if name == "title":
+                continue
+            heading, body = info.title or name, _LABEL.sub(" ", getattr(self, name))
+            if len(_WORD.findall(body)) < BODY_MIN_WORDS:
+                raise PydanticCustomError("section_not_a_statement", f"section {heading!r} has "
+                                          f"fewer than {BODY_MIN_WORDS} words; write what the "
+                                          "sources say about it")
+            key = " ".join(_ALNUM.findall(body.casefold()))
+            if key in seen:
+                raise PydanticCustomError("sections_repeat", f"sections {seen[key]!r} and "
+                                          f"{heading!r} say the same thing; each section covers "
+                                          "its own part")
+            seen[key] = heading
+        return self
 
 
 class IncidentSummary(DocumentModel):

@@ -66,6 +66,21 @@ def test_a_document_round_trips_through_its_contract() -> None:
     assert contract.parse is json_object and contract.model is IncidentSummary
 
 
+@pytest.mark.parametrize(("field", "body", "message"), [
+    ("follow_ups", "Idempotency keys [S3].", "section 'Follow-ups' has fewer than 3 words"),
+    ("follow_ups", "Idempotency-key-rollout [S3]", "section 'Follow-ups' has fewer than 3 words"),
+    ("impact", "billing-api sent every invoice of 3 May twice. [S2]",
+     "sections 'What happened' and 'Impact' say the same thing"),
+])
+def test_a_section_is_a_statement_of_its_own(field: str, body: str, message: str) -> None:
+    contract = ContractRegistry.default().contracts["incident_summary"]
+
+    parsed, reasons = contract.check(INCIDENT.model_copy(update={field: body}).model_dump_json())
+
+    assert parsed is None and [r.code for r in reasons] == ["invalid"]
+    assert message in reasons[0].message
+
+
 def test_the_claims_are_the_section_bodies_in_order_and_headings_are_field_titles() -> None:
     document = INCIDENT.as_document()
 

@@ -210,4 +210,4 @@ def test_the_version_comes_from_files_alone_and_names_the_suite() -> None:
     version = validators_version()
 
     assert version == default_suite().version
-    assert version.startswith(f"{VALIDATOR_VERSION};contract-1:")
+    assert version.startswith(f"{VALIDATOR_VERSION};contract-2:")

@@ -249,6 +249,37 @@ def test_the_validator_cites_an_uncited_section_body_inside_the_json(
         (3, "S3", "c-escalation")]
 
 
+def test_a_document_that_repeats_one_supported_sentence_in_every_section_fails(
+        suite: ValidatorSuite) -> None:
+    # Given a policy brief whose three bodies are one cited, supported sentence (a small
+    # model's way of filling a schema)
+    sentence = "The on-call week starts with a handoff every Monday at 09:00 ET [S1]."
+    draft = json.dumps({"title": "On-call at Acme", "scope": sentence, "rules": sentence,
+                        "deadlines": sentence.replace("[S1]", "")})
+
+    # When the shipped suite judges it
+    verdict = _judge(suite, draft, answer_class=AnswerClass.DOCUMENT, contract="policy_brief")
+
+    # Then the contract refuses it, naming the sections, before any sentence is checked
+    assert verdict.outcome.status == Status.FAILED
+    assert verdict.outcome.error_class == "ContractViolation"
+    assert _codes(verdict) == [("contract", "invalid", None)]
+    assert "sections 'Scope' and 'Rules' say the same thing" in verdict.reasons[0]
+
+
+def test_a_document_whose_sections_are_names_fails_though_a_source_matches_them(
+        suite: ValidatorSuite) -> None:
+    # Given a runbook brief whose bodies are a name the source's title holds word for word
+    draft = json.dumps({"title": "Route planner", "purpose": "Runbook-route-planner",
+                        "health_checks": "Health-check [S1]", "first_steps": "First steps."})
+
+    verdict = _judge(suite, draft, answer_class=AnswerClass.DOCUMENT, contract="runbook_brief")
+
+    assert verdict.outcome.error_class == "ContractViolation"
+    assert "section 'Purpose' has fewer than 3 words" in verdict.reasons[0]
+    assert verdict.attributions == [] and verdict.citations == []
+
+
 def test_a_markdown_document_fails_its_json_contract(suite: ValidatorSuite) -> None:
     draft = "# On-call\n\n## Scope\nThe on-call week starts with a handoff every Monday [S1]."
 
@@ -263,7 +294,7 @@ def test_the_contracts_version_changes_with_a_model() -> None:
     extended = ContractRegistry.default().register(
         Contract("incident_brief", IncidentBrief, markdown_sections), classes=["document"]).version
 
-    assert base.startswith("contract-1:") and extended != base
+    assert base.startswith("contract-2:") and extended != base
     assert ContractRegistry.default().version == base
 
 
