@@ -20,12 +20,14 @@ from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
+from schemas.documents import DocumentModel
 from schemas.stages import Reason, ValidationItem
 from tasks.files import TEMPLATES_PATH
 from tasks.templates import load_templates
 
-# 2: a document's sections are statements of their own (schemas.documents.DocumentModel);
-# a check outside the JSON schema, so the schema hash alone would not show it.
+# 2: a document's sections are statements of their own (schemas.documents.DocumentModel),
+# a check outside the JSON schema, so the schema hash alone would not show it; and a JSON
+# document's claims begin at its first body (`claims_offset`), where attribution writes labels.
 CONTRACT_VERSION = "contract-2"
 MIN_ANSWER_CHARS = 2
 _HEADING = re.compile(r"^(#{1,6})\s+(.*\S)\s*$")
@@ -168,6 +170,16 @@ class ContractRegistry:
 def claim_passages(parsed: BaseModel, draft: str) -> list[str]:
     """The passages whose sentences must cite sources: the model's own choice, else the draft."""
     return parsed.claim_texts() if _names_claims(type(parsed)) else [draft]
+
+
+def claims_offset(parsed: BaseModel, draft: str) -> int:
+    """Where in the draft a JSON document's claims begin: at its first section body's key, so
+    that a title repeating a body's sentence is not taken for that sentence's place."""
+    first = next((name for name in type(parsed).model_fields if name != "title"), None)
+    if not isinstance(parsed, DocumentModel) or first is None:
+        return 0
+    match = re.search(rf'"{re.escape(first)}"\s*:', draft)
+    return match.start() if match else 0
 
 
 @lru_cache(maxsize=256)

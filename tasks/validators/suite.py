@@ -33,7 +33,7 @@ from schemas.status import Status
 from tasks.embedding import embedder_id
 from tasks.lexical import tokenize
 from tasks.validators.citations import CITATIONS_VERSION, check_citations, valid_labels
-from tasks.validators.contract import Contract, ContractRegistry, claim_passages
+from tasks.validators.contract import Contract, ContractRegistry, claim_passages, claims_offset
 from tasks.validators.policy import PolicyFindings, check_policy, forbidden_output
 from tasks.validators.rules import RULES_PATH, ClassRule, ValidatorRules
 from tasks.validators.support import (
@@ -74,6 +74,7 @@ class _Case:
     output: str | None = None
     policy: PolicyFindings | None = None
     contract: Contract | None = None
+    claims_from: int = 0  # where the claims begin in the draft (after a JSON document's title)
     # uncited claims' best supporting source at the attribution threshold: (label, assessment)
     supporters: dict[int, tuple[str, SupportAssessment]] = field(default_factory=dict)
     attributions: list[Attribution] = field(default_factory=list)
@@ -185,6 +186,7 @@ class ValidatorSuite:
         if parsed is None:
             return
         passages = claim_passages(parsed, item.draft)
+        case.claims_from = claims_offset(parsed, item.draft)
         case.sentences = raw if passages == [item.draft] else split_sentences(
             passages, self.rules.abstention)
 
@@ -211,11 +213,12 @@ class ValidatorSuite:
 
     def _cite(self, case: _Case) -> None:
         """Write each supporter's label after its sentence in the released text. The draft's
-        sentences are found in order, so a label lands after its own sentence even when an
-        earlier one contains the same words. A sentence not found as written (a JSON body
-        with escaped characters) stays uncited; so do all of them when the cited text would
-        no longer fit the item's contract (a body pushed over its length limit)."""
-        text, cursor, sentences, attributions = case.item.draft, 0, [], []
+        sentences are found in order from where its claims begin, so a label lands after its
+        own sentence even when an earlier one, or a document's title, contains the same words.
+        A sentence not found as written (a JSON body with escaped characters) stays uncited;
+        so do all of them when the cited text would no longer fit the item's contract (a body
+        pushed over its length limit)."""
+        text, cursor, sentences, attributions = case.item.draft, case.claims_from, [], []
         for sentence in case.sentences:
             at = text.find(sentence.text, cursor)
             if at < 0:

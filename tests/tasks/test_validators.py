@@ -249,6 +249,26 @@ def test_the_validator_cites_an_uncited_section_body_inside_the_json(
         (3, "S3", "c-escalation")]
 
 
+def test_an_attributed_label_lands_in_the_body_not_in_a_title_that_repeats_it(
+        suite: ValidatorSuite) -> None:
+    # Given a policy brief titled with the very sentence its first body leaves uncited
+    handoff = "The on-call week starts with a handoff every Monday at 09:00 ET."
+    draft = json.dumps({
+        "title": handoff, "scope": handoff,
+        "rules": "The primary receives a stipend of $400 per week [S2].",
+        "deadlines": "If the primary does not acknowledge a page within 10 minutes, "
+                     "PagerLoop escalates to the secondary [S3]."})
+
+    verdict = _judge(suite, draft, answer_class=AnswerClass.DOCUMENT, contract="policy_brief")
+
+    # Then the label goes after the body's sentence, and the title stays as written
+    released = json.loads(verdict.output)
+    assert verdict.outcome.status == Status.SUCCEEDED, verdict.reasons
+    assert released["title"] == handoff
+    assert released["scope"] == f"{handoff} [S1]"
+    assert [(a.sentence, a.label) for a in verdict.attributions] == [(1, "S1")]
+
+
 def test_a_document_that_repeats_one_supported_sentence_in_every_section_fails(
         suite: ValidatorSuite) -> None:
     # Given a policy brief whose three bodies are one cited, supported sentence (a small
