@@ -24,10 +24,10 @@ HEADING_MAX_CHARS = 60
 MAX_SECTIONS = 8
 # A section says something: a body of fewer words ("Health checks", "Runbook-route-planner")
 # is a heading or a name copied into the body, which a source can "support" word for word.
+# Words are letters or digits ("Within 24 hours" is three); source labels are not words.
 BODY_MIN_WORDS = 3
-_LABEL = re.compile(r"\[S\d+\]")
-_WORD = re.compile(r"\S*[^\W\d_]\S*")
-_ALNUM = re.compile(r"[^\W_]+")
+CITATION_LABEL = re.compile(r"\[[A-Z]\d+\]")  # as the citation validator reads labels
+_WORD = re.compile(r"[^\W_]+(?:[-'.,/:][^\W_]+)*")
 
 
 class UnknownDocumentName(KeyError):
@@ -83,36 +83,43 @@ class DocumentModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     title: Title
 
+    def sections(self) -> list[tuple[str, str]]:
+        """(heading, body) of each section in render order; a heading is its field's title."""
+        return [(info.title or name, getattr(self, name))
+                for name, info in type(self).model_fields.items() if name != "title"]
+
     def as_document(self) -> Document:
-        fields = type(self).model_fields
         return Document(title=self.title, sections=[
-            Section(heading=info.title or name, body=getattr(self, name))
-            for name, info in fields.items() if name != "title"])
+            Section(heading=heading, body=body) for heading, body in self.sections()])
 
     def claim_texts(self) -> list[str]:
         """Section bodies carry the claims the citation and support validators check."""
-        return [getattr(self, name) for name in type(self).model_fields if name != "title"]
+        return [body for _, body in self.sections()]
 
     @model_validator(mode="after")
     def _sections_say_something_of_their_own(self) -> DocumentModel:
-        """Every body is a statement, and no two sections say the same thing: a model that
-        fills every section with one sentence has not written the document."""
-        seen: dict[str, str] = {}
-        for name, info in type(self).model_fields.items():
-            if name == "title":
-                continue
-            heading, body = info.title or name, _LABEL.sub(" ", getattr(self, name))
-            if len(_WORD.findall(body)) < BODY_MIN_WORDS:
-                raise PydanticCustomError("section_not_a_statement", f"section {heading!r} has "
-                                          f"fewer than {BODY_MIN_WORDS} words; write what the "
-                                          "sources say about it")
-            key = " ".join(_ALNUM.findall(body.casefold()))
-            if key in seen:
-                raise PydanticCustomError("sections_repeat", f"sections {seen[key]!r} and "
-                                          f"{heading!r} say the same thing; each section covers "
-                                          "its own part")
-            seen[key] = heading
+        """Every body is a statement, and no two bodies are the same text: a model that fills
+        every section with one sentence has not written the document. All offending sections
+        are named in one message, the repair feedback. (A PydanticCustomError keeps pydantic's
+        "Value error, " prefix out of it.)"""
+        short: list[str] = []
+        by_text: dict[str, list[str]] = {}
+        for heading, body in self.sections():
+            words = _WORD.findall(CITATION_LABEL.sub(" ", body))
+            if len(words) < BODY_MIN_WORDS:
+                short.append(f"{heading!r} ({len(words)})")
+            by_text.setdefault(" ".join(words).casefold(), []).append(repr(heading))
+        problems = [f"fewer than {BODY_MIN_WORDS} words in {', '.join(short)}"] if short else []
+        problems += [f"the same text in {_and(headings)}" for headings in by_text.values()
+                     if len(headings) > 1]
+        if problems:
+            raise PydanticCustomError("sections_not_statements", "; ".join(problems)
+                                      + "; write each section's own part from the sources")
         return self
+
+
+def _and(items: list[str]) -> str:
+    return f"{', '.join(items[:-1])} and {items[-1]}"
 
 
 class IncidentSummary(DocumentModel):

@@ -109,7 +109,7 @@ class Contract:
             return self.model.model_validate(raw), []
         except ValidationError as exc:
             return None, [_reason("invalid", f"The output does not fit the {self.name} contract: "
-                                  f"{_where(error['loc'])}{_short(error['msg'])}.")
+                                  f"{_where(error['loc'])}{_short(error['msg'], 240)}.")
                           for error in exc.errors()[:5]]
 
     def fingerprint(self) -> str:
@@ -174,11 +174,12 @@ def claim_passages(parsed: BaseModel, draft: str) -> list[str]:
 
 def claims_offset(parsed: BaseModel, draft: str) -> int:
     """Where in the draft a JSON document's claims begin: at its first section body's key, so
-    that a title repeating a body's sentence is not taken for that sentence's place."""
-    first = next((name for name in type(parsed).model_fields if name != "title"), None)
-    if not isinstance(parsed, DocumentModel) or first is None:
+    that a title written before the bodies (as schema-constrained decoding writes it), repeating
+    a body's sentence, is not taken for that sentence's place."""
+    if not isinstance(parsed, DocumentModel):
         return 0
-    match = re.search(rf'"{re.escape(first)}"\s*:', draft)
+    first = next((name for name in type(parsed).model_fields if name != "title"), None)
+    match = None if first is None else re.search(rf'"{re.escape(first)}"\s*:', draft)
     return match.start() if match else 0
 
 

@@ -74,7 +74,7 @@ class _Case:
     output: str | None = None
     policy: PolicyFindings | None = None
     contract: Contract | None = None
-    claims_from: int = 0  # where the claims begin in the draft (after a JSON document's title)
+    claims_offset: int = 0  # where the claims begin in the draft: a JSON document's first body
     # uncited claims' best supporting source at the attribution threshold: (label, assessment)
     supporters: dict[int, tuple[str, SupportAssessment]] = field(default_factory=dict)
     attributions: list[Attribution] = field(default_factory=list)
@@ -186,7 +186,7 @@ class ValidatorSuite:
         if parsed is None:
             return
         passages = claim_passages(parsed, item.draft)
-        case.claims_from = claims_offset(parsed, item.draft)
+        case.claims_offset = claims_offset(parsed, item.draft)
         case.sentences = raw if passages == [item.draft] else split_sentences(
             passages, self.rules.abstention)
 
@@ -218,7 +218,7 @@ class ValidatorSuite:
         A sentence not found as written (a JSON body with escaped characters) stays uncited;
         so do all of them when the cited text would no longer fit the item's contract (a body
         pushed over its length limit)."""
-        text, cursor, sentences, attributions = case.item.draft, case.claims_from, [], []
+        text, cursor, sentences, attributions = case.item.draft, case.claims_offset, [], []
         for sentence in case.sentences:
             at = text.find(sentence.text, cursor)
             if at < 0:

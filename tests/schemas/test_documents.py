@@ -67,10 +67,10 @@ def test_a_document_round_trips_through_its_contract() -> None:
 
 
 @pytest.mark.parametrize(("field", "body", "message"), [
-    ("follow_ups", "Idempotency keys [S3].", "section 'Follow-ups' has fewer than 3 words"),
-    ("follow_ups", "Idempotency-key-rollout [S3]", "section 'Follow-ups' has fewer than 3 words"),
+    ("follow_ups", "Idempotency keys [S3].", "fewer than 3 words in 'Follow-ups' (2)"),
+    ("follow_ups", "Idempotency-key-rollout [S3]", "fewer than 3 words in 'Follow-ups' (1)"),
     ("impact", "billing-api sent every invoice of 3 May twice. [S2]",
-     "sections 'What happened' and 'Impact' say the same thing"),
+     "the same text in 'What happened' and 'Impact'"),
 ])
 def test_a_section_is_a_statement_of_its_own(field: str, body: str, message: str) -> None:
     contract = ContractRegistry.default().contracts["incident_summary"]
@@ -79,6 +79,20 @@ def test_a_section_is_a_statement_of_its_own(field: str, body: str, message: str
 
     assert parsed is None and [r.code for r in reasons] == ["invalid"]
     assert message in reasons[0].message
+
+
+def test_numbers_are_words_and_every_offending_section_is_named_at_once() -> None:
+    contract = ContractRegistry.default().contracts["incident_summary"]
+    short = INCIDENT.model_copy(update={"impact": "Within 24 hours [S2].",
+                                        "root_cause": "No idempotency [S1].",
+                                        "follow_ups": "No idempotency."})
+
+    parsed, [reason] = contract.check(short.model_dump_json())
+
+    assert parsed is None
+    assert "'Impact'" not in reason.message  # "Within 24 hours" is three words
+    assert "fewer than 3 words in 'Root cause' (2), 'Follow-ups' (2)" in reason.message
+    assert "the same text in 'Root cause' and 'Follow-ups'" in reason.message
 
 
 def test_the_claims_are_the_section_bodies_in_order_and_headings_are_field_titles() -> None:

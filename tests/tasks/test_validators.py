@@ -280,24 +280,26 @@ def test_a_document_that_repeats_one_supported_sentence_in_every_section_fails(
     # When the shipped suite judges it
     verdict = _judge(suite, draft, answer_class=AnswerClass.DOCUMENT, contract="policy_brief")
 
-    # Then the contract refuses it, naming the sections, before any sentence is checked
+    # Then the contract refuses it, naming every repeat, before any sentence is checked
     assert verdict.outcome.status == Status.FAILED
     assert verdict.outcome.error_class == "ContractViolation"
     assert _codes(verdict) == [("contract", "invalid", None)]
-    assert "sections 'Scope' and 'Rules' say the same thing" in verdict.reasons[0]
+    assert "the same text in 'Scope', 'Rules' and 'Deadlines'" in verdict.reasons[0]
 
 
-def test_a_document_whose_sections_are_names_fails_though_a_source_matches_them(
-        suite: ValidatorSuite) -> None:
-    # Given a runbook brief whose bodies are a name the source's title holds word for word
+def test_a_document_whose_sections_are_names_fails(suite: ValidatorSuite) -> None:
+    # Given a runbook brief whose bodies are a name, a cited name and a heading
     draft = json.dumps({"title": "Route planner", "purpose": "Runbook-route-planner",
                         "health_checks": "Health-check [S1]", "first_steps": "First steps."})
 
+    # When the shipped suite judges it
     verdict = _judge(suite, draft, answer_class=AnswerClass.DOCUMENT, contract="runbook_brief")
 
+    # Then the contract fails it, naming each section
+    assert verdict.outcome.status == Status.FAILED
     assert verdict.outcome.error_class == "ContractViolation"
-    assert "section 'Purpose' has fewer than 3 words" in verdict.reasons[0]
-    assert verdict.attributions == [] and verdict.citations == []
+    assert ("fewer than 3 words in 'Purpose' (1), 'Health checks' (1), "
+            "'First steps when it fails' (2)") in verdict.reasons[0]
 
 
 def test_a_markdown_document_fails_its_json_contract(suite: ValidatorSuite) -> None:
