@@ -26,7 +26,7 @@ MAX_SECTIONS = 8
 # is a heading or a name copied into the body, which a source can "support" word for word.
 # Words are letters or digits ("Within 24 hours" is three); source labels are not words.
 BODY_MIN_WORDS = 3
-CITATION_LABEL = re.compile(r"\[[A-Z]\d+\]")  # as the citation validator reads labels
+CITATION_LABEL = re.compile(r"\[([A-Z]\d+)\]")  # a source label, "[S1]": the validators read it too
 _WORD = re.compile(r"[^\W_]+(?:[-'.,/:][^\W_]+)*")
 
 

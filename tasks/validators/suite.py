@@ -28,6 +28,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from schemas.stages import Attribution, Outcome, Reason, ValidationItem, Verdict
 from schemas.status import Status
 from tasks.embedding import embedder_id
@@ -74,7 +76,7 @@ class _Case:
     output: str | None = None
     policy: PolicyFindings | None = None
     contract: Contract | None = None
-    claims_offset: int = 0  # where the claims begin in the draft: a JSON document's first body
+    parsed: BaseModel | None = None  # the draft under its contract, when it fits
     # uncited claims' best supporting source at the attribution threshold: (label, assessment)
     supporters: dict[int, tuple[str, SupportAssessment]] = field(default_factory=dict)
     attributions: list[Attribution] = field(default_factory=list)
@@ -185,8 +187,8 @@ class ValidatorSuite:
         case.reasons.extend(case.policy.reasons)
         if parsed is None:
             return
+        case.parsed = parsed
         passages = claim_passages(parsed, item.draft)
-        case.claims_offset = claims_offset(parsed, item.draft)
         case.sentences = raw if passages == [item.draft] else split_sentences(
             passages, self.rules.abstention)
 
@@ -218,7 +220,8 @@ class ValidatorSuite:
         A sentence not found as written (a JSON body with escaped characters) stays uncited;
         so do all of them when the cited text would no longer fit the item's contract (a body
         pushed over its length limit)."""
-        text, cursor, sentences, attributions = case.item.draft, case.claims_offset, [], []
+        text, sentences, attributions = case.item.draft, [], []
+        cursor = 0 if case.parsed is None else claims_offset(case.parsed, text)
         for sentence in case.sentences:
             at = text.find(sentence.text, cursor)
             if at < 0:

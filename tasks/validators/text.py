@@ -12,7 +12,8 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-CITATION = re.compile(r"\[([A-Z]\d+)\]")
+from schemas.documents import CITATION_LABEL
+
 _LEADING_CITATIONS = re.compile(r"^(?:\s*\[[A-Z]\d+\])+[.,;:]?")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _BULLET = re.compile(r"^\s*(?:[-*+•]|\d{1,2}[.)])\s+")
@@ -45,11 +46,11 @@ def split_sentences(passages: Iterable[str], abstention: re.Pattern[str]) -> lis
            for piece in _line_sentences(line)]
     sentences: list[Sentence] = []
     for text in raw:
-        claim = " ".join(CITATION.sub(" ", text).split())
+        claim = " ".join(CITATION_LABEL.sub(" ", text).split())
         claim = re.sub(r"\s+([.,;:!?])", r"\1", claim)
-        if not re.search(r"[^\W\d_]", claim) and not CITATION.search(text):
+        if not re.search(r"[^\W\d_]", claim) and not CITATION_LABEL.search(text):
             continue
-        labels = tuple(dict.fromkeys(CITATION.findall(text)))
+        labels = tuple(dict.fromkeys(CITATION_LABEL.findall(text)))
         sentences.append(Sentence(index=len(sentences) + 1, text=text, claim=claim,
                                   labels=labels, abstains=is_abstention(claim, abstention)))
     return sentences
