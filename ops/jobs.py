@@ -284,14 +284,20 @@ def rendered(session: Session, requests: list[Request]) -> dict[str, str]:
 
 def render_output(request: Request, labels: dict[str, str], sources: dict[str, SourceRef],
                   contracts: ContractRegistry) -> str:
-    """A document whose output parses as its template's contract renders with its title and
-    section headings; any other output renders as cited text."""
+    """A document whose output has its template's shape renders with its title and section
+    headings; any other output renders as cited text. The shape only: the content was judged
+    by the validators the request was pinned to, and exporting it again under a later
+    contract must not turn it into plain text."""
     text = request.output or ""
     template = (request.payload or {}).get("template") if request.kind == "document" else None
     contract = contracts.contracts.get(str(template)) if template else None
-    parsed = contract.check(text)[0] if contract is not None else None
-    if isinstance(parsed, DocumentModel):
-        return render_document(parsed, labels, sources)
+    if contract is not None and issubclass(contract.model, DocumentModel):
+        try:
+            document = contract.model.delivered(contract.parse(text))
+        except ValueError:  # not JSON (json.JSONDecodeError is a ValueError)
+            document = None
+        if document is not None:
+            return render_document(document, labels, sources)
     return render_markdown(text, labels, sources)
 
 

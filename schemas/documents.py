@@ -96,6 +96,17 @@ class DocumentModel(BaseModel):
         """Section bodies carry the claims the citation and support validators check."""
         return [body for _, body in self.sections()]
 
+    @classmethod
+    def delivered(cls, raw: object) -> DocumentModel | None:
+        """`raw` in this model's shape, without its checks: an object of exactly its fields,
+        each a string; None for anything else. For rendering a document the validators
+        accepted when it was delivered: a later contract's stricter rules must not change how
+        an earlier result renders."""
+        if not isinstance(raw, dict) or raw.keys() != cls.model_fields.keys() \
+                or not all(isinstance(value, str) for value in raw.values()):
+            return None
+        return cls.model_construct(**{name: value.strip() for name, value in raw.items()})
+
     @model_validator(mode="after")
     def _sections_say_something_of_their_own(self) -> DocumentModel:
         """Every body is a statement, and no two bodies are the same text: a model that fills

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from ops.jobs import render_output
@@ -34,3 +36,19 @@ def test_a_document_that_fits_its_contract_renders_with_headings(
 
     assert md.startswith(starts)
     assert md.count("**Sources**") == 1
+
+
+def test_a_delivered_document_renders_with_headings_under_a_stricter_contract() -> None:
+    """A document accepted under an earlier contract (here: two sections with the same text,
+    which contract-2 rejects) is exported again with its headings, not as plain JSON."""
+    earlier = json.loads(DOCUMENT) | {"follow_ups": "Customers were billed twice [S1]."}
+    request = Request(kind="document", payload={"template": "incident_summary"},
+                      output=json.dumps(earlier))
+    contracts = ContractRegistry.default()
+    assert contracts.contracts["incident_summary"].check(request.output)[0] is None
+
+    md = render_output(request, LABELS, SOURCES, contracts)
+
+    assert md.startswith("# INC-2057\n\n## What happened\n\nInvoices went out twice [1].")
+    assert md.count("Customers were billed twice [1].") == 2
+    assert "## Follow-ups" in md

@@ -114,6 +114,23 @@ def test_a_mapping_becomes_a_document_by_its_shape() -> None:
         document_from_mapping({"title": "x", "summary": "y"})
 
 
+def test_a_delivered_document_is_read_by_its_shape_not_judged_again() -> None:
+    repeated = {**INCIDENT.model_dump(), "impact": "Invoices went out twice.",
+                "follow_ups": " Invoices went out twice. "}
+    with pytest.raises(ValueError, match="the same text in 'Impact' and 'Follow-ups'"):
+        IncidentSummary.model_validate(repeated)
+
+    document = IncidentSummary.delivered(repeated)
+
+    assert isinstance(document, IncidentSummary)
+    assert document.claim_texts()[1:] == ["Invoices went out twice.", INCIDENT.root_cause,
+                                          "Invoices went out twice."]  # stripped, as checked
+    assert IncidentSummary.delivered(INCIDENT.model_dump()) == INCIDENT
+    for other in ({"title": "x"}, {**INCIDENT.model_dump(), "summary": "y"},
+                  {**INCIDENT.model_dump(), "impact": 3}, [INCIDENT.model_dump()], "text"):
+        assert IncidentSummary.delivered(other) is None
+
+
 GOOD = PolicyBrief(title="Expense policy for new managers",
                    scope="The policy applies to every employee who spends company money [S1].",
                    rules="Receipts are required for every expense above $25 [S1].",
