@@ -9,6 +9,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -38,23 +39,34 @@ def _settings() -> Settings:
     try:
         return Settings()
     except ValueError as exc:
-        console.print(f"[red]configuration error:[/red] {exc}")
+        console.print(f"[red]configuration error:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
 
 
 def _fail(message: str) -> NoReturn:
-    console.print(f"[red]error:[/red] {message}")
+    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
     raise typer.Exit(1)
+
+
+def _store() -> Settings:
+    """Settings whose audit store is reachable and migrated, for the commands that read or
+    change what is in it; otherwise a message that says what to do, not a traceback."""
+    from workers.store.migrate import StoreNotReady, check_ready
+
+    settings = _settings()
+    try:
+        check_ready(settings.database_url)
+    except StoreNotReady as exc:
+        _fail(str(exc))
+    return settings
 
 
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Create or migrate the audit store to the newest schema."""
-    from workers.store.migrate import upgrade
+    from workers.store.migrate import shown
 
-    settings = _settings()
-    upgrade(settings.database_url)
-    console.print(f"audit store at head: {settings.database_url.split('@')[-1]}")
+    console.print(f"audit store at head: {shown(_prepared().database_url)}")
 
 
 @models_app.command("prepare")
@@ -180,10 +192,16 @@ def index_rollback() -> None:
 
 def _prepared() -> Settings:
     """Settings with the store migrated (cheap when already at head)."""
-    from workers.store.migrate import upgrade
+    from sqlalchemy.exc import OperationalError
+
+    from workers.store.migrate import shown, upgrade
 
     settings = _settings()
-    upgrade(settings.database_url)
+    try:
+        upgrade(settings.database_url)
+    except OperationalError as exc:
+        reason = str(exc.orig or exc).strip().splitlines()[0]
+        _fail(f"cannot reach the audit store at {shown(settings.database_url)}: {reason}")
     return settings
 
 
@@ -276,7 +294,7 @@ def status(job_id: str) -> None:
     from workers.store.admission import job_counts
     from workers.store.engine import session_scope
 
-    with session_scope(_settings().database_url) as session:
+    with session_scope(_store().database_url) as session:
         counts = job_counts(session, job_id)
     if not counts:
         _fail(f"no job with id {job_id!r}")
@@ -289,7 +307,7 @@ def results(job_id: str, out_dir: Annotated[Path, typer.Option("--out")] = Path(
     from ops.jobs import export_job
 
     try:
-        paths = export_job(_settings(), job_id, out_dir / job_id)
+        paths = export_job(_store(), job_id, out_dir / job_id)
     except ValueError as exc:
         _fail(str(exc))
     out.print(f"wrote {paths[0]} and {paths[1]}")
@@ -303,7 +321,7 @@ def cancel(job_id: str) -> None:
     from workers.store.operators import cancel_job
 
     try:
-        with session_scope(_settings().database_url) as session:
+        with session_scope(_store().database_url) as session:
             count = cancel_job(session, job_id)
     except AdmissionError as exc:
         _fail(str(exc))
@@ -318,7 +336,7 @@ def worker(queue: Annotated[Stage, typer.Option(help="the stage whose queues to 
     """Serve one stage's online and batch queues (online first)."""
     from ops.embedded import celery_worker_command, worker_env
 
-    settings = _settings()
+    settings = _store()
     os.environ.update(worker_env(settings))
     argv = celery_worker_command(settings, queue, concurrency, f"{queue.value}@%h")
     os.execv(argv[0], argv)
@@ -329,7 +347,7 @@ def reconcile(once: bool = False) -> None:
     """Re-drive shards whose lease expired or that stalled (runs until stopped)."""
     from workers.reconciler import ReconcilerThread, reconcile_once
 
-    settings = _settings()
+    settings = _store()
     if once:
         out.print(f"re-drove {len(reconcile_once(settings))} shard stage(s)")
         return
@@ -346,7 +364,7 @@ def failed(job: Annotated[str | None, typer.Option(help="only this job")] = None
     from workers.store.operators import failed_requests
 
     table = Table("request", "custom_id", "job", "stage", "error", "message")
-    with session_scope(_settings().database_url) as session:
+    with session_scope(_store().database_url) as session:
         for r in failed_requests(session, job, limit):
             table.add_row(r.id, r.custom_id, r.job_id or "-", r.error_stage or "-",
                           r.error_class or "-", (r.error_message or "")[:80])
@@ -361,7 +379,7 @@ def audit(request_id: str, as_json: Annotated[bool, typer.Option("--json")] = Fa
     from workers.store.operators import audit_trail
 
     try:
-        with session_scope(_settings().database_url) as session:
+        with session_scope(_store().database_url) as session:
             trail = _trail_json(audit_trail(session, request_id))
     except AdmissionError as exc:
         _fail(str(exc))
@@ -428,7 +446,7 @@ def replay(request_id: str,
     from workers.store.engine import session_scope
     from workers.store.operators import replay as replay_request
 
-    settings = _settings()
+    settings = _store()
     try:
         with session_scope(settings.database_url) as session:
             dispatch = replay_request(session, request_id, from_stage,

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tasks.files import ROUTER_EXAMPLES_PATH, ROUTER_RULES_PATH, TEMPLATES_PATH
@@ -38,7 +39,7 @@ def router_train(
         with console.status("embedding examples and training the head"):
             head = train_router(examples, params, target, Embedder(settings.embedder_model))
     except (RouterClassifierError, RouterRulesError, ValueError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
     _print_head(head, head_path(target, head.version))
     assert head.evaluation is not None

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tasks.validators.calibration import (
@@ -62,7 +63,7 @@ def validators_calibrate(
                                attribution_precision)
             held_out = evaluate(held, scorer, report.calibration.threshold) if held else None
     except (PairsError, OSError, ValueError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
     _print_report(report, pairs, held_out, holdout, mistakes)
     if write:

@@ -77,10 +77,23 @@ def test_sluice_run_reports_a_missing_file_clearly(tmp_path: Path) -> None:
     assert "job file not found" in result.stderr
 
 
+@pytest.mark.parametrize("command", [("audit", "req-x"), ("failed",), ("status", "job-x"),
+                                     ("replay", "req-x"), ("worker", "--queue", "router")])
+def test_operator_commands_on_a_missing_store_say_what_to_do(tmp_path: Path,
+                                                              command: tuple[str, ...]) -> None:
+    result = _sluice(*command, env=_embedded_env(tmp_path), cwd=tmp_path)
+
+    assert result.returncode == 1
+    assert "no audit store at" in result.stderr and "sluice db upgrade" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "audit.db").exists()
+
+
 def test_sluice_worker_runs_an_earlier_stage_at_a_lower_cpu_priority(tmp_path: Path) -> None:
     # `sluice worker` becomes the Celery worker under `nice`, by its stage
     # (SLUICE_STAGE_NICE_STEP): the router, three stages before validation, three steps up.
     env = {**_embedded_env(tmp_path / "data"), "SLUICE_STAGE_NICE_STEP": "1"}
+    assert _sluice("db", "upgrade", env=env, cwd=tmp_path).returncode == 0  # a worker needs a store
     command = [str(Path(sys.executable).parent / "sluice"), "worker", "--queue", "router"]
     worker = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)

@@ -26,6 +26,48 @@ def test_migrating_an_empty_store_to_head_matches_the_models(tmp_path: Path) -> 
     assert diff == []
 
 
+@pytest.mark.unit
+def test_a_store_not_ready_is_named_with_what_to_do_and_never_created(tmp_path: Path) -> None:
+    import sqlalchemy as sa
+
+    from workers.store.engine import get_engine
+    from workers.store.migrate import StoreNotReady, check_ready, upgrade
+
+    path = tmp_path / "audit.db"
+    url = f"sqlite:///{path}"
+    with pytest.raises(StoreNotReady, match=r"no audit store at .*audit\.db: `sluice run FILE`"):
+        check_ready(url)
+    assert not path.exists()  # looking did not create it
+
+    path.touch()
+    with pytest.raises(StoreNotReady, match="has no schema: run `sluice db upgrade`"):
+        check_ready(url)
+
+    upgrade(url, "0012")
+    with pytest.raises(StoreNotReady, match="at revision 0012, this code needs 0013"):
+        check_ready(url)
+
+    upgrade(url)
+    check_ready(url)
+
+    engine = get_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("update alembic_version set version_num = '0099'"))
+    engine.dispose()
+    with pytest.raises(StoreNotReady, match="revision 0099, which this code does not know"):
+        check_ready(url)
+
+
+@pytest.mark.unit
+def test_an_unreachable_store_is_named_without_its_password() -> None:
+    from workers.store.migrate import StoreNotReady, check_ready
+
+    with pytest.raises(StoreNotReady, match=r"cannot reach the audit store at "
+                       r"postgresql://sluice:\*\*\*@127\.0\.0\.1:1/x: .*") as caught:
+        check_ready("postgresql://sluice:secret@127.0.0.1:1/x")
+    assert "secret" not in str(caught.value)
+
+
 @pytest.mark.integration
 def test_live_stage_runs_become_pending_shard_stages(empty_store_url: str) -> None:
     """0006 moves the per-item leases into one shard stage per (shard, stage, run, round):
