@@ -95,10 +95,12 @@ def ingest(
     """Ingest Markdown, text and HTML files into the audit store; then `sluice index build`.
 
     Re-ingesting replaces only files whose content or ACL changed. Bad files (unreadable,
-    empty, not UTF-8, unsupported type) are reported by name and skipped.
+    empty, not UTF-8, unsupported type) are reported by name and skipped. A PATH that does not
+    exist makes the command exit 1 after ingesting the others, so that scripts notice.
     """
     from ops.corpus import CorpusError, ingest_paths, ingest_tree
 
+    missing = [str(path) for path in paths if not path.exists()]
     settings = _prepared()
     labels = [label.strip() for label in acl.split(",") if label.strip()]
     try:
@@ -126,6 +128,8 @@ def ingest(
                   + f", {len(skipped)} skipped; {totals['chunks']} chunks written")
     if any(r.changed for r in reports):
         console.print("the corpus changed: run `sluice index build` to serve it")
+    if missing:
+        _fail(f"not found: {', '.join(missing)}")
 
 
 @app.command("seed-records")

@@ -157,4 +157,5 @@ def test_the_ingest_and_index_commands(settings: Settings, docs: Path) -> None:
     assert listed.exit_code == 0 and "flat" in listed.output
     missing = runner.invoke(app, ["ingest", str(docs / "nope"), "--tenant", "globex"])
     assert "no such file or folder" in missing.output
+    assert missing.exit_code == 1 and "not found: " in missing.output
     assert runner.invoke(app, ["index", "rollback"]).exit_code == 1
