@@ -48,9 +48,9 @@ def _fail(message: str) -> NoReturn:
     raise typer.Exit(1)
 
 
-def _store() -> Settings:
-    """Settings whose audit store is reachable and migrated, for the commands that read or
-    change what is in it; otherwise a message that says what to do, not a traceback."""
+def _with_ready_store() -> Settings:
+    """Settings whose audit store exists, is reachable and is migrated, for the commands that
+    read or change what is in it; otherwise a message that says what to do, not a traceback."""
     from workers.store.migrate import StoreNotReady, check_ready
 
     settings = _settings()
@@ -64,9 +64,9 @@ def _store() -> Settings:
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Create or migrate the audit store to the newest schema."""
-    from workers.store.migrate import shown
+    from workers.store.migrate import url_for_messages
 
-    console.print(f"audit store at head: {shown(_prepared().database_url)}")
+    console.print(f"audit store at head: {url_for_messages(_prepared().database_url)}")
 
 
 @models_app.command("prepare")
@@ -95,12 +95,14 @@ def ingest(
     """Ingest Markdown, text and HTML files into the audit store; then `sluice index build`.
 
     Re-ingesting replaces only files whose content or ACL changed. Bad files (unreadable,
-    empty, not UTF-8, unsupported type) are reported by name and skipped. A PATH that does not
-    exist makes the command exit 1 after ingesting the others, so that scripts notice.
+    empty, not UTF-8, unsupported type) are reported by name and skipped. Every PATH must
+    exist: a mistyped one ingests nothing and exits 1.
     """
     from ops.corpus import CorpusError, ingest_paths, ingest_tree
 
     missing = [str(path) for path in paths if not path.exists()]
+    if missing:
+        _fail(f"not found: {', '.join(missing)}; nothing ingested")
     settings = _prepared()
     labels = [label.strip() for label in acl.split(",") if label.strip()]
     try:
@@ -120,7 +122,8 @@ def ingest(
     skipped = [item for report in reports for item in report.skipped]
     for path, reason in skipped:
         # soft_wrap: a long path stays on one line, whole, whatever the terminal's width
-        console.print(f"[yellow]skipped[/yellow] {path}: {reason}", soft_wrap=True)
+        console.print(f"[yellow]skipped[/yellow] {escape(str(path))}: {escape(reason)}",
+                      soft_wrap=True)
     totals = {name: sum(getattr(r, name) for r in reports)
               for name in ("added", "updated", "unchanged", "restored", "retired", "chunks")}
     console.print("documents: " + ", ".join(f"{n} {name}" for name, n in totals.items()
@@ -128,8 +131,6 @@ def ingest(
                   + f", {len(skipped)} skipped; {totals['chunks']} chunks written")
     if any(r.changed for r in reports):
         console.print("the corpus changed: run `sluice index build` to serve it")
-    if missing:
-        _fail(f"not found: {', '.join(missing)}")
 
 
 @app.command("seed-records")
@@ -196,16 +197,13 @@ def index_rollback() -> None:
 
 def _prepared() -> Settings:
     """Settings with the store migrated (cheap when already at head)."""
-    from sqlalchemy.exc import OperationalError
-
-    from workers.store.migrate import shown, upgrade
+    from workers.store.migrate import StoreNotReady, upgrade_store
 
     settings = _settings()
     try:
-        upgrade(settings.database_url)
-    except OperationalError as exc:
-        reason = str(exc.orig or exc).strip().splitlines()[0]
-        _fail(f"cannot reach the audit store at {shown(settings.database_url)}: {reason}")
+        upgrade_store(settings.database_url)
+    except StoreNotReady as exc:
+        _fail(str(exc))
     return settings
 
 
@@ -298,7 +296,7 @@ def status(job_id: str) -> None:
     from workers.store.admission import job_counts
     from workers.store.engine import session_scope
 
-    with session_scope(_store().database_url) as session:
+    with session_scope(_with_ready_store().database_url) as session:
         counts = job_counts(session, job_id)
     if not counts:
         _fail(f"no job with id {job_id!r}")
@@ -311,7 +309,7 @@ def results(job_id: str, out_dir: Annotated[Path, typer.Option("--out")] = Path(
     from ops.jobs import export_job
 
     try:
-        paths = export_job(_store(), job_id, out_dir / job_id)
+        paths = export_job(_with_ready_store(), job_id, out_dir / job_id)
     except ValueError as exc:
         _fail(str(exc))
     out.print(f"wrote {paths[0]} and {paths[1]}")
@@ -325,7 +323,7 @@ def cancel(job_id: str) -> None:
     from workers.store.operators import cancel_job
 
     try:
-        with session_scope(_store().database_url) as session:
+        with session_scope(_with_ready_store().database_url) as session:
             count = cancel_job(session, job_id)
     except AdmissionError as exc:
         _fail(str(exc))
@@ -340,7 +338,7 @@ def worker(queue: Annotated[Stage, typer.Option(help="the stage whose queues to 
     """Serve one stage's online and batch queues (online first)."""
     from ops.embedded import celery_worker_command, worker_env
 
-    settings = _store()
+    settings = _with_ready_store()
     os.environ.update(worker_env(settings))
     argv = celery_worker_command(settings, queue, concurrency, f"{queue.value}@%h")
     os.execv(argv[0], argv)
@@ -351,7 +349,7 @@ def reconcile(once: bool = False) -> None:
     """Re-drive shards whose lease expired or that stalled (runs until stopped)."""
     from workers.reconciler import ReconcilerThread, reconcile_once
 
-    settings = _store()
+    settings = _with_ready_store()
     if once:
         out.print(f"re-drove {len(reconcile_once(settings))} shard stage(s)")
         return
@@ -368,7 +366,7 @@ def failed(job: Annotated[str | None, typer.Option(help="only this job")] = None
     from workers.store.operators import failed_requests
 
     table = Table("request", "custom_id", "job", "stage", "error", "message")
-    with session_scope(_store().database_url) as session:
+    with session_scope(_with_ready_store().database_url) as session:
         for r in failed_requests(session, job, limit):
             table.add_row(r.id, r.custom_id, r.job_id or "-", r.error_stage or "-",
                           r.error_class or "-", (r.error_message or "")[:80])
@@ -383,7 +381,7 @@ def audit(request_id: str, as_json: Annotated[bool, typer.Option("--json")] = Fa
     from workers.store.operators import audit_trail
 
     try:
-        with session_scope(_store().database_url) as session:
+        with session_scope(_with_ready_store().database_url) as session:
             trail = _trail_json(audit_trail(session, request_id))
     except AdmissionError as exc:
         _fail(str(exc))
@@ -450,7 +448,7 @@ def replay(request_id: str,
     from workers.store.engine import session_scope
     from workers.store.operators import replay as replay_request
 
-    settings = _store()
+    settings = _with_ready_store()
     try:
         with session_scope(settings.database_url) as session:
             dispatch = replay_request(session, request_id, from_stage,

@@ -78,7 +78,9 @@ def test_sluice_run_reports_a_missing_file_clearly(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("command", [("audit", "req-x"), ("failed",), ("status", "job-x"),
-                                     ("replay", "req-x"), ("worker", "--queue", "router")])
+                                     ("results", "job-x"), ("cancel", "job-x"),
+                                     ("replay", "req-x"), ("reconcile", "--once"),
+                                     ("worker", "--queue", "router")])
 def test_operator_commands_on_a_missing_store_say_what_to_do(tmp_path: Path,
                                                               command: tuple[str, ...]) -> None:
     result = _sluice(*command, env=_embedded_env(tmp_path), cwd=tmp_path)
@@ -87,6 +89,21 @@ def test_operator_commands_on_a_missing_store_say_what_to_do(tmp_path: Path,
     assert "no audit store at" in result.stderr and "sluice db upgrade" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "audit.db").exists()
+
+
+def test_an_unmigrated_store_and_bracketed_values_come_back_as_one_line_each(
+        tmp_path: Path) -> None:
+    env = _embedded_env(tmp_path)
+    (tmp_path / "audit.db").touch()
+    unmigrated = _sluice("audit", "req-x", env=env, cwd=tmp_path)
+    assert unmigrated.returncode == 1
+    assert "has no schema: run `sluice db upgrade`" in unmigrated.stderr
+
+    assert _sluice("db", "upgrade", env=env, cwd=tmp_path).returncode == 0
+    bracketed = _sluice("audit", "req-[/b][S1]", env=env, cwd=tmp_path)
+    assert bracketed.returncode == 1
+    # rich would read the brackets as markup: dropped, or a MarkupError traceback
+    assert bracketed.stderr.strip() == "error: no request with id 'req-[/b][S1]'"
 
 
 def test_sluice_worker_runs_an_earlier_stage_at_a_lower_cpu_priority(tmp_path: Path) -> None:

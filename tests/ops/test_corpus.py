@@ -155,7 +155,8 @@ def test_the_ingest_and_index_commands(settings: Settings, docs: Path) -> None:
     assert "activated idx-" in built.output
     listed = runner.invoke(app, ["index", "list"])
     assert listed.exit_code == 0 and "flat" in listed.output
-    missing = runner.invoke(app, ["ingest", str(docs / "nope"), "--tenant", "globex"])
-    assert "no such file or folder" in missing.output
-    assert missing.exit_code == 1 and "not found: " in missing.output
+    for tenant in (["--tenant", "globex"], []):  # files of one tenant; <tenant>/<acl> trees
+        missing = runner.invoke(app, ["ingest", str(docs), str(docs / "nope"), *tenant])
+        assert missing.exit_code == 1
+        assert f"not found: {docs / 'nope'}; nothing ingested" in missing.output
     assert runner.invoke(app, ["index", "rollback"]).exit_code == 1

@@ -29,10 +29,12 @@ def test_migrating_an_empty_store_to_head_matches_the_models(tmp_path: Path) -> 
 @pytest.mark.unit
 def test_a_store_not_ready_is_named_with_what_to_do_and_never_created(tmp_path: Path) -> None:
     import sqlalchemy as sa
+    from alembic.script import ScriptDirectory
 
     from workers.store.engine import get_engine
-    from workers.store.migrate import StoreNotReady, check_ready, upgrade
+    from workers.store.migrate import StoreNotReady, alembic_config, check_ready, upgrade
 
+    head = ScriptDirectory.from_config(alembic_config("sqlite://")).get_revision("head")
     path = tmp_path / "audit.db"
     url = f"sqlite:///{path}"
     with pytest.raises(StoreNotReady, match=r"no audit store at .*audit\.db: `sluice run FILE`"):
@@ -43,8 +45,9 @@ def test_a_store_not_ready_is_named_with_what_to_do_and_never_created(tmp_path: 
     with pytest.raises(StoreNotReady, match="has no schema: run `sluice db upgrade`"):
         check_ready(url)
 
-    upgrade(url, "0012")
-    with pytest.raises(StoreNotReady, match="at revision 0012, this code needs 0013"):
+    upgrade(url, str(head.down_revision))
+    with pytest.raises(StoreNotReady, match=f"at revision {head.down_revision}, this code "
+                                            f"needs {head.revision}: run `sluice db upgrade`"):
         check_ready(url)
 
     upgrade(url)
@@ -52,18 +55,45 @@ def test_a_store_not_ready_is_named_with_what_to_do_and_never_created(tmp_path: 
 
     engine = get_engine(url)
     with engine.begin() as conn:
-        conn.execute(sa.text("update alembic_version set version_num = '0099'"))
+        conn.execute(sa.text("update alembic_version set version_num = '9999'"))
     engine.dispose()
-    with pytest.raises(StoreNotReady, match="revision 0099, which this code does not know"):
+    with pytest.raises(StoreNotReady, match="revision 9999, which this code does not know"):
         check_ready(url)
 
 
 @pytest.mark.unit
+def test_a_newer_store_is_not_migrated_and_a_file_that_is_no_database_is_named(
+        tmp_path: Path) -> None:
+    import sqlalchemy as sa
+
+    from workers.store.engine import get_engine
+    from workers.store.migrate import StoreNotReady, check_ready, upgrade, upgrade_store
+
+    newer = f"sqlite:///{tmp_path / 'newer.db'}"
+    upgrade(newer)
+    engine = get_engine(newer)
+    with engine.begin() as conn:
+        conn.execute(sa.text("update alembic_version set version_num = '9999'"))
+    engine.dispose()
+    with pytest.raises(StoreNotReady, match="a newer sluice migrated it"):
+        upgrade_store(newer)
+
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"this is not a SQLite database, " * 100)
+    for look in (check_ready, upgrade_store):
+        with pytest.raises(StoreNotReady, match=r"cannot use the audit store at .*garbage\.db: "
+                                                r"file is not a database$"):
+            look(f"sqlite:///{garbage}")
+    with pytest.raises(StoreNotReady, match="in-memory store keeps nothing"):
+        check_ready("sqlite://")
+
+
+@pytest.mark.integration
 def test_an_unreachable_store_is_named_without_its_password() -> None:
     from workers.store.migrate import StoreNotReady, check_ready
 
-    with pytest.raises(StoreNotReady, match=r"cannot reach the audit store at "
-                       r"postgresql://sluice:\*\*\*@127\.0\.0\.1:1/x: .*") as caught:
+    with pytest.raises(StoreNotReady, match=r"cannot use the audit store at "
+                       r"postgresql://sluice:\*\*\*@127\.0\.0\.1:1/x: .*refused") as caught:
         check_ready("postgresql://sluice:secret@127.0.0.1:1/x")
     assert "secret" not in str(caught.value)
 

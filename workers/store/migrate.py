@@ -1,8 +1,10 @@
 """`sluice db upgrade`: run the Alembic migrations against the configured store; and the
-check that commands reading the store make first."""
+checks that commands make before they use it."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
@@ -10,15 +12,15 @@ from alembic import command
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import DBAPIError
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
 
 
 class StoreNotReady(RuntimeError):
-    """The audit store cannot serve this code: unreachable, never migrated, or at another
-    revision. The message says what to do."""
+    """The audit store cannot serve this code: missing, unreachable, never migrated, or at a
+    revision this code does not know. The message says what to do."""
 
 
 def alembic_config(database_url: str) -> Config:
@@ -32,45 +34,92 @@ def upgrade(database_url: str, revision: str = "head") -> None:
     command.upgrade(alembic_config(database_url), revision)
 
 
-def shown(database_url: str) -> str:
+def url_for_messages(database_url: str) -> str:
     """The store's URL as messages show it: without its password."""
     return make_url(database_url).render_as_string(hide_password=True)
 
 
+def upgrade_store(database_url: str) -> None:
+    """Migrate the store to this code's newest revision (cheap when it is there already);
+    StoreNotReady when it cannot be reached, or a newer code migrated it past what this code
+    knows (downgrading it would drop what that code relies on)."""
+    _check_file_store(make_url(database_url), must_exist=False)
+    with _reaching(database_url):
+        unknown = _current_revisions(database_url) - _known_revisions()
+        if unknown:
+            raise StoreNotReady(_newer(database_url, unknown))
+        upgrade(database_url)
+
+
 def check_ready(database_url: str) -> None:
-    """Raise StoreNotReady unless the store is reachable and at this code's newest revision.
-    A SQLite store that does not exist is not created by looking at it."""
-    url = make_url(database_url)
-    where = shown(database_url)
-    if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
+    """StoreNotReady unless the store exists, is reachable and is at this code's newest
+    revision. A SQLite store that does not exist is not created by looking at it."""
+    where = url_for_messages(database_url)
+    _check_file_store(make_url(database_url), must_exist=True)
+    with _reaching(database_url):
+        current = _current_revisions(database_url)
+    heads = _head_revisions()
+    if current == heads:
+        return
+    if not current:
+        raise StoreNotReady(f"the audit store at {where} has no schema: run `sluice db upgrade`")
+    if current - _known_revisions():
+        raise StoreNotReady(_newer(database_url, current - _known_revisions()))
+    raise StoreNotReady(f"the audit store at {where} is at revision {_listed(current)}, this "
+                        f"code needs {_listed(heads)}: run `sluice db upgrade`")
+
+
+def _check_file_store(url: URL, must_exist: bool) -> None:
+    if url.get_backend_name() != "sqlite":
+        return
+    where = url.render_as_string(hide_password=True)
+    if url.database in (None, "", ":memory:") or url.query.get("uri") or \
+            str(url.database).startswith("file:"):
+        raise StoreNotReady(f"the audit store must be a SQLite file named by its path, got "
+                            f"{where}: an in-memory store keeps nothing between commands")
+    if must_exist and not Path(str(url.database)).exists():
         raise StoreNotReady(f"no audit store at {where}: `sluice run FILE` or `sluice db "
                             "upgrade` creates it (or set SLUICE_DATA_DIR / SLUICE_DATABASE_URL "
                             "to the one you mean)")
+
+
+@contextmanager
+def _reaching(database_url: str) -> Iterator[None]:
+    """Any error of the database itself (refused, no such database, not a database, no
+    permission) as StoreNotReady, on one line."""
+    try:
+        yield
+    except DBAPIError as exc:
+        reason = (str(exc.orig or exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise StoreNotReady(f"cannot use the audit store at {url_for_messages(database_url)}: "
+                            f"{reason}") from None
+
+
+def _current_revisions(database_url: str) -> frozenset[str]:
     from workers.store.engine import get_engine
 
-    try:
-        with get_engine(database_url).connect() as conn:
-            current = MigrationContext.configure(conn).get_current_revision()
-    except OperationalError as exc:
-        reason = str(exc.orig or exc).strip().splitlines()[0]
-        raise StoreNotReady(f"cannot reach the audit store at {where}: {reason}") from None
-    head, known = _revisions()
-    if current == head:
-        return
-    if current is None:
-        raise StoreNotReady(f"the audit store at {where} has no schema: run `sluice db upgrade`")
-    if current in known:
-        raise StoreNotReady(f"the audit store at {where} is at revision {current}, this code "
-                            f"needs {head}: run `sluice db upgrade`")
-    raise StoreNotReady(f"the audit store at {where} is at revision {current}, which this "
-                        f"code does not know (its newest is {head}): a newer sluice migrated "
-                        "it; use that one")
+    with get_engine(database_url).connect() as conn:
+        return frozenset(MigrationContext.configure(conn).get_current_heads())
+
+
+def _newer(database_url: str, unknown: frozenset[str]) -> str:
+    return (f"the audit store at {url_for_messages(database_url)} is at revision "
+            f"{_listed(unknown)}, which this code does not know (its newest is "
+            f"{_listed(_head_revisions())}): a newer sluice migrated it; use that one")
+
+
+def _listed(revisions: frozenset[str]) -> str:
+    return ", ".join(sorted(revisions))
 
 
 @cache
-def _revisions() -> tuple[str, frozenset[str]]:
-    """This code's newest revision and every revision it knows."""
-    script = ScriptDirectory.from_config(alembic_config("sqlite://"))
-    head = script.get_current_head()
-    assert head is not None, "the migrations have no head"
-    return head, frozenset(rev.revision for rev in script.walk_revisions())
+def _script() -> ScriptDirectory:
+    return ScriptDirectory.from_config(alembic_config("sqlite://"))
+
+
+def _head_revisions() -> frozenset[str]:
+    return frozenset(_script().get_heads())
+
+
+def _known_revisions() -> frozenset[str]:
+    return frozenset(rev.revision for rev in _script().walk_revisions())
