@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from ops import eval_cli
 from ops.router_cli import router_app
@@ -164,8 +164,11 @@ def index_list() -> None:
     """Every index built, its kind and size, and which one is active."""
     from ops.corpus import list_indexes
 
-    table = Table("id", "kind", "chunks", "embedder", "created", "active", "files")
-    for row in list_indexes(_prepared()):
+    rows = list_indexes(_prepared())
+    # The id stays whole however narrow the terminal: it is what `index activate` takes.
+    table = Table(Column("id", no_wrap=True, min_width=max((len(r.id) for r in rows), default=2)),
+                  "kind", "chunks", "embedder", "created", "active", "files")
+    for row in rows:
         table.add_row(row.id, row.kind, str(row.chunks), row.embedder, row.created_at,
                       "*" if row.active else "", "ok" if row.on_disk else "[red]missing[/red]")
     out.print(table)
@@ -360,17 +363,35 @@ def reconcile(once: bool = False) -> None:
 
 @app.command()
 def failed(job: Annotated[str | None, typer.Option(help="only this job")] = None,
-           limit: int = 100) -> None:
-    """List failed requests with their error class and failing stage."""
+           limit: Annotated[int, typer.Option(help="at most this many, latest first")] = 100,
+           as_json: Annotated[bool, typer.Option("--json", help="one JSON list")] = False) -> None:
+    """List failed requests, latest first: ids, failing stage, error class and message.
+
+    Two lines a request rather than a table, so that ids stay whole (to pass to `sluice
+    audit` and `sluice replay`) whatever the terminal's width."""
     from workers.store.engine import session_scope
     from workers.store.operators import failed_requests
 
-    table = Table("request", "custom_id", "job", "stage", "error", "message")
     with session_scope(_with_ready_store().database_url) as session:
-        for r in failed_requests(session, job, limit):
-            table.add_row(r.id, r.custom_id, r.job_id or "-", r.error_stage or "-",
-                          r.error_class or "-", (r.error_message or "")[:80])
-    out.print(table)
+        rows = [{"request_id": r.id, "custom_id": r.custom_id, "job_id": r.job_id,
+                 "stage": r.error_stage, "error_class": r.error_class, "message": r.error_message}
+                for r in failed_requests(session, job, limit)]
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    console.print(f"{len(rows)} failed request(s)" + (f" of {job}" if job else "")
+                  + (f" (the latest {limit})" if len(rows) == limit else ""))
+    for row in rows:
+        ids = "  ".join(str(row[k]) for k in ("request_id", "custom_id", "job_id") if row[k])
+        out.print(escape(ids), soft_wrap=True, highlight=False)
+        out.print(f"  {escape(str(row['stage'] or '-'))} [bold]{escape(str(row['error_class']))}"
+                  f"[/bold]: {escape(_shortened(row['message'] or ''))}", soft_wrap=True,
+                  highlight=False)
+
+
+def _shortened(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 @app.command()

@@ -58,6 +58,15 @@ def test_sluice_run_embedded_writes_every_line_once_and_resumes(tmp_path: Path) 
     assert shown["request"]["pinned_versions"] == results[0]["versions"]
     admitted = next(e for e in shown["events"] if e["kind"] == "admitted")
     assert shown["version_tuples"][admitted["payload"]["versions_id"]] == results[0]["versions"]
+    # And the failed ones are listed, whole ids first (to paste into audit and replay)
+    failed_ids = sorted(e["request_id"] for e in errors if e["status"] == "failed")
+    listed = _sluice("failed", "--json", env=env, cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr[-3000:]
+    assert sorted(r["request_id"] for r in json.loads(listed.stdout)) == failed_ids
+    lines = _sluice("failed", env=env, cwd=tmp_path)
+    assert f"{len(failed_ids)} failed request(s)" in lines.stderr
+    assert [line.split()[0] for line in lines.stdout.splitlines()[::2]] == [
+        r["request_id"] for r in json.loads(listed.stdout)]
     runs_before = _stage_runs(data_dir)
     # When the same file runs again
     second = _sluice("run", str(SMALL), "--out", str(out), "--no-workers", env=env, cwd=tmp_path)

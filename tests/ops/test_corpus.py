@@ -3,6 +3,7 @@ files by name, activation and rollback, and the CLI around them. Real embedder a
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -155,6 +156,8 @@ def test_the_ingest_and_index_commands(settings: Settings, docs: Path) -> None:
     assert "activated idx-" in built.output
     listed = runner.invoke(app, ["index", "list"])
     assert listed.exit_code == 0 and "flat" in listed.output
+    index_id = re.search(r"activated (idx-\w+)", built.output)
+    assert index_id and index_id.group(1) in listed.output  # whole, however narrow the terminal
     for tenant in (["--tenant", "globex"], []):  # files of one tenant; <tenant>/<acl> trees
         missing = runner.invoke(app, ["ingest", str(docs), str(docs / "nope"), *tenant])
         assert missing.exit_code == 1
