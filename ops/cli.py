@@ -379,7 +379,7 @@ def failed(job: Annotated[str | None, typer.Option(help="only this job")] = None
     if as_json:
         out.print_json(json.dumps(rows))
         return
-    console.print(f"{len(rows)} failed request(s)" + (f" of {job}" if job else "")
+    console.print(f"{len(rows)} failed request(s)" + (f" of {escape(job)}" if job else "")
                   + (f" (the latest {limit})" if len(rows) == limit else ""))
     for row in rows:
         ids = "  ".join(str(row[k]) for k in ("request_id", "custom_id", "job_id") if row[k])
