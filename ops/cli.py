@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -50,12 +51,24 @@ def _fail(message: str) -> NoReturn:
 
 def _with_ready_store() -> Settings:
     """Settings whose audit store exists, is reachable and is migrated, for the commands that
-    read or change what is in it; otherwise a message that says what to do, not a traceback."""
-    from workers.store.migrate import StoreNotReady, check_ready
+    read or change what is in it."""
+    return _settings_with_store(migrate=False)
+
+
+def _prepared() -> Settings:
+    """Settings with the store migrated (cheap when already at head), for the commands that
+    create what they need."""
+    return _settings_with_store(migrate=True)
+
+
+def _settings_with_store(migrate: bool) -> Settings:
+    """The settings, once their store is migrated (`migrate`) or found ready; otherwise a
+    message that says what to do, not a traceback."""
+    from workers.store.migrate import StoreNotReady, check_ready, upgrade_store
 
     settings = _settings()
     try:
-        check_ready(settings.database_url)
+        (upgrade_store if migrate else check_ready)(settings.database_url)
     except StoreNotReady as exc:
         _fail(str(exc))
     return settings
@@ -196,18 +209,6 @@ def index_rollback() -> None:
     except CorpusError as exc:
         _fail(str(exc))
     console.print(f"rolled back from {current} to {previous}")
-
-
-def _prepared() -> Settings:
-    """Settings with the store migrated (cheap when already at head)."""
-    from workers.store.migrate import StoreNotReady, upgrade_store
-
-    settings = _settings()
-    try:
-        upgrade_store(settings.database_url)
-    except StoreNotReady as exc:
-        _fail(str(exc))
-    return settings
 
 
 def _progress() -> Progress:
@@ -384,14 +385,9 @@ def failed(job: Annotated[str | None, typer.Option(help="only this job")] = None
     for row in rows:
         ids = "  ".join(str(row[k]) for k in ("request_id", "custom_id", "job_id") if row[k])
         out.print(escape(ids), soft_wrap=True, highlight=False)
-        out.print(f"  {escape(str(row['stage'] or '-'))} [bold]{escape(str(row['error_class']))}"
-                  f"[/bold]: {escape(_shortened(row['message'] or ''))}", soft_wrap=True,
-                  highlight=False)
-
-
-def _shortened(text: str, limit: int = 200) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit - 1] + "…"
+        message = textwrap.shorten(row["message"] or "", 200, placeholder=" …")
+        out.print(f"  {escape(row['stage'] or '-')} [bold]{escape(row['error_class'] or '-')}"
+                  f"[/bold]: {escape(message)}", soft_wrap=True, highlight=False)
 
 
 @app.command()

@@ -12,7 +12,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
@@ -43,7 +43,7 @@ def upgrade_store(database_url: str) -> None:
     """Migrate the store to this code's newest revision (cheap when it is there already);
     StoreNotReady when it cannot be reached, or a newer code migrated it past what this code
     knows (downgrading it would drop what that code relies on)."""
-    _check_file_store(make_url(database_url), must_exist=False)
+    _check_file_store(database_url, must_exist=False)
     with _reaching(database_url):
         unknown = _current_revisions(database_url) - _known_revisions()
         if unknown:
@@ -54,25 +54,26 @@ def upgrade_store(database_url: str) -> None:
 def check_ready(database_url: str) -> None:
     """StoreNotReady unless the store exists, is reachable and is at this code's newest
     revision. A SQLite store that does not exist is not created by looking at it."""
-    where = url_for_messages(database_url)
-    _check_file_store(make_url(database_url), must_exist=True)
+    _check_file_store(database_url, must_exist=True)
     with _reaching(database_url):
         current = _current_revisions(database_url)
     heads = _head_revisions()
     if current == heads:
         return
+    unknown, where = current - _known_revisions(), url_for_messages(database_url)
     if not current:
         raise StoreNotReady(f"the audit store at {where} has no schema: run `sluice db upgrade`")
-    if current - _known_revisions():
-        raise StoreNotReady(_newer(database_url, current - _known_revisions()))
+    if unknown:
+        raise StoreNotReady(_newer(database_url, unknown))
     raise StoreNotReady(f"the audit store at {where} is at revision {_listed(current)}, this "
                         f"code needs {_listed(heads)}: run `sluice db upgrade`")
 
 
-def _check_file_store(url: URL, must_exist: bool) -> None:
+def _check_file_store(database_url: str, must_exist: bool) -> None:
+    url = make_url(database_url)
     if url.get_backend_name() != "sqlite":
         return
-    where = url.render_as_string(hide_password=True)
+    where = url_for_messages(database_url)
     if url.database in (None, "", ":memory:") or url.query.get("uri") or \
             str(url.database).startswith("file:"):
         raise StoreNotReady(f"the audit store must be a SQLite file named by its path, got "
