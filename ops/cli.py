@@ -6,15 +6,15 @@ import json
 import os
 import textwrap
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 
 from ops import eval_cli
+from ops.cli_support import console, fail, load_settings, out, prepared_settings, ready_settings
 from ops.router_cli import router_app
 from ops.validators_cli import validators_app
 from schemas.status import Lane, Stage
@@ -32,46 +32,6 @@ app.add_typer(validators_app, name="validators")
 app.add_typer(eval_cli.baseline_app, name="baseline")
 app.command(name="eval")(eval_cli.evaluate)
 app.command(name="versions")(eval_cli.versions)
-console = Console(stderr=True)
-out = Console()
-
-
-def _settings() -> Settings:
-    try:
-        return Settings()
-    except ValueError as exc:
-        console.print(f"[red]configuration error:[/red] {escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(2) from None
-
-
-def _fail(message: str) -> NoReturn:
-    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
-    raise typer.Exit(1)
-
-
-def _with_ready_store() -> Settings:
-    """Settings whose audit store exists, is reachable and is migrated, for the commands that
-    read or change what is in it."""
-    return _settings_with_store(migrate=False)
-
-
-def _prepared() -> Settings:
-    """Settings with the store migrated (cheap when already at head), for the commands that
-    create what they need."""
-    return _settings_with_store(migrate=True)
-
-
-def _settings_with_store(migrate: bool) -> Settings:
-    """The settings, once their store is migrated (`migrate`) or found ready; otherwise a
-    message that says what to do, not a traceback."""
-    from workers.store.migrate import StoreNotReady, check_ready, upgrade_store
-
-    settings = _settings()
-    try:
-        (upgrade_store if migrate else check_ready)(settings.database_url)
-    except StoreNotReady as exc:
-        _fail(str(exc))
-    return settings
 
 
 @db_app.command("upgrade")
@@ -79,7 +39,7 @@ def db_upgrade() -> None:
     """Create or migrate the audit store to the newest schema."""
     from workers.store.migrate import url_for_messages
 
-    console.print(f"audit store at head: {url_for_messages(_prepared().database_url)}")
+    console.print(f"audit store at head: {url_for_messages(prepared_settings().database_url)}")
 
 
 @models_app.command("prepare")
@@ -87,7 +47,7 @@ def models_prepare() -> None:
     """Convert the packaged SmolLM2 GGUF into a cached safetensors folder (once)."""
     from ops.models import prepare_default_model
 
-    settings = _settings()
+    settings = load_settings()
     target = Path(settings.generator_model)
     converted = prepare_default_model(target)
     console.print(f"{'converted' if converted else 'already prepared'}: {target}")
@@ -115,8 +75,8 @@ def ingest(
 
     missing = [str(path) for path in paths if not path.exists()]
     if missing:
-        _fail(f"not found: {', '.join(missing)}; nothing ingested")
-    settings = _prepared()
+        fail(f"not found: {', '.join(missing)}; nothing ingested")
+    settings = prepared_settings()
     labels = [label.strip() for label in acl.split(",") if label.strip()]
     try:
         with _progress() as progress:
@@ -131,7 +91,7 @@ def ingest(
                 reports = [ingest_paths(settings, paths, tenant, labels, prune=prune,
                                         progress=tick)]
     except CorpusError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     skipped = [item for report in reports for item in report.skipped]
     for path, reason in skipped:
         # soft_wrap: a long path stays on one line, whole, whatever the terminal's width
@@ -152,7 +112,7 @@ def seed_records(corpus: Annotated[Path | None, typer.Argument(
     """Load incident tickets into the system of record that the lookup tools read."""
     from ops.corpus import seed_example_records
 
-    inserted = seed_example_records(_prepared(), corpus)
+    inserted = seed_example_records(prepared_settings(), corpus)
     console.print(f"{inserted} ticket(s) added to the system of record")
 
 
@@ -161,14 +121,14 @@ def index_build() -> None:
     """Embed the live chunks and activate the index named by their content hash."""
     from ops.corpus import CorpusError, build_index
 
-    settings = _prepared()
+    settings = prepared_settings()
     try:
         with _progress() as progress:
             task = progress.add_task("embedding chunks", total=None)
             index_id, built = build_index(
                 settings, lambda done, total: progress.update(task, completed=done, total=total))
     except CorpusError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     console.print(f"{'built' if built else 'reactivated'} and activated {index_id}")
 
 
@@ -177,7 +137,7 @@ def index_list() -> None:
     """Every index built, its kind and size, and which one is active."""
     from ops.corpus import list_indexes
 
-    rows = list_indexes(_prepared())
+    rows = list_indexes(prepared_settings())
     # The id stays whole however narrow the terminal: it is what `index activate` takes.
     table = Table(Column("id", no_wrap=True, min_width=max((len(r.id) for r in rows), default=2)),
                   "kind", "chunks", "embedder", "created", "active", "files")
@@ -193,9 +153,9 @@ def index_activate(index_id: Annotated[str, typer.Argument(help="an index id or 
     from ops.corpus import CorpusError, activate_index
 
     try:
-        previous = activate_index(_prepared(), index_id)
+        previous = activate_index(prepared_settings(), index_id)
     except CorpusError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     console.print(f"activated {index_id} (was {previous or 'none'})")
 
 
@@ -205,9 +165,9 @@ def index_rollback() -> None:
     from ops.corpus import CorpusError, rollback_index
 
     try:
-        current, previous = rollback_index(_prepared())
+        current, previous = rollback_index(prepared_settings())
     except CorpusError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     console.print(f"rolled back from {current} to {previous}")
 
 
@@ -232,8 +192,8 @@ def run(
     from ops.jobs import execute_job
 
     if not job_file.is_file():
-        _fail(f"job file not found: {job_file}")
-    settings = _prepared()
+        fail(f"job file not found: {job_file}")
+    settings = prepared_settings()
     spawn = settings.embedded if workers is None else workers
     if settings.embedded and ensure_example_index(settings):
         console.print("ingested the example corpus and built its index")
@@ -248,7 +208,7 @@ def run(
                     f"{len(a.dispatches)} shard(s) enqueued, {len(a.malformed)} malformed "
                     "line(s)"))
     except WorkerDied as exc:
-        _fail(f"{exc}; run the same command again to resume")
+        fail(f"{exc}; run the same command again to resume")
     target = out_dir or Path("sluice-out") / job_file.stem
     from ops.jobs import export_job
 
@@ -256,7 +216,7 @@ def run(
     _print_summary(settings, admitted.job_id)
     console.print(f"wrote {results} and {errors}")
     if not done:
-        _fail("timed out before every request was terminal; run the same command to resume")
+        fail("timed out before every request was terminal; run the same command to resume")
 
 
 def _print_summary(settings: Settings, job_id: str) -> None:
@@ -289,8 +249,8 @@ def submit(job_file: Annotated[Path, typer.Argument(help="JSONL file")],
     from ops.jobs import submit_job
 
     if not job_file.is_file():
-        _fail(f"job file not found: {job_file}")
-    admitted = submit_job(_prepared(), job_file, lane)
+        fail(f"job file not found: {job_file}")
+    admitted = submit_job(prepared_settings(), job_file, lane)
     out.print(admitted.job_id)
 
 
@@ -300,10 +260,10 @@ def status(job_id: str) -> None:
     from workers.store.admission import job_counts
     from workers.store.engine import session_scope
 
-    with session_scope(_with_ready_store().database_url) as session:
+    with session_scope(ready_settings().database_url) as session:
         counts = job_counts(session, job_id)
     if not counts:
-        _fail(f"no job with id {job_id!r}")
+        fail(f"no job with id {job_id!r}")
     out.print_json(json.dumps(counts))
 
 
@@ -313,9 +273,9 @@ def results(job_id: str, out_dir: Annotated[Path, typer.Option("--out")] = Path(
     from ops.jobs import export_job
 
     try:
-        paths = export_job(_with_ready_store(), job_id, out_dir / job_id)
+        paths = export_job(ready_settings(), job_id, out_dir / job_id)
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     out.print(f"wrote {paths[0]} and {paths[1]}")
 
 
@@ -327,10 +287,10 @@ def cancel(job_id: str) -> None:
     from workers.store.operators import cancel_job
 
     try:
-        with session_scope(_with_ready_store().database_url) as session:
+        with session_scope(ready_settings().database_url) as session:
             count = cancel_job(session, job_id)
     except AdmissionError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     out.print(f"cancelled {count} unfinished request(s) of {job_id}")
 
 
@@ -342,7 +302,7 @@ def worker(queue: Annotated[Stage, typer.Option(help="the stage whose queues to 
     """Serve one stage's online and batch queues (online first)."""
     from ops.embedded import celery_worker_command, worker_env
 
-    settings = _with_ready_store()
+    settings = ready_settings()
     os.environ.update(worker_env(settings))
     argv = celery_worker_command(settings, queue, concurrency, f"{queue.value}@%h")
     os.execv(argv[0], argv)
@@ -353,7 +313,7 @@ def reconcile(once: bool = False) -> None:
     """Re-drive shards whose lease expired or that stalled (runs until stopped)."""
     from workers.reconciler import ReconcilerThread, reconcile_once
 
-    settings = _with_ready_store()
+    settings = ready_settings()
     if once:
         out.print(f"re-drove {len(reconcile_once(settings))} shard stage(s)")
         return
@@ -373,7 +333,7 @@ def failed(job: Annotated[str | None, typer.Option(help="only this job")] = None
     from workers.store.engine import session_scope
     from workers.store.operators import failed_requests
 
-    with session_scope(_with_ready_store().database_url) as session:
+    with session_scope(ready_settings().database_url) as session:
         rows = [{"request_id": r.id, "custom_id": r.custom_id, "job_id": r.job_id,
                  "stage": r.error_stage, "error_class": r.error_class, "message": r.error_message}
                 for r in failed_requests(session, job, limit)]
@@ -398,10 +358,10 @@ def audit(request_id: str, as_json: Annotated[bool, typer.Option("--json")] = Fa
     from workers.store.operators import audit_trail
 
     try:
-        with session_scope(_with_ready_store().database_url) as session:
+        with session_scope(ready_settings().database_url) as session:
             trail = _trail_json(audit_trail(session, request_id))
     except AdmissionError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if as_json:
         out.print_json(json.dumps(trail, default=str))
         return
@@ -465,13 +425,13 @@ def replay(request_id: str,
     from workers.store.engine import session_scope
     from workers.store.operators import replay as replay_request
 
-    settings = _with_ready_store()
+    settings = ready_settings()
     try:
         with session_scope(settings.database_url) as session:
             dispatch = replay_request(session, request_id, from_stage,
                                       pinned_versions_now(settings), follow_current_versions)
     except AdmissionError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     enqueue(dispatch, settings)
     out.print(f"replaying {request_id} from {from_stage.value} as run {dispatch.hop.run}")
     if wait:

@@ -5,35 +5,15 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from workers.settings import Settings
+from ops.cli_support import console, fail, out, prepared_settings, ready_settings
 
 baseline_app = typer.Typer(help="Evaluation baselines.", no_args_is_help=True)
-console = Console(stderr=True)
-out = Console()
-
-
-def _fail(message: str, code: int = 1) -> NoReturn:
-    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def _settings() -> Settings:
-    from workers.store.migrate import upgrade
-
-    try:
-        settings = Settings()
-    except ValueError as exc:
-        _fail(f"configuration error: {exc}", 2)
-    upgrade(settings.database_url)
-    return settings
 
 
 def evaluate(
@@ -66,12 +46,12 @@ def evaluate(
         served_versions,
     )
 
-    settings = _settings()
+    settings = prepared_settings()
     try:
         golden = load_golden(golden_file, tag)
         reference = gate.load_baseline(baseline) if baseline else None
     except (GoldenSetError, OSError, ValueError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if corpus is not None:
         ingest_tree(settings, corpus)
         build_index(settings)
@@ -86,7 +66,7 @@ def evaluate(
                                        lambda d, t: progress.update(task, completed=d, total=t),
                                        timeout_s)
     except (WorkerDied, TimeoutError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     cases = [resolved(c) for c in golden.cases]
     result = build_report(golden, cases, read_outcomes(settings, job_id, cases),
                           served_versions(settings, job_id), wall_s)
@@ -119,12 +99,14 @@ def baseline_update(
     from ops.evals import gate
     from schemas.evals import EvalReport
 
+    if not report_file.is_file():
+        fail(f"no report at {report_file}: `sluice eval GOLDEN --out DIR` writes DIR/report.json")
     try:
         result = EvalReport.model_validate_json(report_file.read_text(encoding="utf-8"))
         kept = gate.load_baseline(baseline).tolerances_pp if baseline.exists() else {}
         gate.write_baseline(result, baseline, by, reason, {**kept, **_tolerances(tolerance)})
     except (OSError, ValueError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     out.print(f"baseline {baseline} is now run {result.run_id} ({result.golden}), by {by}: "
               f"{reason}")
 
@@ -146,7 +128,7 @@ def versions(
     runs recorded for each tuple."""
     from ops.evals.versions import eval_runs_by_tuple, traffic_by_tuple
 
-    settings = _settings()
+    settings = ready_settings()
     since = datetime.now(UTC) - timedelta(hours=since_h)
     traffic = traffic_by_tuple(settings, since)
     evals = eval_runs_by_tuple(settings)

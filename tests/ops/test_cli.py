@@ -89,7 +89,7 @@ def test_sluice_run_reports_a_missing_file_clearly(tmp_path: Path) -> None:
 @pytest.mark.parametrize("command", [("audit", "req-x"), ("failed",), ("status", "job-x"),
                                      ("results", "job-x"), ("cancel", "job-x"),
                                      ("replay", "req-x"), ("reconcile", "--once"),
-                                     ("worker", "--queue", "router")])
+                                     ("worker", "--queue", "router"), ("versions",)])
 def test_operator_commands_on_a_missing_store_say_what_to_do(tmp_path: Path,
                                                               command: tuple[str, ...]) -> None:
     result = _sluice(*command, env=_embedded_env(tmp_path), cwd=tmp_path)

@@ -1,5 +1,5 @@
 """`sluice versions`: the tuples that served requests in a window, and their eval runs;
-`sluice baseline update` refusing an update without who and why."""
+`sluice baseline update` refusing an update without who and why, or without a report."""
 
 from __future__ import annotations
 
@@ -75,3 +75,17 @@ def test_a_baseline_update_needs_who_and_why(tmp_path: Path) -> None:
     assert (saved["updated_by"], saved["reason"]) == ("ana", "new model")
     assert saved["tolerances_pp"] == {"routing_accuracy": 5.0}
     assert saved["metrics"] == {"routing_accuracy": 1.0}
+
+
+@pytest.mark.unit
+def test_a_baseline_update_from_a_missing_report_says_which(tmp_path: Path) -> None:
+    from ops.cli import app
+
+    baseline = tmp_path / "baseline.json"
+    result = CliRunner().invoke(app, ["baseline", "update", str(tmp_path / "nope.json"),
+                                      "--baseline", str(baseline), "--by", "ana",
+                                      "--reason", "new model"])
+
+    assert result.exit_code == 1
+    assert "no report at" in result.output and "nope.json" in result.output
+    assert "Errno" not in result.output and not baseline.exists()
