@@ -30,8 +30,6 @@ app.add_typer(index_app, name="index")
 app.add_typer(router_app, name="router")
 app.add_typer(validators_app, name="validators")
 app.add_typer(eval_cli.baseline_app, name="baseline")
-app.command(name="eval")(eval_cli.evaluate)
-app.command(name="versions")(eval_cli.versions)
 
 
 @db_app.command("upgrade")
@@ -440,6 +438,10 @@ def replay(request_id: str,
         result = SluiceClient(settings).wait(request_id, timeout_s=timeout_s)
         out.print_json(json.dumps(result))
 
+
+# Registered last, so that `sluice --help` lists the job and operator commands first.
+app.command(name="eval")(eval_cli.evaluate)
+app.command(name="versions")(eval_cli.versions)
 
 if __name__ == "__main__":
     app()

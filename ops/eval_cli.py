@@ -29,8 +29,10 @@ def evaluate(
         help="start one worker per queue (default: only in the embedded mode)")] = None,
     timeout_s: Annotated[float | None, typer.Option(help="give up waiting after this")] = None,
 ) -> None:
-    """Run golden cases through the real pipeline; print, save (JSON, HTML) and record the
-    metrics; with --baseline, exit 1 when a metric drops beyond its tolerance."""
+    """Run golden cases through the real pipeline and measure them.
+
+    Prints the metrics, saves them (JSON, HTML) and records the run in the store; with
+    --baseline, exits 1 when a metric drops beyond its tolerance."""
     from ops.corpus import build_index, ingest_tree
     from ops.embedded import WorkerDied
     from ops.evals import gate, report
@@ -124,8 +126,9 @@ def _tolerances(pairs: list[str] | None) -> dict[str, float]:
 def versions(
     since_h: Annotated[float, typer.Option(help="the window: the last this many hours")] = 24.0,
 ) -> None:
-    """The version tuples that served requests in a window, with their outcomes, and the eval
-    runs recorded for each tuple."""
+    """The version tuples that served requests in a window, and their eval runs.
+
+    Each tuple with its requests' outcomes, and the eval runs recorded for it."""
     from ops.evals.versions import eval_runs_by_tuple, traffic_by_tuple
 
     settings = ready_settings()
