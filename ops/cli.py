@@ -254,15 +254,17 @@ def submit(job_file: Annotated[Path, typer.Argument(help="JSONL file")],
 
 @app.command()
 def status(job_id: str) -> None:
-    """Counts of a job's requests by status."""
-    from workers.store.admission import job_counts
+    """Counts of a job's requests by status, and of its malformed lines."""
+    from workers.store.admission import job_counts, stored_malformed
     from workers.store.engine import session_scope
+    from workers.store.models import Job
 
     with session_scope(ready_settings().database_url) as session:
+        if session.get(Job, job_id) is None:
+            fail(f"no job with id {job_id!r}")
         counts = job_counts(session, job_id)
-    if not counts:
-        fail(f"no job with id {job_id!r}")
-    out.print_json(json.dumps(counts))
+        malformed = len(stored_malformed(session, job_id))
+    out.print_json(json.dumps(counts | ({"malformed": malformed} if malformed else {})))
 
 
 @app.command()

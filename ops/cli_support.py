@@ -6,10 +6,11 @@ from __future__ import annotations
 from typing import NoReturn
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
-from workers.settings import Settings
+from workers.settings import Settings, describe_settings_error
 
 console = Console(stderr=True)
 out = Console()
@@ -22,11 +23,16 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 
 def load_settings() -> Settings:
+    """The settings from the environment; a bad one exits 2 naming its variable (its value
+    is not shown: it may be a secret)."""
     try:
         return Settings()
-    except ValueError as exc:
-        console.print(f"[red]configuration error:[/red] {escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(2) from None
+    except ValidationError as exc:
+        message = describe_settings_error(exc)
+    except ValueError as exc:  # pydantic-settings' own: a variable that is not valid JSON
+        message = str(exc)
+    console.print(f"[red]configuration error:[/red] {escape(message)}", soft_wrap=True)
+    raise typer.Exit(2)
 
 
 def ready_settings() -> Settings:

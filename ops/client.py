@@ -35,7 +35,8 @@ class SluiceClient:
 
     def submit(self, request: RequestLine | dict[str, Any], lane: Lane = Lane.ONLINE) -> str:
         """Admit one request (a shard of one) and enqueue it. A repeated idempotency key
-        returns the first request's id and enqueues nothing."""
+        returns the first request's id and enqueues nothing; the key of a different request
+        raises `workers.store.admission.AdmissionError`."""
         from workers.dispatch import enqueue_all
         from workers.runtime import pinned_versions_now
         from workers.store.admission import admit_one

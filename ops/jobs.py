@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ from workers.store.admission import (
     AdmittedJob,
     admit_job_in_chunks,
     job_counts,
+    stored_malformed,
 )
 from workers.store.engine import session_scope
 from workers.store.models import AuditEvent, Document, Job, Request, StageRun
@@ -46,23 +49,63 @@ class ParsedJob:
 
 
 def parse_job_file(path: Path) -> ParsedJob:
-    """Every non-blank line becomes a request or a malformed line; custom_ids must be unique."""
+    """Every non-blank line becomes a request or a malformed line; custom_ids, and a tenant's
+    idempotency keys, must be unique within the file.
+
+    Lines end at a newline byte only (a CR before it is dropped): JSON strings may hold
+    U+2028 and the other separators `str.splitlines` would cut at. Each line must be UTF-8
+    (a byte-order mark at the start of the file is skipped); one that is not is malformed,
+    not silently repaired."""
     content = path.read_bytes()
-    lines, numbers, malformed, seen = [], [], [], set()
-    for line_no, raw in enumerate(content.decode("utf-8", errors="replace").splitlines(), 1):
-        if not raw.strip():
+    lines, numbers, malformed = [], [], []
+    custom_ids: set[str] = set()
+    keys: dict[tuple[str, str], int] = {}  # (tenant, idempotency key) -> its first line
+    for line_no, raw in enumerate(_raw_lines(content), 1):
+        parsed = _parse_raw_line(raw, line_no)
+        if parsed is None:
             continue
-        parsed = parse_request_line(raw, line_no)
-        if isinstance(parsed, RequestLine) and parsed.custom_id in seen:
-            parsed = MalformedLine(line_no=line_no, custom_id=parsed.custom_id,
-                                   reason=f"custom_id {parsed.custom_id!r} repeats an earlier line")
+        if isinstance(parsed, RequestLine):
+            parsed = _repeated(parsed, line_no, custom_ids, keys)
         if isinstance(parsed, MalformedLine):
             malformed.append(parsed)
             continue
-        seen.add(parsed.custom_id)
+        custom_ids.add(parsed.custom_id)
         lines.append(parsed)
         numbers.append(line_no)
     return ParsedJob(content, lines, numbers, malformed)
+
+
+def _raw_lines(content: bytes) -> list[bytes]:
+    lines = content.removeprefix(b"\xef\xbb\xbf").split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()  # the file's last newline ends its last line, it starts none
+    return [line.removesuffix(b"\r") for line in lines]
+
+
+def _parse_raw_line(raw: bytes, line_no: int) -> RequestLine | MalformedLine | None:
+    """The line's request, or why it is none; None for a blank line."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return MalformedLine(line_no=line_no, reason=f"not UTF-8: byte 0x{raw[exc.start]:02x} "
+                                                     f"at column {exc.start + 1}")
+    return parse_request_line(text, line_no) if text.strip() else None
+
+
+def _repeated(line: RequestLine, line_no: int, custom_ids: set[str],
+              keys: dict[tuple[str, str], int]) -> RequestLine | MalformedLine:
+    """The line, or malformed when it repeats an earlier line's custom_id or key."""
+    if line.custom_id in custom_ids:
+        return MalformedLine(line_no=line_no, custom_id=line.custom_id,
+                             reason=f"custom_id {line.custom_id!r} repeats an earlier line")
+    if line.idempotency_key is not None:
+        key = (line.tenant, line.idempotency_key)
+        if key in keys:
+            return MalformedLine(line_no=line_no, custom_id=line.custom_id,
+                                 reason=f"idempotency_key {line.idempotency_key!r} repeats "
+                                        f"line {keys[key]} of tenant {line.tenant!r}")
+        keys[key] = line_no
+    return line
 
 
 def submit_job(settings: Settings, path: Path, lane: Lane = Lane.BATCH,
@@ -319,7 +362,7 @@ def export_job(settings: Settings, job_id: str, out_dir: Path) -> tuple[Path, Pa
             raise ValueError(f"{counts[NOT_ADMITTED]} line(s) of job {job_id} were never "
                              f"admitted (its admission was cut short): submit its file again")
         requests = job_requests(session, job_id)
-        malformed = [MalformedLine.model_validate(m) for m in job.malformed]
+        malformed = stored_malformed(session, job_id)
         markdown = rendered(session, requests)
         costs = generation_costs(session, [r.id for r in requests])
         pins = versions_by_id(session.connection(), {r.pinned_versions_id for r in requests})
@@ -328,7 +371,7 @@ def export_job(settings: Settings, job_id: str, out_dir: Path) -> tuple[Path, Pa
                for r in requests
                if r.status in RESULT_STATUSES]
     errors = [{"custom_id": m.custom_id, "line": m.line_no, "status": "malformed",
-               "error_class": "MalformedLine", "stage": "admission", "message": m.reason}
+               "error_class": m.error_class, "stage": "admission", "message": m.reason}
               for m in malformed]
     errors += [error_line(r) for r in requests if r.status not in RESULT_STATUSES]
     errors.sort(key=lambda e: e.get("line") or 0)
@@ -337,16 +380,36 @@ def export_job(settings: Settings, job_id: str, out_dir: Path) -> tuple[Path, Pa
                        "error_class": "Cancelled", "stage": "admission",
                        "message": f"{counts[NEVER_ADMITTED]} line(s) were never admitted: the "
                                   f"job was cancelled while its file was being admitted"})
-    _write_jsonl(results_path, results)
-    _write_jsonl(errors_path, errors)
+    _write_jsonl_files({results_path: results, errors_path: errors})
     return results_path, errors_path
 
 
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
-                   encoding="utf-8")
-    tmp.replace(path)
+def _write_jsonl_files(files: dict[Path, list[dict[str, Any]]]) -> None:
+    """Write each file in full to a temporary file of its own (two exports into one folder
+    do not share one), flushed to disk, and only then put them all in place: a crash
+    leaves the earlier files, not a half-written one, and the two files of an export are
+    replaced within microseconds of each other."""
+    written: list[tuple[Path, Path]] = []
+    try:
+        for path, rows in files.items():
+            with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent,
+                                             prefix=f".{path.name}.", delete=False) as tmp:
+                written.append((Path(tmp.name), path))
+                tmp.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+                tmp.flush()
+                os.fsync(tmp.fileno())
+        for tmp_path, path in written:
+            tmp_path.replace(path)
+    finally:
+        for tmp_path, _ in written:
+            tmp_path.unlink(missing_ok=True)
+    folders = {path.parent for path in files}
+    for folder in folders:  # the renames themselves survive a crash once the folder is synced
+        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
+_VALID_NAME = re.compile(_NAME)
 
 
 # The answer classes an upstream system may declare for a question. The router takes a
@@ -45,8 +47,17 @@ class RequestLine(BaseModel):
     tenant: str = Field(pattern=_NAME)
     grants: list[str] = Field(default_factory=list, max_length=64)
     request: RequestBody
-    deadline_s: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
+    # Strict: a deadline is a JSON number of seconds, not `true` (1.0) or "5".
+    deadline_s: float | None = Field(default=None, gt=0, le=7 * 24 * 3600, strict=True,
+                                     allow_inf_nan=False)
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=256)
+
+    @field_validator("idempotency_key")
+    @classmethod
+    def _key_is_not_blank(cls, key: str | None) -> str | None:
+        if key is not None and not key.strip():
+            raise ValueError(f"idempotency_key must not be blank, got {key!r}")
+        return key
 
     @field_validator("grants")
     @classmethod
@@ -64,11 +75,14 @@ class RequestLine(BaseModel):
 
 
 class MalformedLine(BaseModel):
-    """A job-file line that is not a valid request, with the reason."""
+    """A job-file line that is not admitted as a request, with the reason: not a valid
+    request (`MalformedLine`), or one whose idempotency key an earlier request holds
+    (`IdempotencyKeyReused`)."""
 
     line_no: int
-    custom_id: str | None = None
+    custom_id: str | None = None  # only a valid one: it is written back into the outputs
     reason: str
+    error_class: str = "MalformedLine"
 
 
 def describe_validation_error(error: ValidationError) -> str:
@@ -100,7 +114,9 @@ def parse_request_line(raw: str, line_no: int) -> RequestLine | MalformedLine:
     if not isinstance(data, dict):
         return MalformedLine(line_no=line_no,
                              reason=f"a line must be a JSON object, got {type(data).__name__}")
-    custom_id = data.get("custom_id") if isinstance(data.get("custom_id"), str) else None
+    custom_id = data.get("custom_id")
+    if not isinstance(custom_id, str) or not _VALID_NAME.fullmatch(custom_id):
+        custom_id = None  # 10 MB of text or a lone surrogate must not reach the store
     try:
         return RequestLine.model_validate(data)
     except ValidationError as exc:

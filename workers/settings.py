@@ -6,7 +6,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas.status import DriftPolicy, Stage
@@ -26,9 +26,35 @@ class StageLimits(BaseSettings):
     generation: tuple[float, float] = (900, 960)
     validation: tuple[float, float] = (30, 60)
 
+    @model_validator(mode="after")
+    def _soft_before_hard(self) -> StageLimits:
+        for stage in Stage:
+            soft, hard = self.for_stage(stage)
+            if not 0 < soft < hard:
+                raise ValueError(f"{stage.value}'s limits must be (soft, hard) seconds with "
+                                 f"0 < soft < hard, got ({soft:g}, {hard:g})")
+        return self
+
     def for_stage(self, stage: Stage) -> tuple[float, float]:
         limits: tuple[float, float] = getattr(self, stage.value)
         return limits
+
+    @property
+    def longest_s(self) -> float:
+        """The longest hard limit: how long a stage task may live."""
+        return max(self.for_stage(stage)[1] for stage in Stage)
+
+
+def describe_settings_error(error: ValidationError) -> str:
+    """One clause per problem, naming the variable to fix: 'SLUICE_SHARD_SIZE: Input should
+    be greater than 0'. Never the input values, which pydantic's own text repeats in full
+    (an API key or a database password among them)."""
+    parts = []
+    for item in error.errors(include_input=False, include_url=False):
+        message = str(item["msg"]).removeprefix("Value error, ")
+        where = "__".join(str(p) for p in item["loc"]).upper()
+        parts.append(f"SLUICE_{where}: {message}" if where else message)
+    return "; ".join(parts)
 
 
 class Settings(BaseSettings):
@@ -119,6 +145,10 @@ class Settings(BaseSettings):
         if self.generator_backend == "openai" and not (self.openai_base_url and self.openai_model):
             raise ValueError("the openai backend needs SLUICE_OPENAI_BASE_URL and "
                              "SLUICE_OPENAI_MODEL")
+        if self.visibility_timeout_s <= self.limits.longest_s:
+            raise ValueError(f"visibility_timeout_s must exceed every stage's hard time limit "
+                             f"(leases, not redelivery, recover work), got "
+                             f"{self.visibility_timeout_s} and {self.limits.longest_s:g}")
         if self.generator_backend == "null" and self.environment == "production":
             raise ValueError("the null generator is for the orchestration benchmark only")
         return self

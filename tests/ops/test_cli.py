@@ -115,6 +115,22 @@ def test_an_unmigrated_store_and_bracketed_values_come_back_as_one_line_each(
     assert bracketed.stderr.strip() == "error: no request with id 'req-[/b][S1]'"
 
 
+def test_status_of_a_job_of_malformed_lines_counts_them(tmp_path: Path) -> None:
+    # Given a job file whose every line is malformed, submitted: there is nothing to enqueue
+    env = _embedded_env(tmp_path)
+    job = tmp_path / "bad.jsonl"
+    job.write_text('{"custom_id": "a"}\nnot json\n', encoding="utf-8")
+    submitted = _sluice("submit", str(job), env=env, cwd=tmp_path)
+    assert submitted.returncode == 0, submitted.stderr[-3000:]
+    job_id = submitted.stdout.split()[0]
+    # When its status is asked for, it is found, with its malformed lines
+    shown = _sluice("status", job_id, env=env, cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    assert json.loads(shown.stdout) == {"malformed": 2}
+    missing = _sluice("status", "job-0000", env=env, cwd=tmp_path)
+    assert missing.returncode == 1 and "no job with id 'job-0000'" in missing.stderr
+
+
 def test_sluice_worker_runs_an_earlier_stage_at_a_lower_cpu_priority(tmp_path: Path) -> None:
     # `sluice worker` becomes the Celery worker under `nice`, by its stage
     # (SLUICE_STAGE_NICE_STEP): the router, three stages before validation, three steps up.

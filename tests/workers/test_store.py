@@ -3,10 +3,12 @@ races, idempotent resubmission, the reconciler's back-off. No broker, no workers
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -777,3 +779,56 @@ def test_version_tuples_read_by_id_come_back_whole_when_the_memo_is_full(
         got = tuples.versions_by_id(session.connection(), [*ids, None, "vt-not-stored"])
         assert got == dict(zip(ids, stored, strict=True))
         assert tuples.versions_by_id(session.connection(), [ids[0]]) == {ids[0]: stored[0]}
+
+
+def test_a_job_line_whose_key_a_stored_request_holds_is_refused_not_admitted(
+        store_url: str, tmp_path: Path) -> None:
+    from ops.jobs import export_job
+    from workers.settings import Settings
+    from workers.store.admission import admit_one, job_counts, stored_malformed
+    from workers.store.engine import session_scope
+    from workers.store.models import Request
+
+    # Given a request submitted online under key k-1
+    with session_scope(store_url) as session:
+        online, _ = admit_one(session, _line("online", key="k-1"), VERSIONS, DriftPolicy.FOLLOW)
+    lines = [_line("a", key="k-1"), _line("b", key="k-2"), _line("c")]
+    content = uuid.uuid4().bytes
+    # When a job file whose first line reuses that key is admitted, twice
+    first = _admit_all(store_url, lines, content)
+    again = _admit_all(store_url, lines, content)
+    # Then the line is refused, once, naming the request that holds the key; the others run
+    refused = [m for m in first.malformed if m.error_class == "IdempotencyKeyReused"]
+    assert [(m.line_no, m.custom_id) for m in refused] == [(1, "a")]
+    assert online in refused[0].reason
+    assert again.malformed == first.malformed
+    with session_scope(store_url) as session:
+        assert job_counts(session, first.job_id) == {"queued": 2}
+        assert len(stored_malformed(session, first.job_id)) == 1
+        admitted = session.scalars(select(Request.custom_id).where(
+            Request.job_id == first.job_id)).all()
+    assert sorted(admitted) == ["b", "c"]
+    # And the export lists the refused line among the errors, with its class
+    _, errors_path = export_job(Settings(database_url=store_url, data_dir=tmp_path),
+                                first.job_id, tmp_path / "out")
+    errors = [json.loads(line) for line in errors_path.read_text().splitlines()]
+    assert errors[0]["line"] == 1 and errors[0]["error_class"] == "IdempotencyKeyReused"
+
+
+def test_a_key_held_by_a_different_request_is_refused_online(store_url: str) -> None:
+    from workers.store.admission import AdmissionError, admit_one
+    from workers.store.engine import session_scope
+
+    with session_scope(store_url) as session:
+        first, _ = admit_one(session, _line("t-1", key="k-9"), VERSIONS, DriftPolicy.FOLLOW)
+    with session_scope(store_url) as session:
+        same, _ = admit_one(session, _line("t-1", key="k-9"), VERSIONS, DriftPolicy.FOLLOW)
+    other = RequestLine.model_validate({
+        "custom_id": "t-1", "tenant": "acme", "grants": ["public"], "idempotency_key": "k-9",
+        "request": {"kind": "answer", "question": "Delete every ticket?"}})
+
+    assert same == first
+    for line in (_line("t-2", key="k-9"), other):
+        with pytest.raises(AdmissionError, match=f"held by request {first}"), \
+                session_scope(store_url) as session:
+            admit_one(session, line, VERSIONS, DriftPolicy.FOLLOW)

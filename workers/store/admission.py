@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -85,7 +85,7 @@ def admit_job(session: Session, *, name: str, content: bytes, lines: list[Reques
     dispatches = [] if created else resume_dispatches(session, job_id)
     dispatches += admit_lines(session, job_id, lines, line_numbers, versions=versions,
                               drift_policy=drift_policy, shard_size=shard_size)
-    return AdmittedJob(job_id, created, dispatches, malformed)
+    return AdmittedJob(job_id, created, dispatches, stored_malformed(session, job_id))
 
 
 def admit_job_in_chunks(url: str, *, name: str, content: bytes, lines: list[RequestLine],
@@ -111,7 +111,16 @@ def admit_job_in_chunks(url: str, *, name: str, content: bytes, lines: list[Requ
                                 shard_size=shard_size)
         on_dispatch(chunk)
         dispatches += chunk
+    with session_scope(url) as session:
+        malformed = stored_malformed(session, job_id)
     return AdmittedJob(job_id, created, dispatches, malformed)
+
+
+def stored_malformed(session: Session, job_id: str) -> list[MalformedLine]:
+    """The job's lines not admitted as requests: malformed in its file, or refused at
+    admission (a reused idempotency key)."""
+    stored = session.scalar(select(Job.malformed).where(Job.id == job_id))
+    return [MalformedLine.model_validate(m) for m in stored or []]
 
 
 def chunk_bounds(count: int, shard_size: int, chunk_lines: int,
@@ -162,13 +171,18 @@ def admit_lines(session: Session, job_id: str, lines: list[RequestLine],
     UPDATE, which rows that reference the job do not wait for), on SQLite the write
     transaction is the lock. A cancelled job admits nothing more. The lines join the job
     in its lane, under the pin and drift policy its first admitted lines got (`versions`
-    and `drift_policy` serve only the first): a job resumed after a deploy is not split."""
+    and `drift_policy` serve only the first): a job resumed after a deploy is not split.
+
+    A line whose idempotency key an earlier request of its tenant holds (of another job, or
+    submitted online) is not admitted: it joins the job's malformed lines as
+    `IdempotencyKeyReused`, naming that request, and so ends in errors.jsonl."""
     if not lines:
         return []
-    job = session.execute(select(Job.lane, Job.cancelled_at).where(Job.id == job_id)
-                          .with_for_update(key_share=True)).one()
+    job = session.execute(select(Job.lane, Job.cancelled_at, Job.malformed)
+                          .where(Job.id == job_id).with_for_update(key_share=True)).one()
     if job.cancelled_at is not None:
         return []
+    refused_before = {m["line_no"] for m in job.malformed or []}
     ids = [line_request_id(job_id, line_no) for line_no in line_numbers]
     # Lines admitted before ids followed line numbers are held under the hash of their
     # custom_id: a job admitted in part before that deploy is completed, not doubled.
@@ -179,7 +193,8 @@ def admit_lines(session: Session, job_id: str, lines: list[RequestLine],
     todo = [(line, request_id, line_no)
             for line, request_id, old_id, line_no in zip(lines, ids, legacy, line_numbers,
                                                          strict=True)
-            if request_id not in held and old_id not in held]
+            if request_id not in held and old_id not in held and line_no not in refused_before]
+    todo = _refuse_reused_keys(session, job_id, job.malformed or [], todo)
     if not todo:
         return []
     earlier = session.execute(select(Request.pinned_versions_id, Request.drift_policy)
@@ -192,11 +207,44 @@ def admit_lines(session: Session, job_id: str, lines: list[RequestLine],
     return _persist(session, requests, job_id, lane, shard_size)
 
 
+def _refuse_reused_keys(session: Session, job_id: str, malformed: list[dict[str, Any]],
+                        todo: list[tuple[RequestLine, str, int]],
+                        ) -> list[tuple[RequestLine, str, int]]:
+    """`todo` less the lines whose idempotency key a stored request holds, which are added to
+    the job's malformed lines (its row is locked: admissions of the job take turns)."""
+    holders = _key_holders(session, [line for line, _, _ in todo])
+    if not holders:
+        return todo
+    refused = [MalformedLine(
+        line_no=line_no, custom_id=line.custom_id, error_class="IdempotencyKeyReused",
+        reason=f"idempotency_key {line.idempotency_key!r} of tenant {line.tenant!r} is held by "
+               f"request {holders[(line.tenant, line.idempotency_key)]}: a key admits one "
+               f"request").model_dump()
+        for line, _, line_no in todo if (line.tenant, line.idempotency_key) in holders]
+    session.execute(update(Job).where(Job.id == job_id).values(malformed=malformed + refused)
+                    .execution_options(synchronize_session=False))
+    return [item for item in todo if (item[0].tenant, item[0].idempotency_key) not in holders]
+
+
+def _key_holders(session: Session, lines: list[RequestLine]) -> dict[tuple[str, str | None], str]:
+    """(tenant, idempotency key) -> the stored request that holds it, for the lines' keys."""
+    keyed = [line for line in lines if line.idempotency_key is not None]
+    if not keyed:
+        return {}
+    c = Request.__table__.c
+    rows = session.execute(select(c.tenant_id, c.idempotency_key, c.id).where(
+        any_of(c.tenant_id, sorted({line.tenant for line in keyed})),
+        any_of(c.idempotency_key, sorted({str(line.idempotency_key) for line in keyed}))))
+    return {(tenant, key): request_id for tenant, key, request_id in rows}
+
+
 def admit_one(session: Session, line: RequestLine, versions: VersionTuple,
               drift_policy: DriftPolicy, lane: Lane = Lane.ONLINE) -> tuple[str, list[Dispatch]]:
     """Admit one upstream request as a shard of one. A repeated idempotency key returns the
     first request's id, and enqueues again only a first stage that was never delivered (the
-    first submit's enqueue failed); a duplicate message is harmless, claims dedupe it."""
+    first submit's enqueue failed); a duplicate message is harmless, claims dedupe it. The
+    same key with a different request (custom_id, grants or body) raises `AdmissionError`:
+    its sender would otherwise read another request's result as its own."""
     if line.idempotency_key:
         existing = _by_idempotency_key(session, line)
         if existing:
@@ -217,8 +265,18 @@ def admit_one(session: Session, line: RequestLine, versions: VersionTuple,
 
 
 def _by_idempotency_key(session: Session, line: RequestLine) -> str | None:
-    return session.scalar(select(Request.id).where(
-        Request.tenant_id == line.tenant, Request.idempotency_key == line.idempotency_key))
+    """The request that holds the line's key, when it is the same request."""
+    held = session.execute(select(Request.id, Request.custom_id, Request.grants, Request.payload)
+                           .where(Request.tenant_id == line.tenant,
+                                  Request.idempotency_key == line.idempotency_key)).first()
+    if held is None:
+        return None
+    if (held.custom_id, sorted(held.grants or []), held.payload) != (
+            line.custom_id, line.grants, line.request.model_dump(mode="json")):
+        raise AdmissionError(f"idempotency_key {line.idempotency_key!r} of tenant "
+                             f"{line.tenant!r} is held by request {held.id} "
+                             f"(custom_id {held.custom_id!r}), a different request")
+    return str(held.id)
 
 
 def _undelivered(session: Session, request_id: str) -> list[Dispatch]:

@@ -1,0 +1,52 @@
+"""Settings: refused with a message that names the variable, never the value; stage limits
+and the visibility timeout checked against each other."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from workers.settings import Settings, describe_settings_error
+
+pytestmark = pytest.mark.unit
+
+SECRET = "sk-live-abcdef0123456789"
+
+
+def _refusal(monkeypatch: pytest.MonkeyPatch, **env: str) -> str:
+    for name, value in env.items():
+        monkeypatch.setenv(f"SLUICE_{name.upper()}", value)
+    with pytest.raises(ValidationError) as refused:
+        Settings()
+    return describe_settings_error(refused.value)
+
+
+def test_a_refused_setting_names_its_variable_and_not_the_secrets_beside_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    message = _refusal(monkeypatch, generator_backend="openai", openai_base_url="http://x",
+                       openai_api_key=SECRET)
+
+    assert message == "the openai backend needs SLUICE_OPENAI_BASE_URL and SLUICE_OPENAI_MODEL"
+    assert SECRET not in message and "input" not in message
+
+
+def test_a_field_error_is_told_by_its_environment_variable(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    message = _refusal(monkeypatch, shard_size="0", openai_api_key=SECRET)
+
+    assert message == "SLUICE_SHARD_SIZE: Input should be greater than 0"
+
+
+@pytest.mark.parametrize("limits", ["[60, -30]", "[60, 60]", "[0, 10]"])
+def test_stage_limits_must_be_a_soft_limit_under_a_hard_one(
+        monkeypatch: pytest.MonkeyPatch, limits: str) -> None:
+    message = _refusal(monkeypatch, limits__router=limits)
+
+    assert message.startswith("SLUICE_LIMITS: router's limits must be (soft, hard) seconds")
+
+
+def test_the_visibility_timeout_must_outlast_every_stage(monkeypatch: pytest.MonkeyPatch) -> None:
+    message = _refusal(monkeypatch, visibility_timeout_s="900")
+
+    assert "visibility_timeout_s must exceed every stage's hard time limit" in message
+    assert "960" in message  # generation's default hard limit
