@@ -24,7 +24,9 @@ from celery import Task
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from kombu.exceptions import OperationalError as BrokerError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from sqlalchemy.exc import OperationalError
+from redis.exceptions import TimeoutError as RedisTimeout
+from sqlalchemy.exc import DisconnectionError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from schemas.events import EventKind
 from schemas.stages import AuditRecord, Hop, ItemRecord, ItemResult, Outcome
@@ -46,9 +48,11 @@ class TransientError(RuntimeError):
 
 
 # Retried with backoff. Everything else is permanent and ends the claimed items as failed.
+# The driver's timeouts are not the built-in TimeoutError: a Redis socket timeout, a
+# connection pool with none free in time, a connection lost on checkout.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    OperationalError, RedisConnectionError, BrokerError, TimeoutError, ConnectionError,
-    SoftTimeLimitExceeded, TransientError,
+    OperationalError, DisconnectionError, PoolTimeout, RedisConnectionError, RedisTimeout,
+    BrokerError, TimeoutError, ConnectionError, SoftTimeLimitExceeded, TransientError,
 )
 # Seconds a stage needs at least; a request whose deadline is nearer ends before it starts.
 MIN_STAGE_S = {Stage.ROUTER: 0.0, Stage.RETRIEVAL: 0.05, Stage.GENERATION: 0.5,
@@ -95,9 +99,15 @@ class StageTask(Task):  # type: ignore[misc]
         return random.uniform(0, ceiling)
 
     def _forward(self, runtime: Runtime, key: runs.StageKey, hop_data: dict[str, Any]) -> dict[str, Any]:
-        """A redelivery of a committed stage: pass the recorded output on, compute nothing."""
+        """A redelivery of a committed stage: pass the recorded output on, compute nothing.
+        A validation that sent drafts back, redelivered because its process died before it
+        enqueued them, sends them now."""
         with session_scope(runtime.settings.database_url) as session:
             waiting = runs.next_stage_waiting(session, key)
+            repair = runs.repair_waiting(session, key)
+        if repair is not None:
+            lane, count = repair
+            self._send_back(runtime, key, Lane(lane), count)
         if not waiting:
             raise Ignore()
         return hop_data

@@ -9,7 +9,7 @@ from typing import Any
 
 from schemas.requests import RequestLine
 from schemas.stages import ItemResult, Outcome
-from schemas.status import DriftPolicy, Stage
+from schemas.status import DriftPolicy, Stage, Status
 from schemas.versions import VersionTuple
 
 VERSIONS = VersionTuple(model="m", prompt="p", router="r", index="i", tool_schemas="t",
@@ -43,6 +43,18 @@ def commit_router(store_url: str, dispatch: Any, outcome_of: Callable[[int], Out
     unless not `name_jobs` (as a stage that failed before loading them). With
     `count(session)`, a tuple of counters, return how much the commit's statements added to
     each, read in the commit's transaction."""
+    return commit_stage(store_url, dispatch.hop, Stage.ROUTER,
+                        lambda n, rid: ItemResult(request_id=rid, output={},
+                                                  outcome=outcome_of(n)),
+                        announce, name_jobs, count)
+
+
+def commit_stage(store_url: str, hop: Any, stage: Stage,
+                 result_of: Callable[[int, str], ItemResult], announce: bool = True,
+                 name_jobs: bool = True,
+                 count: Callable[[Any], tuple[int, ...]] | None = None) -> tuple[int, ...]:
+    """Commit `stage` of `hop`'s shard as a worker would (claim, load, commit), its n-th
+    request getting `result_of(n, request_id)`; see `commit_router`."""
     from workers.store.engine import session_scope
     from workers.store.stage_runs import (
         LeaseOwner,
@@ -53,16 +65,15 @@ def commit_router(store_url: str, dispatch: Any, outcome_of: Callable[[int], Out
         load_shard,
     )
 
-    key = StageKey(dispatch.hop, Stage.ROUTER)
-    owner = LeaseOwner("host", 1, "router")
+    key = StageKey(hop, stage)
+    owner = LeaseOwner("host", 1, stage.value)
     with session_scope(store_url) as session:
         lease = claim(session, key, owner, lease_s=30).lease
         assert lease is not None
         states, _ = load_shard(session, lease.request_ids, key)
-    results = [ItemResult(request_id=rid, output={}, outcome=outcome_of(n))
-               for n, rid in enumerate(lease.request_ids)]
+    results = [result_of(n, rid) for n, rid in enumerate(lease.request_ids)]
     jobs = frozenset(s.job_id for s in states.values()) if name_jobs else None
-    queued = frozenset(lease.request_ids)  # the router is the first stage of these runs
+    queued = frozenset(rid for rid, s in states.items() if s.status == Status.QUEUED)
     with session_scope(store_url) as session:
         before = count(session) if count is not None else ()
         commit(session, StageCommit(key, owner, lease, results, [], {}, 0.1, queued, announce,

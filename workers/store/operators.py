@@ -64,18 +64,20 @@ def cancel_job(session: Session, job_id: str) -> int:
     job.cancelled_at = now
     # Lines not admitted yet end too (never_admitted): the job's waiters look, whatever ended.
     announce_ended(session, Ended(job_id, None))
-    ids = list(session.scalars(select(Request.id).where(Request.job_id == job_id,
-                                                        Request.status.in_(ACTIVE))))
-    if not ids:
-        return 0
-    session.execute(update(Request).where(Request.id.in_(ids)).values(
-        status=Status.FAILED.value, error_class="Cancelled", error_stage=None,
-        error_message=f"job {job_id} was cancelled", finished_at=now, failed_at=now)
-        .execution_options(synchronize_session=False))
-    session.execute(insert(AuditEvent), [
-        {"request_id": rid, "stage": None, "run": 0, "round": 0, "kind": EventKind.CANCELLED,
-         "payload": {"job_id": job_id}, "created_at": now} for rid in ids])
-    return len(ids)
+    # One statement that re-checks each row's status once it holds the row's lock: a stage
+    # commit that ends a request meanwhile is waited for, and its outcome stands.
+    cancelled = session.execute(
+        update(Request).where(Request.job_id == job_id, Request.status.in_(ACTIVE))
+        .values(status=Status.FAILED.value, error_class="Cancelled", error_stage=None,
+                error_message=f"job {job_id} was cancelled", finished_at=now, failed_at=now)
+        .returning(Request.id, Request.run)
+        .execution_options(synchronize_session=False)).all()
+    if cancelled:
+        session.execute(insert(AuditEvent), [
+            {"request_id": rid, "stage": None, "run": run, "round": 0,
+             "kind": EventKind.CANCELLED, "payload": {"job_id": job_id}, "created_at": now}
+            for rid, run in cancelled])
+    return len(cancelled)
 
 
 def replay(session: Session, request_id: str, from_stage: Stage, current: VersionTuple,
@@ -134,17 +136,25 @@ def _require_stage_reached(session: Session, request: Request, stage: Stage) -> 
 
 def _copy_earlier_stages(session: Session, request_id: str, previous_run: int, run: int,
                          from_stage: Stage) -> None:
+    """Each earlier stage's last output of the previous run (of its last round: the draft
+    the last validation judged, after repair rounds) becomes its output in round 0 of the
+    new run. An earlier stage whose last output ended the request cannot be skipped."""
     earlier = [s.value for s in Stage][: list(Stage).index(from_stage)]
     rows = session.scalars(select(StageRun).where(
         StageRun.request_id == request_id, StageRun.run == previous_run,
-        StageRun.stage.in_(earlier))).all()  # every stage run is done
-    found = {r.stage for r in rows}
-    missing = [s for s in earlier if s not in found]
+        StageRun.stage.in_(earlier)).order_by(StageRun.round)).all()  # every stage run is done
+    last = {r.stage: r for r in rows}  # by round: the last one stays
+    missing = [s for s in earlier if s not in last]
     if missing:
         raise AdmissionError(f"cannot replay from {from_stage}: run {previous_run} has no "
                              f"recorded output for {missing}")
+    ended = [r for r in last.values() if r.outcome_status is not None]
+    if ended:
+        raise AdmissionError(f"cannot replay from {from_stage}: {ended[0].stage} ended the "
+                             f"request ({ended[0].outcome_status}) in round {ended[0].round} of "
+                             f"run {previous_run}; replay it from {ended[0].stage}")
     now = utcnow()
-    for row in rows:
+    for row in last.values():
         session.add(StageRun(request_id=request_id, shard_id=row.shard_id, stage=row.stage,
                              run=run, round=0, status=ShardStageStatus.DONE.value, deliveries=0,
                              created_at=now, finished_at=now, duration_s=0.0,

@@ -355,6 +355,7 @@ def _update_requests(session: Session, work: StageCommit, now: datetime) -> None
               and r.outcome is None and not r.untouched and not r.repair]
     if onward:
         session.execute(update(Request).where(any_of(Request.id, onward),
+                                              Request.run == work.key.hop.run,
                                               Request.status == Status.QUEUED.value)
                         .values(status=Status.RUNNING.value)
                         .execution_options(synchronize_session=False))
@@ -389,6 +390,19 @@ def shard_lane(session: Session, shard_id: str) -> str:
     if lane is None:
         raise LookupError(f"no shard {shard_id}")
     return str(lane)
+
+
+def repair_waiting(session: Session, key: StageKey) -> tuple[str, int] | None:
+    """The shard's lane and the drafts' count, when the generation round this validation
+    sent drafts back to is still pending and was never delivered (the enqueue after the
+    commit did not happen)."""
+    if key.stage != Stage.VALIDATION:
+        return None
+    repair_key = StageKey(key.hop.model_copy(update={"round": key.hop.round + 1}),
+                          Stage.GENERATION)
+    waiting = session.scalar(select(ShardStage.request_ids).where(
+        *repair_key.where(), ShardStage.status == PENDING, ShardStage.deliveries == 0))
+    return None if waiting is None else (shard_lane(session, key.hop.shard_id), len(waiting))
 
 
 def next_stage_waiting(session: Session, key: StageKey) -> bool:
