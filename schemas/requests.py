@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Any, Literal
 
@@ -34,6 +35,19 @@ class DocumentRequest(BaseModel):
     template: str = Field(min_length=1, max_length=128)
     topic: str = Field(max_length=2_000)
     inputs: dict[str, str | int | float | bool] = Field(default_factory=dict)
+
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _inputs_are_scalars(cls, inputs: Any) -> Any:
+        """One message per bad value, instead of one per type it failed to be."""
+        if isinstance(inputs, dict):
+            for name, value in inputs.items():
+                if not isinstance(value, str | int | float | bool):
+                    raise ValueError(f"inputs[{name!r}] must be a string, number or boolean, "
+                                     f"got {type(value).__name__}")
+                if isinstance(value, float) and not math.isfinite(value):  # JSON has no NaN
+                    raise ValueError(f"inputs[{name!r}] must be a finite number, got {value}")
+        return inputs
 
 
 RequestBody = Annotated[AnswerRequest | DocumentRequest, Field(discriminator="kind")]
@@ -85,13 +99,21 @@ class MalformedLine(BaseModel):
     error_class: str = "MalformedLine"
 
 
+_KINDS = ("answer", "document")  # the `kind` tags of RequestBody
+
+
 def describe_validation_error(error: ValidationError) -> str:
-    """One precise sentence per problem: 'request.question: Field required'."""
+    """One precise sentence per problem: 'request.question: Field required', named as the
+    line names it (pydantic puts the body's kind in the path: 'request.answer.question')."""
     parts = []
     for item in error.errors():
-        where = ".".join(str(p) for p in item["loc"]) or "line"
+        loc = list(item["loc"])
+        if len(loc) > 2 and loc[0] == "request" and loc[1] in _KINDS:
+            del loc[1]
+        where = ".".join(str(p) for p in loc) or "line"
         parts.append(f"{where}: {item['msg']}")
     return "; ".join(parts)
+
 
 
 def parse_request_line(raw: str, line_no: int) -> RequestLine | MalformedLine:

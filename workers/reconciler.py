@@ -77,11 +77,18 @@ def reconcile_once(settings: Settings) -> list[Redrive]:
 
     with session_scope(settings.database_url) as session:
         redrives = find_and_reset(session, settings.stall_s)
+    sent = []
     for redrive in redrives:
         log.warning("re-driving %s of shard %s (%s)", redrive.dispatch.stage,
                     redrive.dispatch.hop.shard_id, redrive.reason)
-        enqueue(redrive.dispatch, settings)
-    return redrives
+        try:
+            enqueue(redrive.dispatch, settings)
+        except Exception:  # one message the broker refused must not hold back the others
+            log.exception("could not re-drive %s of shard %s; a later pass tries again after "
+                          "its back-off", redrive.dispatch.stage, redrive.dispatch.hop.shard_id)
+            continue
+        sent.append(redrive)
+    return sent
 
 
 class ReconcilerThread(threading.Thread):

@@ -164,7 +164,7 @@ def test_declared_answer_class_is_limited_to_what_a_caller_may_ask_for(declared:
     parsed = parse_request_line(_line(request=body), line_no=3)
 
     assert isinstance(parsed, MalformedLine)
-    assert "request.answer.answer_class" in parsed.reason
+    assert parsed.reason.startswith("request.answer_class: ")
 
 
 def test_answer_request_without_a_declared_class_leaves_it_to_the_router() -> None:
@@ -181,6 +181,21 @@ def test_every_line_of_the_example_job_files_still_parses_as_before() -> None:
         lines = (jobs / name).read_text(encoding="utf-8").splitlines()
         parsed = [parse_request_line(raw, n) for n, raw in enumerate(lines, start=1)]
         assert {p.line_no for p in parsed if isinstance(p, MalformedLine)} == malformed_lines
+
+
+@pytest.mark.parametrize(("request_body", "reason"), [
+    ({"kind": "answer"}, "request.question: Field required"),
+    ({"kind": "document", "template": "t", "topic": "x", "inputs": {"a": [1]}},
+     "request.inputs: Value error, inputs['a'] must be a string, number or boolean, got list"),
+    ({"kind": "document", "template": "t", "topic": "x", "inputs": {"a": float("nan")}},
+     "request.inputs: Value error, inputs['a'] must be a finite number, got nan"),
+])
+def test_a_reason_names_the_field_as_the_line_does_once_per_problem(
+        request_body: dict[str, object], reason: str) -> None:
+    parsed = parse_request_line(_line(request=request_body), line_no=1)
+
+    assert isinstance(parsed, MalformedLine)
+    assert parsed.reason == reason
 
 
 EDGE_LINES = [
@@ -202,6 +217,8 @@ EDGE_LINES = [
     '{"custom_id": "a", "tenant": "t", "request": {"kind": "document", "template": "t", '
     '"topic": "x", "inputs": {"n": ' + "[" * 3000 + "]" * 3000 + '}}}',
     '{"custom_id": "a", "tenant": "t", "request": {"kind": "answer", "question": "q"}} trailing',
+    '{"custom_id": "a", "tenant": "t", "request": {"kind": "document", "template": "t", '
+    '"topic": "x", "inputs": {"n": NaN, "m": [1]}}}',
 ]
 
 

@@ -315,6 +315,35 @@ def test_the_reconciler_backs_off_a_row_that_stays_pending(store_url: str) -> No
     assert redrive() == 1
 
 
+def test_a_redrive_the_broker_refuses_holds_back_no_other(
+        store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from workers import dispatch
+    from workers.reconciler import reconcile_once
+    from workers.settings import Settings
+    from workers.store.admission import admit_one
+    from workers.store.engine import session_scope
+    from workers.store.models import ShardStage
+
+    # Given two stalled shard stages, and a broker that refuses the first message (injected)
+    with session_scope(store_url) as session:
+        for name in ("first", "second"):
+            admit_one(session, _line(name), VERSIONS, DriftPolicy.STRICT)
+        session.execute(update(ShardStage).values(created_at=utcnow() - timedelta(hours=1)))
+    tried: list[str] = []
+
+    def enqueue(redriven: Any, _settings: Any) -> None:
+        tried.append(redriven.hop.shard_id)
+        if len(tried) == 1:
+            raise ConnectionError("broker down")
+
+    monkeypatch.setattr(dispatch, "enqueue", enqueue)
+    # When the reconciler runs a pass, the second is still re-driven
+    redriven = reconcile_once(Settings(database_url=store_url, data_dir=tmp_path, stall_s=60))
+
+    assert len(tried) == 2
+    assert [r.dispatch.hop.shard_id for r in redriven] == tried[1:]
+
+
 def test_a_commit_after_the_lease_was_taken_over_writes_nothing(store_url: str) -> None:
     """The first delivery's lease on a shard stage runs out and a second delivery claims it:
     the first one's commit raises LeaseLost and leaves no trace (no stage run, no event, no
