@@ -21,6 +21,7 @@ from tasks import adapters
 from tasks.generation import generate
 from tasks.retrieval import Retriever
 from tasks.router import route
+from tasks.sanitize import sanitize_chunks
 from tasks.tools import ToolCall, ToolError
 from tasks.validation import validate
 from tasks.validators.policy import record_identifiers
@@ -57,13 +58,14 @@ def _call_tools(runtime: Runtime, records: list[ItemRecord]) -> Results:
     """Fresh data from the system of record, by the plan the request text maps to (never by
     what retrieved text or a model says); each call an audit event, its result evidence."""
     registry = runtime.tools()
+    policy = sanitize_policy(runtime.settings)
     results, events = [], []
     with session_scope(runtime.settings.database_url) as session:
         for record in records:
             # The router planned it (and ended the request when nothing fit).
             call = ToolCall.model_validate(record.previous[Stage.ROUTER]["tool_call"])
             try:
-                result = execute(session, registry, record.tenant, call)
+                result = execute(session, registry, record.tenant, call, grants=record.grants)
             except ToolError as exc:
                 outcome = Outcome(status=Status.FAILED, error_class=type(exc).__name__,
                                   message=str(exc))
@@ -76,9 +78,16 @@ def _call_tools(runtime: Runtime, records: list[ItemRecord]) -> Results:
             outcome = None if result.outcome == "ok" else Outcome(
                 status=Status.FAILED, error_class=result.error_class or "ToolFailed",
                 message=result.content[:500])
+            # A record's free text (a summary, a note anyone may add) is untrusted like a
+            # corpus chunk: the same sanitization, the same audit of what it flagged.
+            kept, detections = sanitize_chunks([RetrievedChunk(**result.as_evidence())], policy)
+            events.extend(AuditRecord(request_id=record.request_id,
+                                      kind=EventKind.INJECTION_SIGNAL,
+                                      payload={**d.model_dump(mode="json"),
+                                               "policy": policy.version})
+                          for d in detections)
             evidence = RetrievalResult(request_id=record.request_id,
-                                       index_id=f"tools:{registry.version}",
-                                       chunks=[RetrievedChunk(**result.as_evidence())])
+                                       index_id=f"tools:{registry.version}", chunks=kept)
             results.append(ItemResult(request_id=record.request_id,
                                       output=evidence.model_dump(mode="json"), outcome=outcome))
     return results, events

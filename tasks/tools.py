@@ -145,6 +145,7 @@ class ValidatedCall:
 
     spec: ToolSpec
     tenant: str
+    grants: frozenset[str]  # the calling request's: what the tool may read for it
     args: ToolArgs
     idempotency_key: str | None
     call_id: str
@@ -209,9 +210,11 @@ def sha256_hex(value: Any) -> str:
     return hashlib.sha256(canonical_json(value).encode()).hexdigest()
 
 
-def call_id_for(spec: ToolSpec, tenant: str, args: Mapping[str, Any],
+def call_id_for(spec: ToolSpec, tenant: str, grants: Iterable[str], args: Mapping[str, Any],
                 idempotency_key: str | None) -> str:
-    key = [spec.name, spec.version, tenant, dict(args), idempotency_key]
+    """The grants are part of the id: a result read under some grants (and kept by the
+    cache under this id) is not served to a caller with others."""
+    key = [spec.name, spec.version, tenant, sorted(set(grants)), dict(args), idempotency_key]
     return "tc-" + sha256_hex(key)[:24]
 
 
@@ -266,8 +269,9 @@ class ToolRegistry:
             raise UnknownTool(f"unknown tool {name!r}; registered: {sorted(self._specs)}")
         return spec
 
-    def validate(self, tenant: str, call: ToolCall) -> ValidatedCall:
-        """Check a call before anything runs: tool, allowlist, arguments, idempotency key.
+    def validate(self, tenant: str, call: ToolCall, grants: Iterable[str]) -> ValidatedCall:
+        """Check a call before anything runs: tool, allowlist, arguments, idempotency key;
+        `grants` are the calling request's.
 
         A read-only call ignores an idempotency key: it is not part of its id.
         """
@@ -279,8 +283,9 @@ class ToolRegistry:
             raise ToolArgumentError(f"{spec.name} has side effects and needs an idempotency "
                                     f"key, got {call.idempotency_key!r}")
         key = call.idempotency_key if spec.side_effects else None
-        call_id = call_id_for(spec, tenant, args.model_dump(mode="json"), key)
-        return ValidatedCall(spec, tenant, args, key, call_id)
+        granted = frozenset(grants)
+        call_id = call_id_for(spec, tenant, granted, args.model_dump(mode="json"), key)
+        return ValidatedCall(spec, tenant, granted, args, key, call_id)
 
 
 def _parse_args(spec: ToolSpec, raw: Mapping[str, Any]) -> ToolArgs:

@@ -22,6 +22,7 @@ from tasks.tools import (
 )
 
 pytestmark = pytest.mark.unit
+GRANTS = frozenset({"public", "engineering"})  # the example tickets' folder is engineering
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +41,20 @@ def test_the_shipped_registry_holds_the_four_tools_with_their_contracts(
 
 
 def test_a_valid_call_is_normalised_and_gets_a_stable_id(registry: ToolRegistry) -> None:
-    first = registry.validate("acme", ToolCall(tool="get_ticket", args={"ticket_id": " inc-2057"}))
-    again = registry.validate("acme", ToolCall(tool="get_ticket", args={"ticket_id": "INC-2057"}))
+    first = registry.validate("acme", ToolCall(tool="get_ticket", args={"ticket_id": " inc-2057"}),
+                              GRANTS)
+    again = registry.validate("acme", ToolCall(tool="get_ticket", args={"ticket_id": "INC-2057"}),
+                              GRANTS)
     other_tenant = registry.validate("globex", ToolCall(tool="get_ticket",
-                                                        args={"ticket_id": "INC-2057"}))
+                                                        args={"ticket_id": "INC-2057"}), GRANTS)
+    other_grants = registry.validate("acme", ToolCall(tool="get_ticket",
+                                                      args={"ticket_id": "INC-2057"}), {"public"})
 
     assert first.args_json == {"ticket_id": "INC-2057"}
     assert first.call_id == again.call_id
     assert first.call_id != other_tenant.call_id
+    # A result read under some grants is never served, by its id, to a caller with others
+    assert other_grants.grants == {"public"} and other_grants.call_id != first.call_id
 
 
 @pytest.mark.parametrize(("call", "message"), [
@@ -69,7 +76,7 @@ def test_a_valid_call_is_normalised_and_gets_a_stable_id(registry: ToolRegistry)
 def test_invalid_arguments_are_rejected_with_a_precise_message(
         registry: ToolRegistry, call: ToolCall, message: str) -> None:
     with pytest.raises(ToolArgumentError) as caught:
-        registry.validate("acme", call)
+        registry.validate("acme", call, GRANTS)
 
     assert str(caught.value) == message
 
@@ -79,17 +86,18 @@ def test_a_side_effect_tool_needs_an_idempotency_key(registry: ToolRegistry) -> 
 
     with pytest.raises(ToolArgumentError, match="add_ticket_note has side effects and needs an "
                                                 "idempotency key, got None"):
-        registry.validate("acme", call)
-    keyed = registry.validate("acme", call.model_copy(update={"idempotency_key": "note-1"}))
-    other_key = registry.validate("acme", call.model_copy(update={"idempotency_key": "note-2"}))
+        registry.validate("acme", call, GRANTS)
+    keyed = registry.validate("acme", call.model_copy(update={"idempotency_key": "note-1"}), GRANTS)
+    other_key = registry.validate("acme", call.model_copy(update={"idempotency_key": "note-2"}),
+                                  GRANTS)
 
     assert keyed.idempotency_key == "note-1"
     assert keyed.call_id != other_key.call_id
 
 
 def test_a_read_only_call_ignores_an_idempotency_key(registry: ToolRegistry) -> None:
-    plain = registry.validate("acme", ToolCall(tool="current_time"))
-    keyed = registry.validate("acme", ToolCall(tool="current_time", idempotency_key="k"))
+    plain = registry.validate("acme", ToolCall(tool="current_time"), GRANTS)
+    keyed = registry.validate("acme", ToolCall(tool="current_time", idempotency_key="k"), GRANTS)
 
     assert keyed.idempotency_key is None
     assert keyed.call_id == plain.call_id
@@ -101,14 +109,14 @@ def test_the_allowlist_is_enforced_per_tenant() -> None:
                     idempotency_key="k")
 
     with pytest.raises(ToolNotAllowed, match="tenant 'globex' may not call tool 'add_ticket_note'"):
-        registry.validate("globex", call)
-    assert registry.validate("acme", call).tenant == "acme"
+        registry.validate("globex", call, GRANTS)
+    assert registry.validate("acme", call, GRANTS).tenant == "acme"
     assert registry.version != default_registry().version  # the allowlist is part of the contract
 
 
 def test_unknown_tools_and_bad_specs_are_refused(registry: ToolRegistry) -> None:
     with pytest.raises(UnknownTool, match="unknown tool 'delete_ticket'"):
-        registry.validate("acme", ToolCall(tool="delete_ticket"))
+        registry.validate("acme", ToolCall(tool="delete_ticket"), GRANTS)
     with pytest.raises(ValueError, match="allowlists name unknown tools"):
         default_registry({"delete_ticket": "*"})
     with pytest.raises(ValueError, match="timeout_s must be > 0, got 0"):
@@ -121,7 +129,8 @@ def test_unknown_tools_and_bad_specs_are_refused(registry: ToolRegistry) -> None
 
 def test_a_result_renders_as_citable_evidence_and_hashes_its_content(
         registry: ToolRegistry) -> None:
-    call = registry.validate("acme", ToolCall(tool="get_ticket", args={"ticket_id": "INC-2057"}))
+    call = registry.validate("acme", ToolCall(tool="get_ticket", args={"ticket_id": "INC-2057"}),
+                             GRANTS)
     output = ToolOutput(title="Ticket INC-2057", content="Ticket INC-2057 is open.",
                         data={"status": "open"})
 
@@ -161,7 +170,7 @@ def test_the_planner_maps_request_text_to_one_read_only_call(text: str, tool: st
     planned = plan_tool_call(text)
 
     assert planned == ToolCall(tool=tool, args=args)
-    default_registry().validate("acme", planned)  # every plan validates
+    default_registry().validate("acme", planned, GRANTS)  # every plan validates
 
 
 @pytest.mark.parametrize("text", [

@@ -1,5 +1,6 @@
 """A tool lookup through the queues: the router's class, a planned tool call on the system of
-record (fresh data, tenant-scoped), the call on the record, its result cited as evidence."""
+record (fresh data, scoped to the tenant and the request's grants), the call on the record,
+its result cited as evidence."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from tests.services import Pipeline
 pytestmark = pytest.mark.integration
 
 
-def _lookup(client, tenant: str, question: str) -> str:  # type: ignore[no-untyped-def]
-    return client.submit({"custom_id": f"lookup-{tenant}-{abs(hash(question)) % 10**8}",
-                          "tenant": tenant, "grants": ["public"],
+def _lookup(client, tenant: str, question: str,  # type: ignore[no-untyped-def]
+            grants: tuple[str, ...] = ("public", "engineering")) -> str:
+    return client.submit({"custom_id": f"lookup-{tenant}-{'-'.join(grants)}-"
+                                       f"{abs(hash(question)) % 10**8}",
+                          "tenant": tenant, "grants": list(grants),
                           "request": {"kind": "answer", "question": question,
                                       "answer_class": "tool_lookup"}})
 
@@ -33,19 +36,23 @@ def test_a_ticket_lookup_reads_fresh_tenant_scoped_data_and_is_audited(
                         .values(status="open"))  # fresh data: the tool must see this change
     mine = _lookup(client, "acme", "What is the status of ticket INC-2057 right now?")
     theirs = _lookup(client, "globex", "What is the status of ticket INC-2057 right now?")
-    results = {rid: client.wait(rid, timeout_s=600) for rid in (mine, theirs)}
+    # INC-2057 is filed under engineering: a request granted only public may not read it
+    narrow = _lookup(client, "acme", "What is the status of ticket INC-2057 right now?",
+                     grants=("public",))
+    results = {rid: client.wait(rid, timeout_s=600) for rid in (mine, theirs, narrow)}
     assert all(Status(r["status"]).is_terminal for r in results.values())
 
     with session_scope(settings.database_url) as session:  # type: ignore[attr-defined]
         calls = {rid: session.scalars(select(AuditEvent.payload).where(
             AuditEvent.request_id == rid, AuditEvent.kind == EventKind.TOOL_CALL)).all()
-            for rid in (mine, theirs)}
+            for rid in (mine, theirs, narrow)}
         evidence = {rid: session.scalar(select(StageRun.output).where(
-            StageRun.request_id == rid, StageRun.stage == Stage.RETRIEVAL)) for rid in (mine, theirs)}
+            StageRun.request_id == rid, StageRun.stage == Stage.RETRIEVAL))
+            for rid in (mine, theirs, narrow)}
         reads = session.scalar(select(AuditEvent.id).where(
             AuditEvent.request_id.in_([mine, theirs]), AuditEvent.kind == EventKind.DATA_READ))
     assert reads is None  # a lookup calls its tool; it does not search the corpus
-    for rid in (mine, theirs):
+    for rid in (mine, theirs, narrow):
         assert len(calls[rid]) == 1
         call = calls[rid][0]
         assert call["tool"] == "get_ticket" and call["args"] == {"ticket_id": "INC-2057"}
@@ -54,5 +61,6 @@ def test_a_ticket_lookup_reads_fresh_tenant_scoped_data_and_is_audited(
         assert chunk["chunk_id"].startswith("tool:")
     assert "open" in evidence[mine]["chunks"][0]["text"].lower()
     assert "no ticket" in evidence[theirs]["chunks"][0]["text"].lower()  # another tenant's
+    assert "no ticket" in evidence[narrow]["chunks"][0]["text"].lower()  # not under its grants
     if results[mine]["status"] == Status.SUCCEEDED:
         assert results[mine]["citations"] == [evidence[mine]["chunks"][0]["chunk_id"]]

@@ -289,6 +289,8 @@ class Ticket(Base):
     resolved_at: Mapped[datetime | None] = mapped_column(Timestamp)
     source: Mapped[str | None] = mapped_column(String(1024))  # the file it was seeded from
     updated_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+    # Labels a request's grants must all hold to read it (migration 0014), as for documents.
+    acl: Mapped[list[str]] = mapped_column(JSON, default=list, server_default="[]")
 
 
 class ToolCallRecord(Base):

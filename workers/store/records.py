@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, tzinfo
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import func, select, text
+from sqlalchemy import select, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
@@ -55,8 +55,12 @@ class ToolContext:
     """What every tool implementation gets besides its arguments."""
 
     tenant: str
+    grants: frozenset[str]  # the calling request's: a ticket needs all its ACL's labels
     call_id: str
     now: datetime
+
+    def may_read(self, ticket: Ticket) -> bool:
+        return set(ticket.acl or ()) <= self.grants
 
 
 ToolImplementation = Callable[[Session, ToolContext, Any], ToolOutput]
@@ -66,8 +70,9 @@ ToolImplementation = Callable[[Session, ToolContext, Any], ToolOutput]
 
 
 def get_ticket(session: Session, ctx: ToolContext, args: GetTicketArgs) -> ToolOutput:
-    """One ticket of the caller's tenant as it stands now; another tenant's is not found."""
-    ticket = _ticket(session, ctx.tenant, args.ticket_id)
+    """One ticket of the caller's tenant as it stands now; another tenant's, or one the
+    caller's grants do not cover, is not found."""
+    ticket = _ticket(session, ctx, args.ticket_id)
     if ticket is None:
         return ToolOutput(title=f"Ticket {args.ticket_id}",
                           content=f"As of {_iso(ctx.now)}, the ticket system has no ticket "
@@ -81,12 +86,13 @@ def get_ticket(session: Session, ctx: ToolContext, args: GetTicketArgs) -> ToolO
 
 
 def list_open_tickets(session: Session, ctx: ToolContext, args: ListOpenTicketsArgs) -> ToolOutput:
-    """The tenant's open tickets, most severe first, then newest."""
-    scope = (Ticket.tenant_id == ctx.tenant, Ticket.status == OPEN)
-    total = session.scalar(select(func.count()).select_from(Ticket).where(*scope)) or 0
-    rows = session.scalars(select(Ticket).where(*scope)
-                           .order_by(Ticket.severity, Ticket.opened_at.desc().nulls_last(), Ticket.id)
-                           .limit(args.limit).execution_options(populate_existing=True)).all()
+    """The tenant's open tickets that the caller's grants cover, most severe first, then
+    newest. (A tenant's open tickets are few: the ACL is checked on each row here.)"""
+    readable = [t for t in session.scalars(
+        select(Ticket).where(Ticket.tenant_id == ctx.tenant, Ticket.status == OPEN)
+        .order_by(Ticket.severity, Ticket.opened_at.desc().nulls_last(), Ticket.id)
+        .execution_options(populate_existing=True)) if ctx.may_read(t)]
+    total, rows = len(readable), readable[:args.limit]
     shown = f", the {len(rows)} most severe and newest below" if total > len(rows) else ""
     lines = [f"- {t.id} ({t.severity}, {t.service or 'no service'}, opened "
              f"{_iso(t.opened_at)}): {t.title}" for t in rows]
@@ -110,8 +116,9 @@ def current_time(session: Session, ctx: ToolContext, args: Any) -> ToolOutput:
 
 
 def add_ticket_note(session: Session, ctx: ToolContext, args: AddTicketNoteArgs) -> ToolOutput:
-    """Append a note to one of the tenant's tickets (a side effect: runs once per key)."""
-    ticket = _ticket(session, ctx.tenant, args.ticket_id)
+    """Append a note to one of the tenant's tickets that the caller may read (a side
+    effect: runs once per key)."""
+    ticket = _ticket(session, ctx, args.ticket_id)
     if ticket is None:
         raise ToolFailed("TicketNotFound", f"the ticket system has no ticket {args.ticket_id}")
     note = TicketNote(tenant_id=ctx.tenant, ticket_id=ticket.id, note=args.note,
@@ -133,9 +140,13 @@ TOOL_IMPLEMENTATIONS: dict[str, ToolImplementation] = {
 }
 
 
-def _ticket(session: Session, tenant: str, ticket_id: str) -> Ticket | None:
-    return session.scalar(select(Ticket).where(Ticket.tenant_id == tenant, Ticket.id == ticket_id)
-                          .execution_options(populate_existing=True))
+def _ticket(session: Session, ctx: ToolContext, ticket_id: str) -> Ticket | None:
+    """The ticket, if the caller's tenant holds it and its grants cover it: one it may not
+    read is not found, as one that does not exist (its existence is not told either)."""
+    ticket = session.scalar(select(Ticket).where(Ticket.tenant_id == ctx.tenant,
+                                                 Ticket.id == ticket_id)
+                            .execution_options(populate_existing=True))
+    return ticket if ticket is not None and ctx.may_read(ticket) else None
 
 
 def _notes(session: Session, ticket: Ticket) -> list[dict[str, str]]:
@@ -182,15 +193,17 @@ class _OverTime(Exception):
 
 
 def execute(session: Session, registry: ToolRegistry, tenant: str, call: ToolCall, *,
+            grants: Iterable[str],
             implementations: Mapping[str, ToolImplementation] = TOOL_IMPLEMENTATIONS) -> ToolResult:
-    """Validate `call` for `tenant`, run it once under its timeout, record it, return the result.
+    """Validate `call` for `tenant` with the calling request's `grants`, run it once under
+    its timeout, record it, return the result.
 
     Raises `UnknownTool`, `ToolNotAllowed` or `ToolArgumentError` before anything runs (and
     `ToolArgumentError` when a side-effect call reuses a key of a different call). A tool's
     own failure or timeout is an `error` result, recorded like any other. The caller's
     transaction commits the record together with the tool's effects.
     """
-    planned = registry.validate(tenant, call)
+    planned = registry.validate(tenant, call, grants)
     run = implementations.get(planned.spec.name)
     if run is None:
         raise ToolError(f"tool {planned.spec.name!r} is registered but has no implementation")
@@ -250,7 +263,8 @@ def _run(session: Session, call: ValidatedCall, run: ToolImplementation,
     start = time.perf_counter()
     try:
         with session.begin_nested(), _statement_timeout(session, timeout_s):
-            output = run(session, ToolContext(call.tenant, call.call_id, now), call.args)
+            output = run(session, ToolContext(call.tenant, call.grants, call.call_id, now),
+                         call.args)
             session.flush()
             if time.perf_counter() - start > timeout_s:
                 raise _OverTime
@@ -349,7 +363,8 @@ _ZONES = {"ET": "America/New_York", "EST": "America/New_York", "EDT": "America/N
 
 
 def seed_tickets(session: Session, corpus_dir: Path) -> SeedReport:
-    """Load `<corpus_dir>/<tenant>/**/inc-*.md` into `tickets`; tickets already present are
+    """Load `<corpus_dir>/<tenant>/**/inc-*.md` into `tickets`, each with the ACL of its
+    folder (`<tenant>/<acl>/...`, as ingest labels documents); tickets already present are
     kept (the store, not the files, is the system of record), so seeding again is a no-op."""
     tickets: dict[tuple[str, str], dict[str, Any]] = {}
     skipped: list[str] = []
@@ -358,6 +373,8 @@ def seed_tickets(session: Session, corpus_dir: Path) -> SeedReport:
         if len(parts) < 2 or not path.name.lower().startswith("inc-"):
             continue
         ticket = parse_ticket(parts[0], path.read_text(encoding="utf-8", errors="replace"), path)
+        if ticket is not None:  # readable as the documents of its folder are
+            ticket["acl"] = [parts[1]] if len(parts) > 2 else []
         if ticket is None or (ticket["tenant_id"], ticket["id"]) in tickets:
             skipped.append(str(path))
             continue
@@ -394,7 +411,7 @@ def parse_ticket(tenant: str, body: str, path: Path) -> dict[str, Any] | None:
             "service": _plain(re.sub(r"\s*\(.*\)\s*$", "", fields.get("service", "")))[:256] or None,
             "summary": _plain(fields.get("impact", ""))[:2000], "opened_at": opened_at,
             "resolved_at": ended_at if status == RESOLVED else None, "source": str(path)[:1024],
-            "updated_at": ended_at or opened_at or utcnow()}
+            "updated_at": ended_at or opened_at or utcnow(), "acl": []}
 
 
 def _status(declared: str | None, body: str) -> str:
