@@ -43,11 +43,15 @@ class Retriever:
         self._lexical: LexicalIndex | None = None
         self._chunks: list[ChunkRecord] = []
         self._allowed: dict[tuple[str, tuple[str, ...]], AllowedSet] = {}
+        self._tenants: frozenset[str] = frozenset()  # of the index's chunks, set by warm_up
+        self._labels: frozenset[str] = frozenset()
 
     def warm_up(self) -> None:
         self.embedder.warm_up()
         if self._index is None:
             self._index, self._chunks = read_index(self.index_folder)
+            self._tenants = frozenset(c.tenant for c in self._chunks)
+            self._labels = frozenset(label for c in self._chunks for label in c.acl)
             if (self.index_folder / LEXICAL_DIRNAME).is_dir():
                 self._lexical = LexicalIndex.load(self.index_folder / LEXICAL_DIRNAME)
 
@@ -86,13 +90,17 @@ class Retriever:
         return result.model_copy(update={"chunks": [self._retrieved(i, s) for i, s in ranked]})
 
     def _allowed_ids(self, tenant: str, grants: list[str]) -> AllowedSet:
-        """The chunk positions this tenant may read, prepared once per (tenant, grants)."""
-        key = (tenant, tuple(sorted(grants)))
+        """The chunk positions this tenant may read, prepared once per (tenant, grants),
+        with the grants reduced to the labels the index holds: the sets kept stay as few
+        as the index's tenants and label combinations, whatever labels callers send (an
+        unknown tenant's is the one empty set)."""
+        assert self._index is not None
+        key = (tenant, tuple(sorted(self._labels.intersection(grants)))) \
+            if tenant in self._tenants else ("", ())  # reads nothing: no chunk's tenant is ""
         if key not in self._allowed:
-            granted = set(grants)
-            assert self._index is not None
+            owner, granted = key[0], set(key[1])
             self._allowed[key] = self._index.allowed(np.array(
-                [i for i, c in enumerate(self._chunks) if c.tenant == tenant and set(c.acl) <= granted],
+                [i for i, c in enumerate(self._chunks) if c.tenant == owner and set(c.acl) <= granted],
                 dtype=np.int64,
             ))
         return self._allowed[key]

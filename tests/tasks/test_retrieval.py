@@ -223,3 +223,19 @@ def test_hybrid_fusion_ranks_an_exact_identifier_first_and_keeps_the_acl(
     other = _retrieve_one(hybrid, "globex", ["staff", "hr"], "What happened in INC-2057?")
     assert {c.document_id for c in other.chunks} <= {
         r.document_id for r in RECORDS if r.tenant == "globex"}
+
+
+def test_labels_and_tenants_the_index_does_not_hold_prepare_no_new_filter(
+        retriever: Retriever) -> None:
+    # Grants are any labels a caller sends: only those the index holds shape the filter,
+    # so a stream of made-up labels or tenants cannot grow what the retriever keeps.
+    staff = _retrieve_one(retriever, "acme", ["staff"], "laptop")
+    padded = [_retrieve_one(retriever, "acme", ["staff", f"junk{i}"], "laptop") for i in range(5)]
+    strangers = [_retrieve_one(retriever, f"tenant{i}", ["staff"], "laptop") for i in range(5)]
+
+    assert all(p.chunks == staff.chunks for p in padded)
+    assert all(s.chunks == [] for s in strangers)
+    assert retriever._allowed_ids("acme", ["staff", "junk0"]) is retriever._allowed_ids(
+        "acme", ["staff"])
+    assert retriever._allowed_ids("tenant1", ["staff"]) is retriever._allowed_ids(
+        "tenant2", ["hr"])
