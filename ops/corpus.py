@@ -20,7 +20,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from tasks.documents import SUFFIXES, BadDocument, CountTokens, read_document, split_text
-from tasks.embedding import Embedder, embedder_id
+from tasks.embedding import Embedder
 from tasks.indexing import (
     ChunkRecord,
     chunk_id,
@@ -212,10 +212,19 @@ def _retire_missing(settings: Settings, tenant: str, root: Path, seen: set[str])
 # -- indexes -------------------------------------------------------------------------------------
 
 
+def index_embedder_name(settings: Settings) -> str:
+    """What an index records as its embedder, and a worker compares with its own."""
+    from workers.cache import vector_space
+
+    return vector_space(settings.embedder_model, settings.data_dir / "weights-hashes.json")
+
+
 def build_index(settings: Settings, progress: Progress | None = None) -> tuple[str, bool]:
     """Embed the live (not retired) chunks and activate the index named by the hash of
     (chunk set with tenants and ACLs, embedder, parameters). Returns (id, newly built)."""
-    embedder_name = embedder_id(settings.embedder_model)
+    # The vector space, weights included: fine-tuned weights dropped into the same folder
+    # make a new index, embedded again, not the old one's vectors under the new name.
+    embedder_name = index_embedder_name(settings)
     with session_scope(settings.database_url) as session:
         rows = session.execute(select(Chunk, Document.title).join(Document)
                                .where(Document.retired.is_(False))

@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from schemas.status import Stage
 from schemas.versions import VersionTuple
-from tasks.embedding import Embedder
+from tasks.embedding import Embedder, embedder_id
 from tasks.engine.engine import BatchLimits, GenerationEngine
 from tasks.engine.types import Backend
 from tasks.files import ROUTER_EXAMPLES_PATH
@@ -41,6 +41,10 @@ ACTIVE_INDEX_TTL_S = 2.0  # an activated index reaches every worker within this 
 
 class NoActiveIndex(RuntimeError):
     """Retrieval was asked to run before any index was built and activated."""
+
+
+class IndexMismatch(RuntimeError):
+    """The active index's vectors come from another embedder than the worker's queries."""
 
 
 class Runtime:
@@ -119,7 +123,14 @@ class Runtime:
         if active is None:
             raise NoActiveIndex("no active index: run `sluice index build` first")
         if self._retriever is None or self._retriever.index_id != active.id:
-            self._retriever = Retriever(self.embedder(), Path(active.path), active.id)
+            embedder = self.embedder()
+            # An index built by earlier code recorded the embedder's folder and configuration only.
+            if active.embedder not in (embedder.space, embedder_id(embedder.model_path)):
+                raise IndexMismatch(
+                    f"index {active.id} was built with embedder {active.embedder}, and this "
+                    f"worker embeds queries with {embedder.space}: build the index with this "
+                    f"worker's SLUICE_EMBEDDER_MODEL (`sluice index build`)")
+            self._retriever = Retriever(embedder, Path(active.path), active.id)
             self._retriever.warm_up()
         return self._retriever
 

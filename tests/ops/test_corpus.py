@@ -163,3 +163,20 @@ def test_the_ingest_and_index_commands(settings: Settings, docs: Path) -> None:
         assert missing.exit_code == 1
         assert f"not found: {docs / 'nope'}; nothing ingested" in missing.output
     assert runner.invoke(app, ["index", "rollback"]).exit_code == 1
+
+
+def test_a_worker_refuses_an_index_built_with_another_embedder(store_url: str,
+                                                               tmp_path: Path) -> None:
+    from workers.runtime import IndexMismatch, Runtime
+    from workers.store.engine import session_scope
+    from workers.store.models import IndexVersion
+
+    # Given an active index whose vectors another embedder (or other weights) made
+    with session_scope(store_url) as session:
+        session.add(IndexVersion(id="idx-other", path=str(tmp_path), chunk_count=1, params={},
+                                 embedder="other-model-0123456789ab:00000000:feedface",
+                                 active=True))
+    runtime = Runtime(Settings(database_url=store_url, data_dir=tmp_path))
+    # Then retrieval does not search it with this worker's query vectors
+    with pytest.raises(IndexMismatch, match="built with embedder other-model-0123456789ab"):
+        runtime.retriever()
