@@ -168,9 +168,10 @@ class ValidationItem(BaseModel):
     # the support and policy validators check the draft against.
     chunk_texts: dict[str, str] = Field(default_factory=dict)
     contract: str | None = None  # an output contract by name; None: the answer class's default
-    # Record ids the draft names that exist only in other tenants' systems of record (looked
-    # up by the validation task): the policy validator refuses them.
-    foreign_identifiers: list[str] = Field(default_factory=list)
+    # Record ids the draft names that its tenant's system of record does not hold (looked up
+    # by the validation task): another tenant's and nobody's alike, so that no answer tells
+    # which ids other tenants hold. The policy validator refuses those its sources lack.
+    unheld_identifiers: list[str] = Field(default_factory=list)
 
 
 class ValidationInput(BaseModel):

@@ -163,9 +163,9 @@ def generation_results(output: GenerationOutput, records: list[ItemRecord],
 
 
 def validation_input(records: list[ItemRecord],
-                     foreign: dict[str, list[str]] | None = None) -> ValidationInput:
-    """`foreign`: per request, the record ids its draft names that only other tenants hold."""
-    foreign = foreign or {}
+                     unheld: dict[str, list[str]] | None = None) -> ValidationInput:
+    """`unheld`: per request, the record ids its draft names that its tenant does not hold."""
+    unheld = unheld or {}
     items = []
     for r in records:
         draft = r.previous[Stage.GENERATION]
@@ -176,7 +176,7 @@ def validation_input(records: list[ItemRecord],
             draft=draft.get("text", ""), source_labels=labels,
             retrieved_chunk_ids=[c["chunk_id"] for c in chunks],
             chunk_texts=_label_texts(labels, chunks), contract=document_contract(r),
-            foreign_identifiers=foreign.get(r.request_id, [])))
+            unheld_identifiers=unheld.get(r.request_id, [])))
     return ValidationInput(items=items)
 
 

@@ -30,7 +30,7 @@ from workers.base import Results, StageTask
 from workers.cache import cache_key
 from workers.runtime import Runtime
 from workers.store.engine import session_scope
-from workers.store.records import execute, foreign_record_ids
+from workers.store.records import execute, unheld_record_ids
 from workers.versions import sanitize_policy
 
 
@@ -137,21 +137,21 @@ def compute_generation(runtime: Runtime, records: list[ItemRecord],
 
 def compute_validation(runtime: Runtime, records: list[ItemRecord],
                        _budget: float | None) -> Results:
-    verdicts = validate(adapters.validation_input(records, _foreign_ids(runtime, records)),
+    verdicts = validate(adapters.validation_input(records, _unheld_ids(runtime, records)),
                         runtime.validators())
     results, events = adapters.validation_results(verdicts, records)
     return adapters.send_back_for_repair(results, events, records,
                                          runtime.settings.max_repair_rounds)
 
 
-def _foreign_ids(runtime: Runtime, records: list[ItemRecord]) -> dict[str, list[str]]:
-    """Per request, the record ids its draft names that only other tenants' records hold."""
+def _unheld_ids(runtime: Runtime, records: list[ItemRecord]) -> dict[str, list[str]]:
+    """Per request, the record ids its draft names that its tenant's records do not hold."""
     named = {r.request_id: record_identifiers(str(r.previous[Stage.GENERATION].get("text", "")))
              for r in records}
     if not any(named.values()):
         return {}
     with session_scope(runtime.settings.database_url) as session:
-        return {r.request_id: sorted(foreign_record_ids(session, r.tenant, named[r.request_id]))
+        return {r.request_id: sorted(unheld_record_ids(session, r.tenant, named[r.request_id]))
                 for r in records if named[r.request_id]}
 
 

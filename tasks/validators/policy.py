@@ -91,20 +91,21 @@ def record_identifiers(text: str) -> list[str]:
 
 
 def check_policy(text: str, evidence: Iterable[str], rules: ValidatorRules,
-                 foreign: Iterable[str] = ()) -> PolicyFindings:
-    """Deny-list hits, personal data not found in the evidence, and other tenants' record ids,
-    each once."""
+                 unheld: Iterable[str] = ()) -> PolicyFindings:
+    """Deny-list hits, personal data not found in the evidence, and record ids the tenant
+    does not hold (`unheld`) that the evidence does not name either, each once."""
     reasons, leaked = [], []
-    for value in _unique(foreign):
-        # The message names neither the other tenant nor anything of its record.
-        reasons.append(_reason("foreign_tenant_data", f"The answer names {value}, which is not a "
-                               "record of this tenant; remove it."))
+    sources = list(evidence)
+    for value in _unique(unheld):
+        if any(value in source for source in sources):
+            continue  # its sources name it: "the ticket system has no ticket INC-2999"
+        reasons.append(_reason("unknown_record", f"The answer names {value}, which is neither a "
+                               "record of this tenant nor in its sources; remove it."))
     for rule in rules.deny:
         for hit in _unique(m.group(0) for m in rule.pattern.finditer(text)):
             reasons.append(_reason("denied_term", f"The answer contains {rule.why} ({_mask(hit)}); "
                                    "remove it."))
             leaked.append(hit)
-    sources = list(evidence)
     for name in rules.pii:
         kind = PII[name]
         found = _unique(kind.find(text))

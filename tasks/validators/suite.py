@@ -49,7 +49,7 @@ from tasks.validators.text import Sentence, split_sentences
 
 SUITE_VERSION = "suite-1"
 ATTRIBUTION_MIN_TERMS = 3  # content words (tasks.lexical) an uncited claim needs to be cited
-POLICY_VERSION = "policy-2"  # 2: other tenants' record ids
+POLICY_VERSION = "policy-3"  # 2: other tenants' record ids; 3: any record id not its own or sourced
 ABSTENTION_VERSION = "abstention-1"
 _ERROR_CLASSES = {
     ("citations", "missing_citation"): "MissingCitation",
@@ -183,7 +183,7 @@ class ValidatorSuite:
             contract.check(item.draft))
         case.reasons.extend(reasons)
         case.policy = check_policy(item.draft, item.chunk_texts.values(), self.rules,
-                                   item.foreign_identifiers)
+                                   item.unheld_identifiers)
         case.reasons.extend(case.policy.reasons)
         if parsed is None:
             return

@@ -719,15 +719,18 @@ def test_a_stale_or_missing_calibration_is_refused(tmp_path: Path) -> None:
         SupportCalibration.load(tmp_path / "missing.yaml")
 
 
-def test_another_tenants_record_id_is_refused_without_naming_the_tenant() -> None:
+def test_a_record_id_neither_held_nor_sourced_is_refused_without_naming_a_tenant() -> None:
     from tasks.validators.policy import record_identifiers
 
     text = "INC-2057 was caused by a retry storm; INC-3125 was similar [S1]."
 
-    findings = check_policy(text, [], ValidatorRules.load(), foreign=["INC-3125"])
+    findings = check_policy(text, [], ValidatorRules.load(), unheld=["INC-3125"])
+    sourced = check_policy(text, ["The ticket system has no ticket INC-3125."],
+                           ValidatorRules.load(), unheld=["INC-3125"])
 
     assert record_identifiers(text) == ["INC-2057", "INC-3125"]
-    assert [r.code for r in findings.reasons] == ["foreign_tenant_data"]
+    assert [r.code for r in findings.reasons] == ["unknown_record"]
     assert "INC-3125" in findings.reasons[0].message
     assert "globex" not in findings.reasons[0].message
+    assert sourced.reasons == []  # its sources name it
     assert check_policy(text, [], ValidatorRules.load()).reasons == []

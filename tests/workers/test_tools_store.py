@@ -366,16 +366,18 @@ def test_a_result_is_evidence_the_model_can_cite(seeded_url: str) -> None:
     assert now.data["utc"].endswith("Z") and now.content.startswith("The current time is ")
 
 
-def test_record_ids_only_another_tenant_holds_are_foreign(seeded_url: str) -> None:
+def test_record_ids_a_tenant_does_not_hold_are_unheld_whoever_holds_them(
+        seeded_url: str) -> None:
     from workers.store.engine import session_scope
-    from workers.store.records import foreign_record_ids
+    from workers.store.records import unheld_record_ids
 
     with session_scope(seeded_url) as session:
-        acme = foreign_record_ids(session, "acme", ["INC-2057", "INC-3125", "INC-9999"])
-        globex = foreign_record_ids(session, "globex", ["INC-2057", "INC-3125"])
-        nothing = foreign_record_ids(session, "acme", [])
+        acme = unheld_record_ids(session, "acme", ["INC-2057", "INC-3125", "INC-9999"])
+        globex = unheld_record_ids(session, "globex", ["INC-2057", "INC-3125"])
+        nothing = unheld_record_ids(session, "acme", [])
 
-    assert acme == {"INC-3125"}  # globex's; acme's own and unknown ids are not foreign
+    # globex's and nobody's alike: which ids another tenant holds is not told
+    assert acme == {"INC-3125", "INC-9999"}
     assert globex == {"INC-2057"}
     assert nothing == set()
 

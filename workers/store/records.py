@@ -456,12 +456,11 @@ def _at(day: str, clock: str, zone: tzinfo) -> datetime:
     return local.astimezone(UTC)
 
 
-def foreign_record_ids(session: Session, tenant: str, candidates: list[str]) -> set[str]:
-    """Of `candidates`, the ticket ids some other tenant holds and `tenant` does not."""
+def unheld_record_ids(session: Session, tenant: str, candidates: list[str]) -> set[str]:
+    """Of `candidates`, the ticket ids `tenant` does not hold, whether another tenant holds
+    them or none does: what other tenants hold is never read here, so no answer can show it."""
     if not candidates:
         return set()
-    owners: dict[str, set[str]] = {}
-    for owner, ticket_id in session.execute(select(Ticket.tenant_id, Ticket.id)
-                                            .where(Ticket.id.in_(candidates))):
-        owners.setdefault(ticket_id, set()).add(owner)
-    return {i for i, who in owners.items() if tenant not in who}
+    held = set(session.scalars(select(Ticket.id).where(Ticket.tenant_id == tenant,
+                                                       Ticket.id.in_(candidates))))
+    return set(candidates) - held
