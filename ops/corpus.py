@@ -32,6 +32,7 @@ from tasks.indexing import (
 )
 from tasks.lexical import LEXICAL_DIRNAME, TOKENIZER_VERSION, LexicalIndex
 from tasks.retrieval import FUSION_DEPTH, RRF_K
+from workers.cache import embedder_space
 from workers.settings import Settings
 from workers.store.admission import ensure_tenants
 from workers.store.engine import session_scope
@@ -212,19 +213,12 @@ def _retire_missing(settings: Settings, tenant: str, root: Path, seen: set[str])
 # -- indexes -------------------------------------------------------------------------------------
 
 
-def index_embedder_name(settings: Settings) -> str:
-    """What an index records as its embedder, and a worker compares with its own."""
-    from workers.cache import vector_space
-
-    return vector_space(settings.embedder_model, settings.data_dir / "weights-hashes.json")
-
-
 def build_index(settings: Settings, progress: Progress | None = None) -> tuple[str, bool]:
     """Embed the live (not retired) chunks and activate the index named by the hash of
     (chunk set with tenants and ACLs, embedder, parameters). Returns (id, newly built)."""
     # The vector space, weights included: fine-tuned weights dropped into the same folder
     # make a new index, embedded again, not the old one's vectors under the new name.
-    embedder_name = index_embedder_name(settings)
+    embedder_name = embedder_space(settings)
     with session_scope(settings.database_url) as session:
         rows = session.execute(select(Chunk, Document.title).join(Document)
                                .where(Document.retired.is_(False))

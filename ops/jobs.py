@@ -384,6 +384,15 @@ def export_job(settings: Settings, job_id: str, out_dir: Path) -> tuple[Path, Pa
     return results_path, errors_path
 
 
+def _umasked(mode: int) -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
+_FILE_MODE = _umasked(0o666)
+
+
 def _write_jsonl_files(files: dict[Path, list[dict[str, Any]]]) -> None:
     """Write each file in full to a temporary file of its own (two exports into one folder
     do not share one), flushed to disk, and only then put them all in place: a crash
@@ -395,6 +404,7 @@ def _write_jsonl_files(files: dict[Path, list[dict[str, Any]]]) -> None:
             with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent,
                                              prefix=f".{path.name}.", delete=False) as tmp:
                 written.append((Path(tmp.name), path))
+                os.fchmod(tmp.fileno(), _FILE_MODE)  # as open() would make it, not 0600
                 tmp.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
                 tmp.flush()
                 os.fsync(tmp.fileno())

@@ -27,13 +27,13 @@ def router_train(
     min_accuracy: Annotated[float, typer.Option(help="exit 1 below this held-out accuracy")] = 0.9,
 ) -> None:
     """Train the head on the examples, save it by version, print held-out accuracy and confusion."""
+    from ops.cli_support import load_settings
     from tasks.embedding import Embedder
     from tasks.router import RouterRules, RouterRulesError
     from tasks.router_classifier import RouterClassifierError, train_router
-    from workers.settings import Settings
 
+    settings = load_settings()
     try:
-        settings = Settings()
         params = RouterRules.load(rules, TEMPLATES_PATH).classifier
         target = cache_dir or settings.router_dir
         with console.status("embedding examples and training the head"):

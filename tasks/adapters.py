@@ -30,7 +30,7 @@ from schemas.stages import (
 )
 from schemas.status import AnswerClass, Stage, Status
 from tasks.generation import ABSTAIN_TEXT
-from tasks.sanitize import SanitizePolicy, sanitize_chunks
+from tasks.sanitize import InjectionDetection, SanitizePolicy, sanitize_chunks
 from tasks.templates import DocumentTemplate, load_templates
 
 Results = tuple[list[ItemResult], list[AuditRecord]]
@@ -80,13 +80,19 @@ def retrieval_results(output: RetrievalOutput, records: list[ItemRecord],
             "document_ids": sorted({c.document_id for c in res.chunks}),
             "scores": [round(c.score, 4) for c in res.chunks], "cached": res.cached}))
         kept, detections = sanitize_chunks(res.chunks, policy)
-        events.extend(AuditRecord(request_id=res.request_id, kind=EventKind.INJECTION_SIGNAL,
-                                  payload={**d.model_dump(mode="json"), "policy": policy.version})
-                      for d in detections)
+        events.extend(injection_events(res.request_id, detections, policy))
         clean = res.model_copy(update={"chunks": kept})
         results.append(ItemResult(request_id=res.request_id, output=clean.model_dump(mode="json"),
                                   outcome=res.outcome))
     return results, events
+
+
+def injection_events(request_id: str, detections: list[InjectionDetection],
+                     policy: SanitizePolicy) -> list[AuditRecord]:
+    """One `injection_signal` event per flagged chunk (or tool result), with the policy."""
+    return [AuditRecord(request_id=request_id, kind=EventKind.INJECTION_SIGNAL,
+                        payload={**d.model_dump(mode="json"), "policy": policy.version})
+            for d in detections]
 
 
 def generation_input(records: list[ItemRecord], deadline_s: float | None) -> GenerationInput:

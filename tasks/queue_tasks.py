@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from schemas.events import EventKind
@@ -30,7 +31,7 @@ from workers.base import Results, StageTask
 from workers.cache import cache_key
 from workers.runtime import Runtime
 from workers.store.engine import session_scope
-from workers.store.records import execute, unheld_record_ids
+from workers.store.records import execute, is_ticket_id, unheld_record_ids
 from workers.versions import sanitize_policy
 
 
@@ -81,11 +82,7 @@ def _call_tools(runtime: Runtime, records: list[ItemRecord]) -> Results:
             # A record's free text (a summary, a note anyone may add) is untrusted like a
             # corpus chunk: the same sanitization, the same audit of what it flagged.
             kept, detections = sanitize_chunks([RetrievedChunk(**result.as_evidence())], policy)
-            events.extend(AuditRecord(request_id=record.request_id,
-                                      kind=EventKind.INJECTION_SIGNAL,
-                                      payload={**d.model_dump(mode="json"),
-                                               "policy": policy.version})
-                          for d in detections)
+            events += adapters.injection_events(record.request_id, detections, policy)
             evidence = RetrievalResult(request_id=record.request_id,
                                        index_id=f"tools:{registry.version}", chunks=kept)
             results.append(ItemResult(request_id=record.request_id,
@@ -145,14 +142,21 @@ def compute_validation(runtime: Runtime, records: list[ItemRecord],
 
 
 def _unheld_ids(runtime: Runtime, records: list[ItemRecord]) -> dict[str, list[str]]:
-    """Per request, the record ids its draft names that its tenant's records do not hold."""
-    named = {r.request_id: record_identifiers(str(r.previous[Stage.GENERATION].get("text", "")))
-             for r in records}
+    """Per request, the ticket ids its draft names that are neither in the request itself
+    (an answer may repeat what was asked about) nor records its tenant and grants may read."""
+    named = {r.request_id: _ticket_ids_added(r) for r in records}
     if not any(named.values()):
         return {}
     with session_scope(runtime.settings.database_url) as session:
-        return {r.request_id: sorted(unheld_record_ids(session, r.tenant, named[r.request_id]))
+        return {r.request_id: sorted(unheld_record_ids(session, r.tenant, r.grants,
+                                                       named[r.request_id]))
                 for r in records if named[r.request_id]}
+
+
+def _ticket_ids_added(record: ItemRecord) -> list[str]:
+    asked = set(record_identifiers(json.dumps(record.payload, ensure_ascii=False)))
+    draft = str(record.previous[Stage.GENERATION].get("text", ""))
+    return [i for i in record_identifiers(draft) if is_ticket_id(i) and i not in asked]
 
 
 @app.task(bind=True, base=StageTask, name=TASK_NAMES[Stage.ROUTER])

@@ -165,8 +165,8 @@ class ToolOutput:
 
 
 class ToolResult(BaseModel):
-    """One call's result; `call_id` is stable for the same tool, version, tenant, arguments
-    (and key), so a repeated call and its citation resolve to the same id."""
+    """One call's result; `call_id` is stable for the same tool, version, tenant, grants,
+    arguments (and key), so a repeated call and its citation resolve to the same id."""
 
     call_id: str
     tool: str
@@ -322,13 +322,14 @@ def _with_allowlist(spec: ToolSpec, tenants: frozenset[str] | Literal["*"]) -> T
 # The system of record is the point of these tools: no read-only tool is cached by default.
 SHIPPED_TOOLS: dict[str, ToolSpec] = {
     spec.name: spec for spec in (
-        ToolSpec("get_ticket", "1", GetTicketArgs,
+        # 2: a ticket the caller's grants do not cover is not found (and not listed, noted)
+        ToolSpec("get_ticket", "2", GetTicketArgs,
                  "One incident ticket of the caller's tenant, as it stands now."),
-        ToolSpec("list_open_tickets", "1", ListOpenTicketsArgs,
+        ToolSpec("list_open_tickets", "2", ListOpenTicketsArgs,
                  "The caller's tenant's open tickets, most severe and newest first."),
         ToolSpec("current_time", "1", CurrentTimeArgs, "The current time in UTC.",
                  timeout_s=0.5),
-        ToolSpec("add_ticket_note", "1", AddTicketNoteArgs,
+        ToolSpec("add_ticket_note", "2", AddTicketNoteArgs,
                  "Append a note to one of the caller's tenant's tickets.", side_effects=True),
     )
 }

@@ -58,6 +58,12 @@ def vector_space(model_path: str, hashes_file: Path) -> str:
             f"{weights_hash(folder, hashes_file)}")
 
 
+def embedder_space(settings: Settings) -> str:
+    """The configured embedder's vector space: what its vectors are cached under, and what an
+    index built with it records (a worker searches only an index of its own space)."""
+    return vector_space(settings.embedder_model, settings.data_dir / "weights-hashes.json")
+
+
 @dataclass(frozen=True)
 class CacheStats:
     hits: int

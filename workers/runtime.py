@@ -28,7 +28,7 @@ from tasks.router import RouterRules
 from tasks.router_classifier import RouterClassifier, ensure_router_head
 from tasks.tools import ToolRegistry, default_registry
 from tasks.validators import ValidatorSuite
-from workers.cache import Cache, CachedEmbedder, retrieval_cache, vector_cache, vector_space
+from workers.cache import Cache, CachedEmbedder, embedder_space, retrieval_cache, vector_cache
 from workers.leases import LeaseKeeper
 from workers.settings import Settings
 from workers.store.engine import session_scope
@@ -96,8 +96,8 @@ class Runtime:
         """One embedder for the router, retrieval and the validators, behind the vector cache."""
         if self._embedder is None:
             path = self.settings.embedder_model
-            space = vector_space(path, self.settings.data_dir / "weights-hashes.json")
-            self._embedder = CachedEmbedder(Embedder(path), vector_cache(self.settings), space)
+            self._embedder = CachedEmbedder(Embedder(path), vector_cache(self.settings),
+                                            embedder_space(self.settings))
         return self._embedder
 
     def count_tokens(self, text: str) -> int:

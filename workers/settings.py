@@ -140,13 +140,14 @@ class Settings(BaseSettings):
         if self.environment == "production" and self.database_url.startswith("sqlite"):
             raise ValueError("production needs SLUICE_DATABASE_URL set to Postgres, got SQLite")
         if self.max_deliveries <= self.max_retries + 1:
-            raise ValueError(f"max_deliveries must exceed max_retries + 1 (each retry is a "
-                             f"delivery), got {self.max_deliveries} and {self.max_retries}")
+            raise ValueError(f"SLUICE_MAX_DELIVERIES must exceed SLUICE_MAX_RETRIES + 1 (each "
+                             f"retry is a delivery), got {self.max_deliveries} and "
+                             f"{self.max_retries}")
         if self.generator_backend == "openai" and not (self.openai_base_url and self.openai_model):
             raise ValueError("the openai backend needs SLUICE_OPENAI_BASE_URL and "
                              "SLUICE_OPENAI_MODEL")
         if self.visibility_timeout_s <= self.limits.longest_s:
-            raise ValueError(f"visibility_timeout_s must exceed every stage's hard time limit "
+            raise ValueError(f"SLUICE_VISIBILITY_TIMEOUT_S must exceed every stage's hard time limit "
                              f"(leases, not redelivery, recover work), got "
                              f"{self.visibility_timeout_s} and {self.limits.longest_s:g}")
         if self.generator_backend == "null" and self.environment == "production":

@@ -41,6 +41,8 @@ def upgrade() -> None:
 def acl_of_source(tenant: str, source: str | None) -> list[str]:
     """The folder after the tenant's in a seeded ticket's path: `.../acme/engineering/x.md`."""
     parts = PurePath(source or "").parts
+    if len(parts) >= 2 and parts[-2] == tenant:
+        return []  # filed directly under its tenant: no ACL folder
     for i in range(len(parts) - 3, -1, -1):  # the last such folder: the corpus's own
         if parts[i] == tenant:
             return [parts[i + 1]]

@@ -97,7 +97,7 @@ def check_policy(text: str, evidence: Iterable[str], rules: ValidatorRules,
     reasons, leaked = [], []
     sources = list(evidence)
     for value in _unique(unheld):
-        if any(value in source for source in sources):
+        if any(value in record_identifiers(source) for source in sources):
             continue  # its sources name it: "the ticket system has no ticket INC-2999"
         reasons.append(_reason("unknown_record", f"The answer names {value}, which is neither a "
                                "record of this tenant nor in its sources; remove it."))

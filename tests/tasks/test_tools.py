@@ -146,7 +146,7 @@ def test_a_result_renders_as_citable_evidence_and_hashes_its_content(
     assert len(result.result_hash) == 64
     assert failed.outcome == "error" and failed.result_hash != result.result_hash
     assert result.audit_payload() | {"duration_s": 0} == {
-        "call_id": call.call_id, "tool": "get_ticket", "version": "1",
+        "call_id": call.call_id, "tool": "get_ticket", "version": "2",
         "args": {"ticket_id": "INC-2057"}, "idempotency_key": None,
         "result_hash": result.result_hash, "duration_s": 0, "outcome": "ok", "error_class": None,
         "served_from": "executed"}

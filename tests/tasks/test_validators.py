@@ -734,3 +734,18 @@ def test_a_record_id_neither_held_nor_sourced_is_refused_without_naming_a_tenant
     assert "globex" not in findings.reasons[0].message
     assert sourced.reasons == []  # its sources name it
     assert check_policy(text, [], ValidatorRules.load()).reasons == []
+    # A source naming INC-31250 does not name INC-3125
+    assert [r.code for r in check_policy(text, ["See INC-31250."], ValidatorRules.load(),
+                                         unheld=["INC-3125"]).reasons] == ["unknown_record"]
+
+
+def test_only_ticket_ids_the_request_did_not_ask_about_are_looked_up() -> None:
+    from schemas.stages import ItemRecord
+    from tasks.queue_tasks import _ticket_ids_added
+
+    record = ItemRecord(request_id="r", tenant="acme", grants=["public"], kind="answer",
+                        payload={"kind": "answer", "question": "Is INC-3125 resolved?"},
+                        previous={"generation": {"text": "SHA-256 sums of COVID-19 data: "
+                                                         "INC-3125 is unknown; see INC-2999."}})
+
+    assert _ticket_ids_added(record) == ["INC-2999"]

@@ -48,5 +48,5 @@ def test_stage_limits_must_be_a_soft_limit_under_a_hard_one(
 def test_the_visibility_timeout_must_outlast_every_stage(monkeypatch: pytest.MonkeyPatch) -> None:
     message = _refusal(monkeypatch, visibility_timeout_s="900")
 
-    assert "visibility_timeout_s must exceed every stage's hard time limit" in message
+    assert "SLUICE_VISIBILITY_TIMEOUT_S must exceed every stage's hard time limit" in message
     assert "960" in message  # generation's default hard limit

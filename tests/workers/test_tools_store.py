@@ -148,6 +148,7 @@ def test_the_acl_migration_reads_a_seeded_tickets_folder() -> None:
     assert migration.acl_of_source(
         "acme", "/home/acme/corpus/acme/engineering/inc-2057.md") == ["engineering"]
     assert migration.acl_of_source("acme", "/elsewhere/inc-2057.md") == []
+    assert migration.acl_of_source("acme", "/home/acme/corpus/acme/inc-1.md") == []
     assert migration.acl_of_source("acme", None) == []
 
 
@@ -372,13 +373,15 @@ def test_record_ids_a_tenant_does_not_hold_are_unheld_whoever_holds_them(
     from workers.store.records import unheld_record_ids
 
     with session_scope(seeded_url) as session:
-        acme = unheld_record_ids(session, "acme", ["INC-2057", "INC-3125", "INC-9999"])
-        globex = unheld_record_ids(session, "globex", ["INC-2057", "INC-3125"])
-        nothing = unheld_record_ids(session, "acme", [])
+        acme = unheld_record_ids(session, "acme", GRANTS, ["INC-2057", "INC-3125", "INC-9999"])
+        globex = unheld_record_ids(session, "globex", GRANTS, ["INC-2057", "INC-3125"])
+        public = unheld_record_ids(session, "acme", {"public"}, ["INC-2057"])
+        nothing = unheld_record_ids(session, "acme", GRANTS, [])
 
     # globex's and nobody's alike: which ids another tenant holds is not told
     assert acme == {"INC-3125", "INC-9999"}
     assert globex == {"INC-2057"}
+    assert public == {"INC-2057"}  # acme's, filed under engineering: not the caller's to read
     assert nothing == set()
 
 

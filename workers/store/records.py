@@ -372,9 +372,9 @@ def seed_tickets(session: Session, corpus_dir: Path) -> SeedReport:
         parts = path.relative_to(corpus_dir).parts
         if len(parts) < 2 or not path.name.lower().startswith("inc-"):
             continue
-        ticket = parse_ticket(parts[0], path.read_text(encoding="utf-8", errors="replace"), path)
-        if ticket is not None:  # readable as the documents of its folder are
-            ticket["acl"] = [parts[1]] if len(parts) > 2 else []
+        # Readable as the documents of its folder are: `<tenant>/<acl>/...`.
+        ticket = parse_ticket(parts[0], path.read_text(encoding="utf-8", errors="replace"), path,
+                              acl=[parts[1]] if len(parts) > 2 else [])
         if ticket is None or (ticket["tenant_id"], ticket["id"]) in tickets:
             skipped.append(str(path))
             continue
@@ -388,7 +388,8 @@ def seed_tickets(session: Session, corpus_dir: Path) -> SeedReport:
     return SeedReport(len(tickets), len(inserted), skipped)
 
 
-def parse_ticket(tenant: str, body: str, path: Path) -> dict[str, Any] | None:
+def parse_ticket(tenant: str, body: str, path: Path,
+                 acl: list[str] | None = None) -> dict[str, Any] | None:
     """A `tickets` row from an incident write-up's Markdown, or None without a ticket id.
 
     Reads the `- **Field:** value` summary lines (Ticket, Severity, Service, Date, Duration,
@@ -411,7 +412,7 @@ def parse_ticket(tenant: str, body: str, path: Path) -> dict[str, Any] | None:
             "service": _plain(re.sub(r"\s*\(.*\)\s*$", "", fields.get("service", "")))[:256] or None,
             "summary": _plain(fields.get("impact", ""))[:2000], "opened_at": opened_at,
             "resolved_at": ended_at if status == RESOLVED else None, "source": str(path)[:1024],
-            "updated_at": ended_at or opened_at or utcnow(), "acl": []}
+            "updated_at": ended_at or opened_at or utcnow(), "acl": acl or []}
 
 
 def _status(declared: str | None, body: str) -> str:
@@ -456,11 +457,19 @@ def _at(day: str, clock: str, zone: tzinfo) -> datetime:
     return local.astimezone(UTC)
 
 
-def unheld_record_ids(session: Session, tenant: str, candidates: list[str]) -> set[str]:
-    """Of `candidates`, the ticket ids `tenant` does not hold, whether another tenant holds
-    them or none does: what other tenants hold is never read here, so no answer can show it."""
+def is_ticket_id(value: str) -> bool:
+    """Whether `value` has the shape of this system of record's ids (`INC-2057`)."""
+    return _TICKET_ID.fullmatch(value) is not None
+
+
+def unheld_record_ids(session: Session, tenant: str, grants: Iterable[str],
+                      candidates: list[str]) -> set[str]:
+    """Of `candidates`, the ticket ids `tenant` does not hold or `grants` do not cover,
+    whether another tenant holds them or none does: what other tenants hold, and which of
+    its own tickets a caller may not read, is never told apart from what does not exist."""
     if not candidates:
         return set()
-    held = set(session.scalars(select(Ticket.id).where(Ticket.tenant_id == tenant,
-                                                       Ticket.id.in_(candidates))))
-    return set(candidates) - held
+    granted = set(grants)
+    readable = {t.id for t in session.scalars(select(Ticket).where(
+        Ticket.tenant_id == tenant, Ticket.id.in_(candidates))) if set(t.acl or ()) <= granted}
+    return set(candidates) - readable
