@@ -331,7 +331,7 @@ def test_every_call_is_recorded_with_its_arguments_hash_and_outcome(seeded_url: 
     assert sorted(rows) == ["current_time", "get_ticket"]
     ticket_row = rows["get_ticket"]
     assert (ticket_row.id, ticket_row.tenant_id, ticket_row.version, ticket_row.args) == (
-        results[1].call_id, "acme", "1", {"ticket_id": "INC-2041"})
+        results[1].call_id, "acme", "2", {"ticket_id": "INC-2041"})
     assert (ticket_row.outcome, ticket_row.executions, ticket_row.side_effects) == ("ok", 2, False)
     assert ticket_row.result_hash == results[1].result_hash
     assert ticket_row.duration_s is not None and ticket_row.duration_s >= 0
