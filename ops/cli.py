@@ -255,15 +255,16 @@ def submit(job_file: Annotated[Path, typer.Argument(help="JSONL file")],
 @app.command()
 def status(job_id: str) -> None:
     """Counts of a job's requests by status, and of its malformed lines."""
-    from workers.store.admission import job_counts, stored_malformed
+    from workers.store.admission import job_counts
     from workers.store.engine import session_scope
     from workers.store.models import Job
 
     with session_scope(ready_settings().database_url) as session:
-        if session.get(Job, job_id) is None:
+        job = session.get(Job, job_id)
+        if job is None:
             fail(f"no job with id {job_id!r}")
         counts = job_counts(session, job_id)
-        malformed = len(stored_malformed(session, job_id))
+        malformed = len(job.malformed or [])
     out.print_json(json.dumps(counts | ({"malformed": malformed} if malformed else {})))
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -384,27 +384,18 @@ def export_job(settings: Settings, job_id: str, out_dir: Path) -> tuple[Path, Pa
     return results_path, errors_path
 
 
-def _umasked(mode: int) -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return mode & ~umask
-
-
-_FILE_MODE = _umasked(0o666)
-
-
 def _write_jsonl_files(files: dict[Path, list[dict[str, Any]]]) -> None:
-    """Write each file in full to a temporary file of its own (two exports into one folder
-    do not share one), flushed to disk, and only then put them all in place: a crash
-    leaves the earlier files, not a half-written one, and the two files of an export are
-    replaced within microseconds of each other."""
+    """Write each file in full to a new file of its own beside it (two exports into one
+    folder do not share one; created as `open` creates files, under the umask), flushed to
+    disk, and only then put them all in place: a crash leaves the earlier files, not a
+    half-written one, and the two files of an export are replaced within microseconds of
+    each other."""
     written: list[tuple[Path, Path]] = []
     try:
         for path, rows in files.items():
-            with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent,
-                                             prefix=f".{path.name}.", delete=False) as tmp:
-                written.append((Path(tmp.name), path))
-                os.fchmod(tmp.fileno(), _FILE_MODE)  # as open() would make it, not 0600
+            tmp_path = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+            written.append((tmp_path, path))
+            with tmp_path.open("x", encoding="utf-8") as tmp:
                 tmp.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
                 tmp.flush()
                 os.fsync(tmp.fileno())
@@ -413,13 +404,17 @@ def _write_jsonl_files(files: dict[Path, list[dict[str, Any]]]) -> None:
     finally:
         for tmp_path, _ in written:
             tmp_path.unlink(missing_ok=True)
-    folders = {path.parent for path in files}
-    for folder in folders:  # the renames themselves survive a crash once the folder is synced
-        descriptor = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+    for folder in {path.parent for path in files}:
+        _sync_folder(folder)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make the renames in `folder` survive a crash."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 @dataclass(frozen=True)

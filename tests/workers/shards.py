@@ -56,21 +56,9 @@ def commit_stage(store_url: str, hop: Any, stage: Stage,
     """Commit `stage` of `hop`'s shard as a worker would (claim, load, commit), its n-th
     request getting `result_of(n, request_id)`; see `commit_router`."""
     from workers.store.engine import session_scope
-    from workers.store.stage_runs import (
-        LeaseOwner,
-        StageCommit,
-        StageKey,
-        claim,
-        commit,
-        load_shard,
-    )
+    from workers.store.stage_runs import StageCommit, commit
 
-    key = StageKey(hop, stage)
-    owner = LeaseOwner("host", 1, stage.value)
-    with session_scope(store_url) as session:
-        lease = claim(session, key, owner, lease_s=30).lease
-        assert lease is not None
-        states, _ = load_shard(session, lease.request_ids, key)
+    key, owner, lease, states = claim_stage(store_url, hop, stage)
     results = [result_of(n, rid) for n, rid in enumerate(lease.request_ids)]
     jobs = frozenset(s.job_id for s in states.values()) if name_jobs else None
     queued = frozenset(rid for rid, s in states.items() if s.status == Status.QUEUED)
@@ -80,3 +68,18 @@ def commit_stage(store_url: str, hop: Any, stage: Stage,
                                     jobs))
         after = count(session) if count is not None else ()
     return tuple(a - b for a, b in zip(after, before, strict=True))
+
+
+def claim_stage(store_url: str, hop: Any, stage: Stage) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """Claim `stage` of `hop`'s shard and load its requests' states, as a worker does before
+    it computes: (key, owner, lease, states)."""
+    from workers.store.engine import session_scope
+    from workers.store.stage_runs import LeaseOwner, StageKey, claim, load_shard
+
+    key = StageKey(hop, stage)
+    owner = LeaseOwner("host", 1, stage.value)
+    with session_scope(store_url) as session:
+        lease = claim(session, key, owner, lease_s=30).lease
+        assert lease is not None
+        states, _ = load_shard(session, lease.request_ids, key)
+    return key, owner, lease, states

@@ -13,7 +13,7 @@ from sqlalchemy import select, text
 
 from schemas.stages import ItemResult, Outcome
 from schemas.status import Lane, Stage, Status
-from tests.workers.shards import VERSIONS, admit_answers, commit_stage
+from tests.workers.shards import VERSIONS, admit_answers, claim_stage, commit_stage
 
 pytestmark = pytest.mark.integration
 
@@ -95,13 +95,10 @@ def test_a_cancel_that_meets_a_commit_ending_a_request_leaves_its_outcome(
     from workers.store.engine import get_engine, session_scope
     from workers.store.models import AuditEvent, Request
     from workers.store.operators import cancel_job
-    from workers.store.stage_runs import LeaseOwner, StageCommit, StageKey, claim, commit
+    from workers.store.stage_runs import StageCommit, commit
 
     job_id, hop = _through_generation(store_url, "meets")
-    key, owner = StageKey(hop, Stage.VALIDATION), LeaseOwner("host", 1, "validation")
-    with session_scope(store_url) as session:
-        lease = claim(session, key, owner, lease_s=30).lease
-    assert lease is not None
+    key, owner, lease, _ = claim_stage(store_url, hop, Stage.VALIDATION)
     (request_id,) = lease.request_ids
     cancelled: list[int] = []
     # Given a validation commit that has ended the request but not committed yet
@@ -153,22 +150,11 @@ def test_a_commit_of_a_superseded_run_leaves_the_replayed_request_queued(
     from workers.store.engine import session_scope
     from workers.store.models import Request
     from workers.store.operators import cancel_job, replay
-    from workers.store.stage_runs import (
-        LeaseOwner,
-        StageCommit,
-        StageKey,
-        claim,
-        commit,
-        load_shard,
-    )
+    from workers.store.stage_runs import StageCommit, commit
 
     job_id, (dispatch,) = admit_answers(store_url, 1, 1, "superseded")
-    key, owner = StageKey(dispatch.hop, Stage.ROUTER), LeaseOwner("host", 1, "router")
     # Given run 0's router, which loaded the request while it was queued
-    with session_scope(store_url) as session:
-        lease = claim(session, key, owner, lease_s=30).lease
-        assert lease is not None
-        states, _ = load_shard(session, lease.request_ids, key)
+    key, owner, lease, states = claim_stage(store_url, dispatch.hop, Stage.ROUTER)
     (request_id,) = lease.request_ids
     # When the job is cancelled and the request replayed (run 1, queued) before it commits
     with session_scope(store_url) as session:

@@ -60,7 +60,12 @@ class ToolContext:
     now: datetime
 
     def may_read(self, ticket: Ticket) -> bool:
-        return set(ticket.acl or ()) <= self.grants
+        return readable_by(ticket, self.grants)
+
+
+def readable_by(ticket: Ticket, grants: frozenset[str]) -> bool:
+    """A ticket is readable by grants that hold every label of its ACL, as a chunk is."""
+    return set(ticket.acl or ()) <= grants
 
 
 ToolImplementation = Callable[[Session, ToolContext, Any], ToolOutput]
@@ -469,7 +474,7 @@ def unheld_record_ids(session: Session, tenant: str, grants: Iterable[str],
     its own tickets a caller may not read, is never told apart from what does not exist."""
     if not candidates:
         return set()
-    granted = set(grants)
+    granted = frozenset(grants)
     readable = {t.id for t in session.scalars(select(Ticket).where(
-        Ticket.tenant_id == tenant, Ticket.id.in_(candidates))) if set(t.acl or ()) <= granted}
+        Ticket.tenant_id == tenant, Ticket.id.in_(candidates))) if readable_by(t, granted)}
     return set(candidates) - readable
