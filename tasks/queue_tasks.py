@@ -23,7 +23,7 @@ from tasks.generation import generate
 from tasks.retrieval import Retriever
 from tasks.router import route
 from tasks.sanitize import sanitize_chunks
-from tasks.tools import ToolCall, ToolError
+from tasks.tools import ToolCall, ToolError, refusal_payload
 from tasks.validation import validate
 from tasks.validators.policy import record_identifiers
 from workers.app import TASK_NAMES, app
@@ -68,6 +68,10 @@ def _call_tools(runtime: Runtime, records: list[ItemRecord]) -> Results:
             try:
                 result = execute(session, registry, record.tenant, call, grants=record.grants)
             except ToolError as exc:
+                # Refused before it ran, and on the record all the same
+                events.append(AuditRecord(request_id=record.request_id,
+                                          kind=EventKind.TOOL_CALL,
+                                          payload=refusal_payload(call, exc)))
                 outcome = Outcome(status=Status.FAILED, error_class=type(exc).__name__,
                                   message=str(exc))
                 results.append(ItemResult(request_id=record.request_id,

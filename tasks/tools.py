@@ -201,6 +201,15 @@ class ToolResult(BaseModel):
                 "served_from": self.served_from}
 
 
+def refusal_payload(call: ToolCall, error: ToolError) -> dict[str, Any]:
+    """The audit event of a call refused before anything ran (unknown tool, a tenant off the
+    allowlist, bad arguments): the same fields as a result's, with outcome `refused`."""
+    return {"call_id": None, "tool": call.tool, "version": None, "args": call.args,
+            "idempotency_key": call.idempotency_key, "result_hash": None, "duration_s": 0.0,
+            "outcome": "refused", "error_class": type(error).__name__,
+            "message": str(error)[:500], "served_from": None}
+
+
 def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
                       default=str)

@@ -26,14 +26,14 @@ from tasks.prompting import PromptTemplates
 from tasks.retrieval import Retriever
 from tasks.router import RouterRules
 from tasks.router_classifier import RouterClassifier, ensure_router_head
-from tasks.tools import ToolRegistry, default_registry
+from tasks.tools import ToolRegistry
 from tasks.validators import ValidatorSuite
 from workers.cache import Cache, CachedEmbedder, embedder_space, retrieval_cache, vector_cache
 from workers.leases import LeaseKeeper
 from workers.settings import Settings
 from workers.store.engine import session_scope
 from workers.store.models import IndexVersion
-from workers.versions import current_versions, decoding_policies
+from workers.versions import current_versions, decoding_policies, tool_registry
 
 NO_INDEX = "index-none"
 ACTIVE_INDEX_TTL_S = 2.0  # an activated index reaches every worker within this time
@@ -89,7 +89,7 @@ class Runtime:
 
     def tools(self) -> ToolRegistry:
         if self._tools is None:
-            self._tools = default_registry()
+            self._tools = tool_registry(self.settings)
         return self._tools
 
     def embedder(self) -> CachedEmbedder:

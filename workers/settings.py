@@ -10,6 +10,7 @@ from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas.status import DriftPolicy, Stage
+from tasks.tools import SHIPPED_TOOLS
 
 DEFAULT_GENERATOR_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_BROKER_SCHEME = "sluicesql"
@@ -124,6 +125,9 @@ class Settings(BaseSettings):
     # waiters poll instead.
     notify_ends: bool = True
     drift_policy: DriftPolicy = DriftPolicy.FOLLOW
+    # Which tenants may call each tool, by tool name, as JSON: {"add_ticket_note": ["acme"]}.
+    # A tool not named here is open to every tenant. Part of the tool-schemas version.
+    tool_allowlists: dict[str, frozenset[str]] = Field(default_factory=dict)
     limits: StageLimits = Field(default_factory=StageLimits)
 
     @model_validator(mode="after")
@@ -150,6 +154,10 @@ class Settings(BaseSettings):
             raise ValueError(f"SLUICE_VISIBILITY_TIMEOUT_S must exceed every stage's hard time limit "
                              f"(leases, not redelivery, recover work), got "
                              f"{self.visibility_timeout_s} and {self.limits.longest_s:g}")
+        unknown_tools = set(self.tool_allowlists) - set(SHIPPED_TOOLS)
+        if unknown_tools:
+            raise ValueError(f"SLUICE_TOOL_ALLOWLISTS names unknown tools "
+                             f"{sorted(unknown_tools)}; tools: {sorted(SHIPPED_TOOLS)}")
         if self.generator_backend == "null" and self.environment == "production":
             raise ValueError("the null generator is for the orchestration benchmark only")
         return self

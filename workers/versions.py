@@ -13,7 +13,7 @@ from tasks.files import ROUTER_EXAMPLES_PATH, ROUTER_RULES_PATH, TEMPLATES_PATH,
 from tasks.generation import DecodingPolicies, NullBackend
 from tasks.prompting import PromptTemplates
 from tasks.sanitize import SanitizeAction, SanitizePolicy
-from tasks.tools import default_registry
+from tasks.tools import ToolRegistry, default_registry
 from tasks.validation import validators_version
 from workers.settings import Settings
 
@@ -35,6 +35,11 @@ def sanitize_policy(settings: Settings) -> SanitizePolicy:
     return SanitizePolicy(SanitizeAction(settings.sanitize_action), settings.sanitize_threshold)
 
 
+def tool_registry(settings: Settings) -> ToolRegistry:
+    """The shipped tools under the configured allowlists."""
+    return default_registry(settings.tool_allowlists)
+
+
 def current_versions(settings: Settings, index_id: str) -> VersionTuple:
     """Everything but the index is derived from settings and files; the index id is given."""
     return VersionTuple(
@@ -42,7 +47,7 @@ def current_versions(settings: Settings, index_id: str) -> VersionTuple:
         prompt=prompt_version(),
         router=router_version(settings),
         index=index_id,
-        tool_schemas=default_registry().version,
+        tool_schemas=tool_registry(settings).version,
         validators=f"{validators_version()}+{sanitize_policy(settings).version}",
         decoding=decoding_policies(settings).version,
         runtime=runtime_version(),

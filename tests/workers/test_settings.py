@@ -50,3 +50,13 @@ def test_the_visibility_timeout_must_outlast_every_stage(monkeypatch: pytest.Mon
 
     assert "SLUICE_VISIBILITY_TIMEOUT_S must exceed every stage's hard time limit" in message
     assert "960" in message  # generation's default hard limit
+
+
+def test_tool_allowlists_are_read_as_json_and_unknown_tools_refused(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLUICE_TOOL_ALLOWLISTS", '{"add_ticket_note": ["acme"]}')
+    assert Settings().tool_allowlists == {"add_ticket_note": frozenset({"acme"})}
+
+    message = _refusal(monkeypatch, tool_allowlists='{"drop_tables": ["acme"]}')
+
+    assert message.startswith("SLUICE_TOOL_ALLOWLISTS names unknown tools ['drop_tables']")

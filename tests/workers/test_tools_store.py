@@ -410,3 +410,33 @@ def test_a_records_free_text_is_sanitized_like_a_corpus_chunk(
     assert [e.kind for e in events] == [EventKind.TOOL_CALL, EventKind.INJECTION_SIGNAL]
     assert result.output["chunks"] == []
     assert events[1].payload["chunk_id"].startswith("tool:")
+
+
+def test_a_call_refused_by_the_allowlist_is_on_the_record(
+        seeded_url: str, tmp_path: Path) -> None:
+    from schemas.events import EventKind
+    from schemas.stages import ItemRecord
+    from tasks.queue_tasks import _call_tools
+    from workers.runtime import Runtime
+    from workers.settings import Settings
+    from workers.store.engine import session_scope
+    from workers.store.models import ToolCallRecord
+
+    # Given a deployment that opens get_ticket to globex only
+    settings = Settings(database_url=seeded_url, data_dir=tmp_path,
+                        tool_allowlists={"get_ticket": ["globex"]})
+    record = ItemRecord(request_id="req-1", tenant="acme", grants=sorted(GRANTS), kind="answer",
+                        payload={}, previous={"router": {
+                            "answer_class": "tool_lookup",
+                            "tool_call": {"tool": "get_ticket", "args": {"ticket_id": "INC-2057"}}}})
+    # When acme's lookup plans it
+    [result], events = _call_tools(Runtime(settings), [record])
+    # Then it fails without running, and the refusal is audited like any call
+    assert result.outcome is not None and result.outcome.error_class == "ToolNotAllowed"
+    [event] = events
+    assert event.kind == EventKind.TOOL_CALL
+    assert event.payload["tool"] == "get_ticket" and event.payload["outcome"] == "refused"
+    assert event.payload["args"] == {"ticket_id": "INC-2057"}
+    assert event.payload["error_class"] == "ToolNotAllowed"
+    with session_scope(seeded_url) as session:
+        assert session.scalar(select(ToolCallRecord.id)) is None  # nothing ran

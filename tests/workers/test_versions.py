@@ -72,6 +72,15 @@ def test_current_versions_in_process_matches_settings(tmp_path: Path) -> None:
     assert first.model_copy(update={"index": "idx-b"}) == second
 
 
+def test_a_tool_allowlist_is_part_of_the_tool_schemas_version(tmp_path: Path) -> None:
+    open_to_all = Settings(generator_backend="null", data_dir=tmp_path)
+    narrowed = Settings(generator_backend="null", data_dir=tmp_path,
+                        tool_allowlists={"add_ticket_note": ["acme"]})
+
+    assert current_versions(open_to_all, "idx").tool_schemas == default_registry().version
+    assert current_versions(narrowed, "idx").tool_schemas != default_registry().version
+
+
 def _fake_model(folder: Path, content: bytes) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / "model.safetensors"
