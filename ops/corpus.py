@@ -19,6 +19,7 @@ from pathlib import Path
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
+from schemas.requests import is_valid_name
 from tasks.documents import SUFFIXES, BadDocument, CountTokens, read_document, split_text
 from tasks.embedding import Embedder
 from tasks.indexing import (
@@ -113,7 +114,10 @@ def ingest_tree(settings: Settings, root: Path, *, prune: bool = False,
     if not root.is_dir():
         raise CorpusError(f"corpus folder not found: {root}")
     report = IngestReport()
-    for tenant_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    tenant_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for tenant_dir in tenant_dirs:  # all checked before any is ingested
+        _check_tenant(tenant_dir.name, f" (the folder {tenant_dir})")
+    for tenant_dir in tenant_dirs:
         ingest_tenant_folder(settings, tenant_dir.name, tenant_dir, prune=prune,
                              progress=progress, count_tokens=count_tokens, report=report)
     return report
@@ -137,6 +141,7 @@ def ingest_tenant_folder(settings: Settings, tenant: str, folder: Path, *, prune
 def _ingest_groups(settings: Settings, tenant: str, groups: dict[Path, list[SourceFile]],
                    report: IngestReport, prune: bool, progress: Progress | None,
                    count_tokens: CountTokens | None) -> None:
+    _check_tenant(tenant)
     if count_tokens is None:
         from tasks.documents import embedder_token_counter
 
@@ -155,6 +160,13 @@ def _ingest_groups(settings: Settings, tenant: str, groups: dict[Path, list[Sour
                 progress(done, total)
         if prune:
             report.retired += _retire_missing(settings, tenant, root, seen)
+
+
+def _check_tenant(tenant: str, where: str = "") -> None:
+    """A tenant no request could name would own documents nobody can read."""
+    if not is_valid_name(tenant):
+        raise CorpusError(f"tenant {tenant!r}{where} is not a valid tenant name: 1-128 "
+                          f"letters, digits and _.:- starting with a letter or digit")
 
 
 def _ingest_one(settings: Settings, tenant: str, root: Path, source: SourceFile,

@@ -12,6 +12,12 @@ _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
 _VALID_NAME = re.compile(_NAME)
 
 
+def is_valid_name(name: str) -> bool:
+    """Whether `name` may be a tenant or custom id: 1-128 of letters, digits and `_.:-`,
+    starting with a letter or digit."""
+    return _VALID_NAME.fullmatch(name) is not None
+
+
 # The answer classes an upstream system may declare for a question. The router takes a
 # declared class as given, instead of classifying the text; its refuse rules still apply.
 # `document` is declared by `kind`; `refuse` and `clarify` are the router's to decide.
@@ -137,7 +143,7 @@ def parse_request_line(raw: str, line_no: int) -> RequestLine | MalformedLine:
         return MalformedLine(line_no=line_no,
                              reason=f"a line must be a JSON object, got {type(data).__name__}")
     custom_id = data.get("custom_id")
-    if not isinstance(custom_id, str) or not _VALID_NAME.fullmatch(custom_id):
+    if not isinstance(custom_id, str) or not is_valid_name(custom_id):
         custom_id = None  # 10 MB of text or a lone surrogate must not reach the store
     try:
         return RequestLine.model_validate(data)

@@ -165,6 +165,28 @@ def test_the_ingest_and_index_commands(settings: Settings, docs: Path) -> None:
     assert runner.invoke(app, ["index", "rollback"]).exit_code == 1
 
 
+def test_ingest_refuses_a_tenant_no_request_could_name(settings: Settings, docs: Path,
+                                                       tmp_path: Path) -> None:
+    from ops.cli import app
+    from workers.store.engine import session_scope
+    from workers.store.models import Document, Tenant
+
+    runner = CliRunner()
+    named = runner.invoke(app, ["ingest", str(docs), "--tenant", "acme corp"])
+    tree = tmp_path / "tree"
+    (tree / "globex" / "public").mkdir(parents=True)
+    (tree / "globex" / "public" / "a.md").write_text("# A\n\nGlobex text.\n")
+    (tree / "-bad" / "public").mkdir(parents=True)
+    in_tree = runner.invoke(app, ["ingest", str(tree)])
+
+    assert named.exit_code == 1
+    assert "tenant 'acme corp' is not a valid tenant name" in named.output
+    assert in_tree.exit_code == 1 and "tenant '-bad' (the folder" in in_tree.output
+    with session_scope(settings.database_url) as session:  # nothing of either ingested
+        assert session.scalar(select(Document.id)) is None
+        assert session.scalar(select(Tenant.id)) is None
+
+
 def test_a_worker_refuses_an_index_built_with_another_embedder(store_url: str,
                                                                tmp_path: Path) -> None:
     from workers.runtime import IndexMismatch, Runtime
