@@ -7,11 +7,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import psycopg
 import pytest
 import redis
+from sqlalchemy import text
 
 from tests.conftest import POSTGRES_ADMIN_URL, REDIS_URL, TEST_DATABASE
 
@@ -168,3 +169,19 @@ def pipeline(services: None, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     finally:
         reconciler.stop()
         fleet.stop()
+
+
+def wait_for_a_lock_wait(engine: Any, who: str, timeout_s: float = 30.0) -> None:
+    """Return once a session of the engine's Postgres database waits on a lock: `who`, which
+    the test started in a thread to meet a transaction it holds open."""
+    deadline = time.monotonic() + timeout_s
+    with engine.connect() as connection:
+        while time.monotonic() < deadline:
+            waiting = connection.execute(text(
+                "select count(*) from pg_stat_activity where datname = current_database() "
+                "and wait_event_type = 'Lock'")).scalar()
+            connection.rollback()  # a fresh snapshot for the next look
+            if waiting:
+                return
+            time.sleep(0.01)
+    raise AssertionError(f"{who} never waited on a lock")

@@ -5,14 +5,14 @@ back, and which errors are retried. Real databases, no broker, no workers."""
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import select
 
 from schemas.stages import ItemResult, Outcome
 from schemas.status import Lane, Stage, Status
+from tests.services import wait_for_a_lock_wait
 from tests.workers.shards import VERSIONS, admit_answers, claim_stage, commit_stage
 
 pytestmark = pytest.mark.integration
@@ -110,7 +110,7 @@ def test_a_cancel_that_meets_a_commit_ending_a_request_leaves_its_outcome(
         canceller = threading.Thread(target=lambda: cancelled.append(
             _cancel(store_url, job_id, cancel_job)))
         canceller.start()
-        _wait_for_a_lock_wait(get_engine(store_url))
+        wait_for_a_lock_wait(get_engine(store_url), "the cancel")
     canceller.join(timeout=30)
     # Then the commit's outcome stands, and nothing was cancelled or recorded as cancelled
     assert cancelled == [0]
@@ -129,20 +129,6 @@ def _cancel(store_url: str, job_id: str, cancel_job: Any) -> int:
     with session_scope(store_url) as session:
         count: int = cancel_job(session, job_id)
         return count
-
-
-def _wait_for_a_lock_wait(engine: Any, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    with engine.connect() as connection:
-        while time.monotonic() < deadline:
-            waiting = connection.execute(text(
-                "select count(*) from pg_stat_activity where datname = current_database() "
-                "and wait_event_type = 'Lock'")).scalar()
-            connection.rollback()  # a fresh snapshot for the next look
-            if waiting:
-                return
-            time.sleep(0.01)
-    raise AssertionError("the cancel never waited on the commit's row lock")
 
 
 def test_a_commit_of_a_superseded_run_leaves_the_replayed_request_queued(

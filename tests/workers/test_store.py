@@ -17,6 +17,7 @@ from sqlalchemy import func, select, update
 from schemas.requests import RequestLine
 from schemas.status import DriftPolicy, Lane, Stage
 from schemas.versions import VersionTuple
+from tests.services import wait_for_a_lock_wait
 from workers.store.timeutil import utcnow
 
 pytestmark = pytest.mark.integration
@@ -842,6 +843,37 @@ def test_a_job_line_whose_key_a_stored_request_holds_is_refused_not_admitted(
                                 first.job_id, tmp_path / "out")
     errors = [json.loads(line) for line in errors_path.read_text().splitlines()]
     assert errors[0]["line"] == 1 and errors[0]["error_class"] == "IdempotencyKeyReused"
+
+
+@pytest.mark.parametrize("empty_store_url", ["postgres"], indirect=True)
+def test_two_jobs_admitted_at_once_with_one_key_admit_it_once(store_url: str) -> None:
+    from workers.store.admission import admit_job
+    from workers.store.engine import get_engine, session_scope
+    from workers.store.models import Request
+
+    second: list[Any] = []
+    # Given a job whose line holds key k-race, admitted but not committed yet
+    with session_scope(store_url) as session:
+        first = admit_job(session, name="one.jsonl", content=uuid.uuid4().bytes,
+                          lines=[_line("one", key="k-race")], malformed=[], line_numbers=[1],
+                          versions=VERSIONS, drift_policy=DriftPolicy.FOLLOW, shard_size=2)
+        # When another job with the same key and another line is admitted meanwhile: its
+        # look for the key's holder finds none, and its insert waits on the first's commit
+        other = threading.Thread(target=lambda: second.append(_admit_all(
+            store_url, [_line("two", key="k-race"), _line("three")], uuid.uuid4().bytes)))
+        other.start()
+        wait_for_a_lock_wait(get_engine(store_url), "the second admission")
+    other.join(timeout=30)
+    # Then the second job refuses its line as a reused key instead of failing whole
+    [admitted] = second
+    assert [(m.line_no, m.error_class) for m in admitted.malformed] == [
+        (1, "IdempotencyKeyReused")]
+    with session_scope(store_url) as session:
+        stored = session.execute(select(Request.custom_id, Request.job_id, Request.id)).all()
+    assert sorted((c, j) for c, j, _ in stored) == [("one", first.job_id),
+                                                    ("three", admitted.job_id)]
+    holder = next(rid for c, _, rid in stored if c == "one")
+    assert f"held by request {holder}" in admitted.malformed[0].reason
 
 
 def test_a_key_held_by_a_different_request_is_refused_online(store_url: str) -> None:

@@ -68,6 +68,8 @@ def line_request_id(job_id: str, line_no: int) -> str:
 # first one, from which they double up to the former (see `chunk_bounds`).
 ADMIT_CHUNK_LINES = 512
 ADMIT_FIRST_LINES = 64
+# Admissions that lose a race for an idempotency key look again this often before failing.
+KEY_RACE_RETRIES = 3
 # In job_counts: the job's lines the store does not hold yet (an admission under way or cut
 # short); a job with any is not done. A cancelled job's are NEVER_ADMITTED: they never run.
 NOT_ADMITTED = "not_admitted"
@@ -194,14 +196,30 @@ def admit_lines(session: Session, job_id: str, lines: list[RequestLine],
             for line, request_id, old_id, line_no in zip(lines, ids, legacy, line_numbers,
                                                          strict=True)
             if request_id not in held and old_id not in held and line_no not in refused_before]
-    todo = _refuse_reused_keys(session, job_id, job.malformed or [], todo)
+    for _ in range(KEY_RACE_RETRIES if any(line.idempotency_key for line, _, _ in todo) else 0):
+        try:
+            with session.begin_nested():
+                return _admit_new(session, job_id, Lane(job.lane), job.malformed or [], todo,
+                                  versions, drift_policy, shard_size)
+        except IntegrityError:
+            # Another job's admission, or an online submit, took one of these keys after
+            # they were looked up (this job's lock does not hold other jobs back). It has
+            # committed by now, so the next look finds it and refuses the line.
+            continue
+    return _admit_new(session, job_id, Lane(job.lane), job.malformed or [], todo, versions,
+                      drift_policy, shard_size)
+
+
+def _admit_new(session: Session, job_id: str, lane: Lane, malformed: list[dict[str, Any]],
+               todo: list[tuple[RequestLine, str, int]], versions: VersionTuple,
+               drift_policy: DriftPolicy, shard_size: int) -> list[Dispatch]:
+    todo = _refuse_reused_keys(session, job_id, malformed, todo)
     if not todo:
         return []
     earlier = session.execute(select(Request.pinned_versions_id, Request.drift_policy)
                               .where(Request.job_id == job_id).limit(1)).first()
     pinned_id, policy = (earlier.pinned_versions_id, DriftPolicy(earlier.drift_policy)) \
         if earlier else (_stored_pin_id(session, versions), drift_policy)
-    lane = Lane(job.lane)
     requests = [_new_request(line, request_id, pinned_id, policy, lane, job_id, line_no)
                 for line, request_id, line_no in todo]
     return _persist(session, requests, job_id, lane, shard_size)
