@@ -169,18 +169,13 @@ class StageTask(Task):  # type: ignore[misc]
 
     def _fail_claimed(self, runtime: Runtime, key: runs.StageKey, owner: runs.LeaseOwner,
                       lease: runs.Lease, exc: BaseException) -> None:
-        """End every claimed item as failed at this stage, with the error's class and text."""
+        """End every claimed item still active as failed at this stage, with the error's
+        class and text."""
         outcome = Outcome(status=Status.FAILED, error_class=type(exc).__name__,
                           message=str(exc)[:2000] or type(exc).__name__)
-        results = [ItemResult(request_id=rid, output={"error": outcome.model_dump()},
-                              outcome=outcome) for rid in lease.request_ids]
-        events = [AuditRecord(request_id=rid, kind=EventKind.STAGE_FAILED,
-                              payload=outcome.model_dump(mode="json"))
-                  for rid in lease.request_ids]
-        work = runs.StageCommit(key, owner, lease, results, events, {}, 0.0,
-                                announce=runtime.settings.notify_ends)
         with session_scope(runtime.settings.database_url) as session:
-            runs.commit(session, work)
+            runs.fail_claimed(session, key, owner, lease, outcome,
+                              runtime.settings.notify_ends)
 
 
 _heap_frozen = False
@@ -250,10 +245,7 @@ def _gate_one(stage: Stage, run: int, rid: str, state: runs.RequestState, delive
               drift_of: _DriftOf, max_deliveries: int,
               now: datetime) -> tuple[ItemResult | None, AuditRecord | None]:
     if state.status.is_terminal or state.run != run:
-        # Ended earlier (cancelled, refused...) or superseded by a replay: ride along.
-        return ItemResult(request_id=rid, output={"skipped": state.status.value,
-                                                  "request_run": state.run},
-                          untouched=True), None
+        return runs.ride_along(rid, state.status, state.run), None
     if deliveries > max_deliveries:
         return _ended(rid, Status.FAILED, "PoisonMessage",
                       f"delivered {deliveries} times, more than {max_deliveries}",

@@ -8,7 +8,7 @@ import threading
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from schemas.stages import ItemResult, Outcome
 from schemas.status import Lane, Stage, Status
@@ -192,3 +192,32 @@ def test_the_drivers_timeouts_and_lost_connections_are_retried(error: str) -> No
 
     module, _, name = error.rpartition(".")
     assert issubclass(getattr(importlib.import_module(module), name), TRANSIENT_ERRORS)
+
+
+def test_a_stage_failing_for_good_leaves_a_request_cancelled_meanwhile_as_it_was(
+        store_url: str) -> None:
+    from workers.store.engine import session_scope
+    from workers.store.models import AuditEvent, Request, StageRun
+    from workers.store.stage_runs import fail_claimed
+
+    _, (dispatch,) = admit_answers(store_url, 2, 2, "fails-for-good")
+    key, owner, lease, _ = claim_stage(store_url, dispatch.hop, Stage.ROUTER)
+    going, cancelled = lease.request_ids
+    # Given a shard's router whose second request was cancelled after the claim
+    with session_scope(store_url) as session:
+        session.execute(text("update requests set status = 'failed', error_class = "
+                             "'Cancelled' where id = :id"), {"id": cancelled})
+    # When the stage fails permanently
+    with session_scope(store_url) as session:
+        fail_claimed(session, key, owner, lease, Outcome(
+            status=Status.FAILED, error_class="KeyError", message="'rules'"))
+    # Then only the active request fails, on the record; the cancelled one is untouched
+    with session_scope(store_url) as session:
+        statuses = {rid: (status, error) for rid, status, error in session.execute(
+            select(Request.id, Request.status, Request.error_class))}
+        runs = dict(session.execute(select(StageRun.request_id, StageRun.outcome_status)).all())
+        failed_events = session.scalars(select(AuditEvent.request_id).where(
+            AuditEvent.kind == "stage_failed")).all()
+    assert statuses == {going: ("failed", "KeyError"), cancelled: ("failed", "Cancelled")}
+    assert runs == {going: "failed", cancelled: None}
+    assert failed_events == [going]

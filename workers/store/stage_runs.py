@@ -19,7 +19,8 @@ from typing import Any
 from sqlalchemy import Connection, insert, or_, select, update
 from sqlalchemy.orm import Session
 
-from schemas.stages import REPAIR, AuditRecord, Hop, ItemRecord, ItemResult
+from schemas.events import EventKind
+from schemas.stages import REPAIR, AuditRecord, Hop, ItemRecord, ItemResult, Outcome
 from schemas.status import ShardStageStatus, Stage, Status
 from workers.store.among import any_of
 from workers.store.bulk import insert_rows, update_rows
@@ -316,6 +317,34 @@ def commit(session: Session, work: StageCommit) -> Committed:
             pending_shard_stage(work.key.hop.shard_id, stage, work.key.hop.run, round_, ids, now)
             for stage, round_, ids in opened])
     return Committed(onward if nxt is not None else [], repair)
+
+
+def ride_along(request_id: str, status: Status, request_run: int) -> ItemResult:
+    """The result of a claimed request that has ended (cancelled, refused...) or that a
+    replay superseded: the stage leaves it as it is."""
+    return ItemResult(request_id=request_id, output={"skipped": status.value,
+                                                     "request_run": request_run},
+                      untouched=True)
+
+
+def fail_claimed(session: Session, key: StageKey, owner: LeaseOwner, lease: Lease,
+                 outcome: Outcome, announce: bool = True) -> Committed:
+    """Commit the claimed shard stage as `outcome` (a permanent error, or retries spent) for
+    every request still active in the shard's run. The others ride along, so a request
+    cancelled meanwhile gets no failed stage on its record."""
+    c = Request.__table__.c
+    rows = session.execute(select(c.id, c.status, c.run)
+                           .where(any_of(c.id, lease.request_ids))).all()
+    ended = {rid: ride_along(rid, Status(status), run) for rid, status, run in rows
+             if status not in ACTIVE or run != key.hop.run}
+    failing = [rid for rid in lease.request_ids if rid not in ended]
+    results = [ItemResult(request_id=rid, output={"error": outcome.model_dump()},
+                          outcome=outcome) for rid in failing]
+    events = [AuditRecord(request_id=rid, kind=EventKind.STAGE_FAILED,
+                          payload=outcome.model_dump(mode="json")) for rid in failing]
+    # A stage that failed before it knew what served it records no versions.
+    return commit(session, StageCommit(key, owner, lease, results + list(ended.values()),
+                                       events, {}, 0.0, announce=announce))
 
 
 def pending_shard_stage(shard_id: str, stage: Stage, run: int, round_: int,
