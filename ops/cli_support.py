@@ -6,11 +6,10 @@ from __future__ import annotations
 from typing import NoReturn
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
-from workers.settings import Settings, describe_settings_error
+from workers.settings import ConfigurationError, Settings, settings_from_env
 
 console = Console(stderr=True)
 out = Console()
@@ -26,13 +25,10 @@ def load_settings() -> Settings:
     """The settings from the environment; a bad one exits 2 naming its variable (its value
     is not shown: it may be a secret)."""
     try:
-        return Settings()
-    except ValidationError as exc:
-        message = describe_settings_error(exc)
-    except ValueError as exc:  # pydantic-settings' own: a variable that is not valid JSON
-        message = str(exc)
-    console.print(f"[red]configuration error:[/red] {escape(message)}", soft_wrap=True)
-    raise typer.Exit(2)
+        return settings_from_env()
+    except ConfigurationError as exc:
+        console.print(f"[red]configuration error:[/red] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from None
 
 
 def ready_settings() -> Settings:

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from schemas.requests import RequestLine, describe_validation_error
 from schemas.status import Lane, Status
-from workers.settings import Settings
+from workers.settings import Settings, settings_from_env
 from workers.store.engine import session_scope
 from workers.store.models import Request
 from workers.store.progress import Hearing, PollingOnly, hearing
@@ -31,7 +31,7 @@ class SluiceClient:
     MIN_GAP_S = 0.02  # between two reads of one wait: news comes in bursts
 
     def __init__(self, settings: Settings | None = None) -> None:
-        self.settings = settings or Settings()
+        self.settings = settings or settings_from_env()
 
     def submit(self, request: RequestLine | dict[str, Any], lane: Lane = Lane.ONLINE) -> str:
         """Admit one request (a shard of one) and enqueue it. A repeated idempotency key

@@ -7,7 +7,7 @@ from kombu import Queue
 
 from schemas.status import Lane, Stage
 from workers import broker
-from workers.settings import EMBEDDED_BROKER_SCHEME, Settings
+from workers.settings import EMBEDDED_BROKER_SCHEME, Settings, settings_from_env
 
 TASK_NAMES = {stage: f"sluice.{stage.value}" for stage in Stage}
 
@@ -60,4 +60,4 @@ def _limits(settings: Settings, stage: Stage) -> dict[str, float]:
     return {"soft_time_limit": soft, "time_limit": hard}
 
 
-app = create_app(Settings())
+app = create_app(settings_from_env())

@@ -30,7 +30,7 @@ from tasks.tools import ToolRegistry
 from tasks.validators import ValidatorSuite
 from workers.cache import Cache, CachedEmbedder, embedder_space, retrieval_cache, vector_cache
 from workers.leases import LeaseKeeper
-from workers.settings import Settings
+from workers.settings import Settings, settings_from_env
 from workers.store.engine import session_scope
 from workers.store.models import IndexVersion
 from workers.versions import current_versions, decoding_policies, tool_registry
@@ -229,4 +229,4 @@ def pinned_versions_now(settings: Settings) -> VersionTuple:
 
 @cache
 def get_runtime() -> Runtime:
-    return Runtime(Settings())
+    return Runtime(settings_from_env())

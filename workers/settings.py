@@ -58,6 +58,23 @@ def describe_settings_error(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
+class ConfigurationError(ValueError):
+    """A SLUICE_* variable is missing or wrong; the message names it, never its value."""
+
+
+def settings_from_env() -> Settings:
+    """The settings from the environment, for every process that starts from it (workers,
+    Flower, the client, the CLI). A bad one raises `ConfigurationError`, not pydantic's
+    error, whose text repeats the inputs (a model check's input is every setting, an API
+    key among them) into logs and tracebacks."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise ConfigurationError(describe_settings_error(exc)) from None
+    except ValueError as exc:  # pydantic-settings' own: a variable that is not valid JSON
+        raise ConfigurationError(str(exc)) from None
+
+
 class Settings(BaseSettings):
     """Sluice configuration. Every field is `SLUICE_<NAME>` in the environment."""
 

@@ -3,14 +3,20 @@ and the visibility timeout checked against each other."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
-from workers.settings import Settings, describe_settings_error
+from workers.settings import ConfigurationError, Settings, describe_settings_error
 
 pytestmark = pytest.mark.unit
 
 SECRET = "sk-live-abcdef0123456789"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _refusal(monkeypatch: pytest.MonkeyPatch, **env: str) -> str:
@@ -60,3 +66,30 @@ def test_tool_allowlists_are_read_as_json_and_unknown_tools_refused(
     message = _refusal(monkeypatch, tool_allowlists='{"drop_tables": ["acme"]}')
 
     assert message.startswith("SLUICE_TOOL_ALLOWLISTS names unknown tools ['drop_tables']")
+
+
+def test_a_worker_or_flower_started_with_a_bad_setting_names_it_and_not_the_secrets(
+        tmp_path: Path) -> None:
+    # Celery workers and Flower load the app module, which reads the settings at import
+    env = {**os.environ, "SLUICE_GENERATOR_BACKEND": "openai", "SLUICE_OPENAI_API_KEY": SECRET,
+           "SLUICE_DATA_DIR": str(tmp_path)}
+    started = subprocess.run([sys.executable, "-c", "import workers.app"], env=env,
+                             capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+    assert started.returncode == 1
+    assert ("ConfigurationError: the openai backend needs SLUICE_OPENAI_BASE_URL and "
+            "SLUICE_OPENAI_MODEL") in started.stderr
+    assert SECRET not in started.stderr + started.stdout
+
+
+def test_the_client_refuses_a_bad_setting_without_repeating_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from ops.client import SluiceClient
+
+    monkeypatch.setenv("SLUICE_DATABASE_URL", f"postgresql://sluice:{SECRET}@db/sluice")
+    monkeypatch.setenv("SLUICE_LEASE_S", "-1")
+    with pytest.raises(ConfigurationError) as refused:
+        SluiceClient()
+
+    assert str(refused.value) == "SLUICE_LEASE_S: Input should be greater than 0"
+    assert refused.value.__cause__ is None and refused.value.__suppress_context__
