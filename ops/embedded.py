@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from schemas.status import Stage
-from workers.app import stage_queues
+from workers.queues import stage_queues
 from workers.settings import Settings
 
 

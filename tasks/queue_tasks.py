@@ -26,9 +26,10 @@ from tasks.sanitize import sanitize_chunks
 from tasks.tools import ToolCall, ToolError, refusal_payload
 from tasks.validation import validate
 from tasks.validators.policy import record_identifiers
-from workers.app import TASK_NAMES, app
+from workers.app import app
 from workers.base import Results, StageTask
 from workers.cache import cache_key
+from workers.queues import TASK_NAMES
 from workers.runtime import Runtime
 from workers.store.engine import session_scope
 from workers.store.records import execute, is_ticket_id, unheld_record_ids

@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 from celery import Celery, chain
 
 from schemas.status import Stage
-from workers.app import TASK_NAMES, create_app, queue_name
+from workers.queues import TASK_NAMES, create_app, queue_name
 from workers.settings import Settings
 from workers.store.admission import Dispatch
 
-
-@lru_cache(maxsize=4)
-def _sender(broker_url: str, key_prefix: str) -> Celery:
-    return create_app(Settings(broker_url=broker_url, broker_key_prefix=key_prefix))
+_senders: dict[tuple[str, str], Celery] = {}
 
 
 def sender_for(settings: Settings) -> Celery:
-    """A producer-side app on the settings' broker (not necessarily the environment's)."""
-    return _sender(settings.broker_url, settings.broker_key_prefix)
+    """A producer-side app on the settings' broker (not necessarily the environment's), one
+    per broker and key prefix, built from these settings alone."""
+    key = (settings.broker_url, settings.broker_key_prefix)
+    sender = _senders.get(key)
+    if sender is None:
+        sender = _senders[key] = create_app(settings)
+    return sender
 
 
 def enqueue(dispatch: Dispatch, settings: Settings) -> None:

@@ -100,6 +100,20 @@ def test_operator_commands_on_a_missing_store_say_what_to_do(tmp_path: Path,
     assert not (tmp_path / "audit.db").exists()
 
 
+@pytest.mark.parametrize("command", [("status", "job-x"), ("worker", "--queue", "router"),
+                                     ("run", str(SMALL))])
+def test_a_bad_setting_exits_2_naming_its_variable_and_not_the_secrets(
+        tmp_path: Path, command: tuple[str, ...]) -> None:
+    secret = "sk-live-0123456789abcdef"
+    env = {**_embedded_env(tmp_path), "SLUICE_LEASE_S": "-1", "SLUICE_OPENAI_API_KEY": secret}
+    result = _sluice(*command, env=env, cwd=tmp_path)
+
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("configuration error: SLUICE_LEASE_S: Input should be "
+                                     "greater than 0")
+    assert secret not in result.stdout + result.stderr
+
+
 def test_an_unmigrated_store_and_bracketed_values_come_back_as_one_line_each(
         tmp_path: Path) -> None:
     env = _embedded_env(tmp_path)
