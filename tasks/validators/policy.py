@@ -76,11 +76,14 @@ class PolicyFindings:
     leaked: list[str]  # the offending values, to be masked in every other reason too
 
     def redact(self, message: str) -> str:
-        """Mask each leaked value, and the digit runs and e-mail local part inside it (other
-        reasons quote pieces of it: "1200 Harbor does not appear there")."""
+        """Mask each leaked value, and the pieces of it other reasons quote: its digit runs,
+        an e-mail's local part ("1200 Harbor does not appear there"), and what follows a
+        `key:` or `key=` (a credential's secret: "it names hunter2hunter2")."""
         for value in sorted(self.leaked, key=len, reverse=True):
             message = message.replace(value, _mask(value))
-            for piece in re.findall(r"\d{3,}", value) + re.findall(r"^[^@\s]{3,}(?=@)", value):
+            pieces = (re.findall(r"\d{3,}", value) + re.findall(r"^[^@\s]{3,}(?=@)", value)
+                      + re.findall(r"[:=]\s*(\S{4,})", value))
+            for piece in sorted(pieces, key=len, reverse=True):
                 message = message.replace(piece, "…")
         return message
 

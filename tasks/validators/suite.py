@@ -307,8 +307,13 @@ class ValidatorSuite:
         if case.policy is not None and case.policy.leaked:  # reasons go to the audit trail
             reasons = [r.model_copy(update={"message": case.policy.redact(r.message)}) for r in reasons]
         outcome = case.outcome or _outcome(reasons)
+        output = item.draft if case.output is None else case.output
+        if outcome.status == Status.FAILED:
+            # A draft that failed is not an answer: nothing of it is released (a repair round
+            # reads the draft from generation's output, not from here).
+            output = ""
         return Verdict(request_id=item.request_id, validator_version=version,
-                       output=item.draft if case.output is None else case.output,
+                       output=output,
                        citations=list(dict.fromkeys(cited)),
                        reasons=[r.message for r in reasons], findings=reasons, outcome=outcome,
                        attributions=case.attributions)

@@ -421,6 +421,17 @@ def test_personal_data_not_in_the_evidence_is_a_policy_violation(
     assert verdict.outcome.error_class == "PolicyViolation"
     assert ("policy", code, None) in _codes(verdict)
     assert not re.search(r"614-555|jane\.doe|123-45|1200 Harbor", " ".join(verdict.reasons))  # masked
+    assert verdict.output == ""  # a failed draft is not released
+
+
+def test_a_credentials_secret_is_masked_in_every_reason_and_never_released(
+        suite: ValidatorSuite) -> None:
+    verdict = _judge(suite, "The primary receives a stipend of $400 per week [S2]. "
+                            "password: hunter2hunter2 [S2].")
+
+    assert verdict.outcome.error_class == "PolicyViolation"
+    assert ("policy", "denied_term", None) in _codes(verdict)
+    assert "hunter2" not in " ".join(verdict.reasons) and verdict.output == ""
 
 
 def test_personal_data_that_is_in_the_evidence_may_be_repeated(suite: ValidatorSuite) -> None:
@@ -538,7 +549,7 @@ def test_a_body_the_citation_would_push_over_its_limit_is_left_uncited(
     # Then the validator cites nothing rather than release a brief that breaks its contract
     assert verdict.attributions == []
     assert ("citations", "missing_citation", 5) in _codes(verdict)
-    assert verdict.output == _policy_brief(body)
+    assert verdict.outcome.status == Status.FAILED and verdict.output == ""
 
 
 def test_the_verdict_event_records_each_attribution() -> None:
