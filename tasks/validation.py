@@ -40,7 +40,7 @@ def default_suite() -> ValidatorSuite:
 def validators_version(contracts: ContractRegistry | None = None, rules_path: Path = RULES_PATH,
                        calibration_path: Path = CALIBRATION_PATH) -> str:
     """The suite's full version from files alone (no model is loaded), for the version tuple:
-    `suite-1;contract-2:<h>;policy-3:<h>;citations-2:<attribute|strict>;
+    `suite-2;contract-2:<h>;policy-4:<h>;citations-2:<attribute|strict>;
     support-scorer-1:t<thr>:a<thr>:d<data>:<embedder>;abstention-1:<h>`."""
     return join_versions(suite_versions(SupportCalibration.load(calibration_path),
                                         ValidatorRules.load(rules_path),

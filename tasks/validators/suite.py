@@ -47,9 +47,11 @@ from tasks.validators.support import (
 )
 from tasks.validators.text import Sentence, split_sentences
 
-SUITE_VERSION = "suite-1"
+SUITE_VERSION = "suite-2"  # 2: a failed verdict releases no output
 ATTRIBUTION_MIN_TERMS = 3  # content words (tasks.lexical) an uncited claim needs to be cited
-POLICY_VERSION = "policy-3"  # 2: other tenants' record ids; 3: any record id not its own or sourced
+# 2: other tenants' record ids; 3: any record id not its own or sourced; 4: a credential's
+# secret masked in every reason
+POLICY_VERSION = "policy-4"
 ABSTENTION_VERSION = "abstention-1"
 _ERROR_CLASSES = {
     ("citations", "missing_citation"): "MissingCitation",
