@@ -9,7 +9,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -227,6 +226,16 @@ def pinned_versions_now(settings: Settings) -> VersionTuple:
     return current_versions(settings, active.id if active else NO_INDEX)
 
 
-@cache
+_runtime: Runtime | None = None
+_runtime_lock = threading.Lock()
+
+
 def get_runtime() -> Runtime:
-    return Runtime(settings_from_env())
+    """This process's runtime, built once: a threads pool's first tasks ask at the same time,
+    and a second runtime would load a second copy of the model."""
+    global _runtime
+    if _runtime is None:
+        with _runtime_lock:
+            if _runtime is None:
+                _runtime = Runtime(settings_from_env())
+    return _runtime

@@ -27,6 +27,7 @@ class _Row:
     finish_reason: str | None = None
     text: str | None = None
     ended_by_eos: bool = False
+    error: str | None = None  # why a row ended with `error`
 
 
 class TransformersBackend:
@@ -128,16 +129,20 @@ class TransformersBackend:
         import torch
 
         started = time.monotonic()
-        rows = [self._row(request) for request in batch]
+        rows = [self._row_or_error(request) for request in batch]
+        live = [row for row in rows if row.finish_reason is None]
         try:
-            with torch.inference_mode():
-                self._decode(rows)
+            if live:
+                with torch.inference_mode():
+                    self._decode(live)
         except torch.OutOfMemoryError as exc:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             raise AcceleratorOutOfMemory(f"batch of {len(batch)} did not fit: {exc}") from exc
-        compute_s = (time.monotonic() - started) / len(rows)
-        return [self._completion(row, started, compute_s, len(rows)) for row in rows]
+        compute_s = (time.monotonic() - started) / max(1, len(live))
+        decoded = {id(row) for row in live}
+        return [self._completion(row, started, compute_s if id(row) in decoded else 0.0,
+                                 len(live)) for row in rows]
 
     # -- decoding ----------------------------------------------------------------------------
 
@@ -145,6 +150,16 @@ class TransformersBackend:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                   tokenize=False)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _row_or_error(self, request: GenerationRequest) -> _Row:
+        """The request's row, or a row ended with `error` when the request itself is at fault
+        (a schema the grammar compiler refuses, messages its chat template rejects): the
+        batch, which may hold other callers' requests, goes on without it."""
+        try:
+            return self._row(request)
+        except Exception as exc:
+            return _Row(request, [], None, finish_reason="error",
+                        error=f"{type(exc).__name__}: {exc}"[:1000])
 
     def _row(self, request: GenerationRequest) -> _Row:
         import torch
@@ -226,7 +241,11 @@ class TransformersBackend:
         """Append one token; returns the finish reason when the row is done."""
         policy = row.request.policy
         if row.constraint is not None and (token_id not in self._eos or policy.ignore_eos):
-            row.constraint.accept(token_id)
+            try:
+                row.constraint.accept(token_id)
+            except Exception as exc:  # the grammar and the mask disagree: this row only
+                row.finish_reason, row.error = "error", f"{type(exc).__name__}: {exc}"[:1000]
+                return row.finish_reason
         if token_id in self._eos and not policy.ignore_eos:
             row.finish_reason, row.ended_by_eos = "stop", True
         else:
@@ -260,7 +279,8 @@ class TransformersBackend:
                           queue_wait_s=max(0.0, started - row.request.submitted_at),
                           batch_size=size, compute_s=compute_s,
                           constrained=row.constraint is not None,
-                          error="deadline passed while decoding" if reason == "deadline" else None)
+                          error=row.error or ("deadline passed while decoding"
+                                              if reason == "deadline" else None))
 
 
 def _sample(logits: Any, temperature: float, top_p: float, sampler: Any) -> Any:

@@ -62,3 +62,36 @@ def test_generation_workers_run_threads(tmp_path: Path) -> None:
 
     assert worker_pool(settings, Stage.GENERATION, 1) == ("threads", 6)
     assert worker_pool(settings, Stage.RETRIEVAL, 2) == ("prefork", 2)
+
+
+def test_a_threads_pools_first_tasks_share_one_runtime(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+    import time
+
+    from workers import runtime as runtime_module
+
+    built: list[Runtime] = []
+    build = Runtime.__init__
+
+    def slow_build(self: Runtime, settings: Settings) -> None:  # an injected slow start
+        time.sleep(0.2)
+        build(self, settings)
+        built.append(self)
+
+    monkeypatch.setenv("SLUICE_DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(runtime_module, "_runtime", None)
+    monkeypatch.setattr(Runtime, "__init__", slow_build)
+    barrier, got = threading.Barrier(4), []
+
+    def first_task() -> None:
+        barrier.wait()
+        got.append(runtime_module.get_runtime())
+
+    threads = [threading.Thread(target=first_task) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+
+    assert len(built) == 1 and got == built * 4

@@ -217,3 +217,19 @@ def test_accounting_is_filled(engine: GenerationEngine) -> None:
         assert c.prompt_tokens > 0 and c.completion_tokens > 0
         assert c.compute_s > 0 and c.queue_wait_s >= 0 and c.batch_size == 3
         assert c.backend == "transformers" and c.model.startswith("SmolLM2-135M-Instruct")
+
+
+def test_a_request_at_fault_ends_in_error_and_its_batch_mates_are_decoded(
+        hf_backend: TransformersBackend, one_by_one: dict[str, str]) -> None:
+    # Given a batch whose second request has a schema the grammar compiler refuses
+    bad = GenerationRequest("bad", [{"role": "user", "content": "x"}], GREEDY, json_schema={
+        "type": "object", "properties": {"a": {"type": "string", "pattern": "(?<=a)b"}}})
+    good = _requests()[:2]
+
+    # When the batch runs
+    first, failed, second = hf_backend.generate([good[0], bad, good[1]])
+
+    # Then only that request fails, with its reason, and the others are what they are alone
+    assert failed.finish_reason == "error" and failed.error and failed.completion_tokens == 0
+    assert (first.text, second.text) == (one_by_one["q0"], one_by_one["q1"])
+    assert first.batch_size == second.batch_size == 2
