@@ -33,6 +33,12 @@ class AnswerRequest(BaseModel):
     answer_class: DeclaredAnswerClass | None = None
 
 
+# A document's inputs fill a template's blanks: a few short values, not a corpus.
+MAX_INPUTS = 32
+MAX_INPUT_NAME_CHARS = 64
+MAX_INPUT_CHARS = 2_000
+
+
 class DocumentRequest(BaseModel):
     """Write document `template` about `topic` from `inputs`."""
 
@@ -40,7 +46,8 @@ class DocumentRequest(BaseModel):
     kind: Literal["document"]
     template: str = Field(min_length=1, max_length=128)
     topic: str = Field(max_length=2_000)
-    inputs: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    inputs: dict[str, str | int | float | bool] = Field(default_factory=dict,
+                                                         max_length=MAX_INPUTS)
 
     @field_validator("inputs", mode="before")
     @classmethod
@@ -48,6 +55,12 @@ class DocumentRequest(BaseModel):
         """One message per bad value, instead of one per type it failed to be."""
         if isinstance(inputs, dict):
             for name, value in inputs.items():
+                if len(name) > MAX_INPUT_NAME_CHARS:
+                    raise ValueError(f"an input's name must be at most {MAX_INPUT_NAME_CHARS} "
+                                     f"characters, got one of {len(name)}")
+                if isinstance(value, str) and len(value) > MAX_INPUT_CHARS:
+                    raise ValueError(f"inputs[{name!r}] must be at most {MAX_INPUT_CHARS} "
+                                     f"characters, got {len(value)}")
                 if not isinstance(value, str | int | float | bool):
                     raise ValueError(f"inputs[{name!r}] must be a string, number or boolean, "
                                      f"got {type(value).__name__}")

@@ -46,6 +46,7 @@ class RouteItem(BaseModel):
     kind: str
     text: str
     template: str | None = None
+    topic: str | None = None  # a document's
     inputs: dict[str, Any] = Field(default_factory=dict)
     answer_class: AnswerClass | None = None  # declared by the upstream system, if it did
 

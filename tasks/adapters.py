@@ -41,7 +41,8 @@ def router_input(records: list[ItemRecord]) -> RouterInput:
     return RouterInput(items=[RouteItem(
         request_id=r.request_id, kind=r.kind, text=request_text(r),
         answer_class=r.payload.get("answer_class"),
-        template=r.payload.get("template"), inputs=r.payload.get("inputs") or {})
+        template=r.payload.get("template"), topic=r.payload.get("topic"),
+        inputs=r.payload.get("inputs") or {})
         for r in records])
 
 

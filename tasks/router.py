@@ -37,6 +37,7 @@ from schemas.status import ANSWER_LABELS_VERSION, AnswerClass, RiskClass, Status
 from tasks.files import ROUTER_RULES_PATH, TEMPLATES_PATH, content_hash, load_yaml
 from tasks.router_classifier import ClassGuess, ClassifierParams, RouterClassifier
 from tasks.templates import load_templates
+from tasks.textfold import fold
 from tasks.tools import plan_tool_call
 
 TokenCounter = Callable[[str], int]
@@ -146,7 +147,8 @@ def route(batch: RouterInput, rules: RouterRules, count_tokens: TokenCounter,
     The classifier, when given, is asked once for the items that need it; without it,
     undeclared questions default to `grounded_answer`.
     """
-    refusals = [_refuse_rule(item, rules) for item in batch.items]
+    folded = [fold(item.text, lines=False) for item in batch.items]  # what the rules read
+    refusals = [_refuse_rule(text, rules) for text in folded]
     asked = [i for i, item in enumerate(batch.items)
              if refusals[i] is None and _needs_classifier(item, rules)]
     guesses: dict[int, ClassGuess] = {}
@@ -155,8 +157,8 @@ def route(batch: RouterInput, rules: RouterRules, count_tokens: TokenCounter,
         guesses = dict(zip(asked, found, strict=True))
     version = classifier.version if classifier is not None else None
     return RouterOutput(decisions=[
-        _route_one(item, rules, count_tokens, max_input_tokens, guesses.get(i), version,
-                   refusals[i])
+        _route_one(item, folded[i], rules, count_tokens, max_input_tokens, guesses.get(i),
+                   version, refusals[i])
         for i, item in enumerate(batch.items)])
 
 
@@ -173,19 +175,20 @@ def _too_short(item: RouteItem, rules: RouterRules) -> bool:
     return item.kind == "answer" and len(item.text.strip()) < rules.min_question_chars
 
 
-def _refuse_rule(item: RouteItem, rules: RouterRules) -> Rule | None:
-    return next((r for r in rules.refuse if r.pattern.search(item.text)), None)
+def _refuse_rule(folded: str, rules: RouterRules) -> Rule | None:
+    return next((r for r in rules.refuse if r.pattern.search(folded)), None)
 
 
-def _route_one(item: RouteItem, rules: RouterRules, count_tokens: TokenCounter,
+def _route_one(item: RouteItem, folded: str, rules: RouterRules, count_tokens: TokenCounter,
                max_input_tokens: int, guess: ClassGuess | None,
                classifier_version: str | None, refusal: Rule | None) -> RouteDecision:
-    """`refusal`: the first refuse rule the item's text matches, if any."""
+    """`folded`: the item's text as the rules read it; `refusal`: the first refuse rule it
+    matches, if any."""
     if refusal is not None:
         return _refused_by_rule(item, rules, refusal)
     answer_class, decided_by = _answer_class(item, rules, guess)
     policy = rules.classes[answer_class]
-    risk_rule = next((r for r in rules.risk if r.pattern.search(item.text)), None)
+    risk_rule = next((r for r in rules.risk if r.pattern.search(folded)), None)
     risk = max(policy.risk, risk_rule.risk if risk_rule else RiskClass.LOW, key=lambda r: r.rank)
     tokens = count_tokens(item.text)
     plan = plan_tool_call(item.text) if answer_class == AnswerClass.TOOL_LOOKUP else None
@@ -271,7 +274,13 @@ def _template_problem(item: RouteItem, rules: RouterRules) -> Outcome | None:
         return Outcome(status=Status.NEEDS_CLARIFICATION, error_class="UnknownTemplate",
                        message=f"template must be one of {sorted(rules.templates)}, "
                                f"got {item.template!r}")
-    missing = [name for name in required if name not in item.inputs]
+    if len((item.topic or "").strip()) < rules.min_question_chars:
+        return Outcome(status=Status.NEEDS_CLARIFICATION, error_class="EmptyTopic",
+                       message=f"the topic is empty or shorter than {rules.min_question_chars} "
+                               f"characters: {item.topic!r}")
+    # A blank text is no value: "a summary of  for  " is not what the template asks for.
+    missing = [name for name in required if name not in item.inputs
+               or (isinstance(item.inputs[name], str) and not item.inputs[name].strip())]
     if missing:
         return Outcome(status=Status.NEEDS_CLARIFICATION, error_class="MissingInputs",
                        message=f"template {item.template!r} needs inputs {missing}")

@@ -20,8 +20,9 @@ from functools import lru_cache
 from pydantic import BaseModel
 
 from schemas.stages import RetrievedChunk
+from tasks.textfold import fold
 
-SANITIZER_VERSION = "sanitize-v2"  # v2: a chunk's title is scanned with its text
+SANITIZER_VERSION = "sanitize-v3"  # v2: a chunk's title is scanned with its text; v3: folded
 DEFAULT_THRESHOLD = 0.5
 
 _I = re.IGNORECASE
@@ -149,7 +150,10 @@ class InjectionDetection(BaseModel):
 
 @lru_cache(maxsize=8192)  # the same chunks come back request after request
 def scan(text: str) -> InjectionScan:
-    """Score `text`: each matched signal counts once, combined as 1 - prod(1 - weight)."""
+    """Score `text`, read as `fold` gives it (no invisible characters, plain letters for
+    full-width and look-alike ones): each matched signal counts once, combined as
+    1 - prod(1 - weight)."""
+    text = fold(text)
     matched = [s for s in SIGNALS if _matches(s, text)]
     remaining = 1.0
     for signal in matched:

@@ -189,6 +189,14 @@ def test_every_line_of_the_example_job_files_still_parses_as_before() -> None:
      "request.inputs: Value error, inputs['a'] must be a string, number or boolean, got list"),
     ({"kind": "document", "template": "t", "topic": "x", "inputs": {"a": float("nan")}},
      "request.inputs: Value error, inputs['a'] must be a finite number, got nan"),
+    ({"kind": "document", "template": "t", "topic": "x", "inputs": {"a": "x" * 2001}},
+     "request.inputs: Value error, inputs['a'] must be at most 2000 characters, got 2001"),
+    ({"kind": "document", "template": "t", "topic": "x", "inputs": {"n" * 65: "v"}},
+     "request.inputs: Value error, an input's name must be at most 64 characters, got one "
+     "of 65"),
+    ({"kind": "document", "template": "t", "topic": "x",
+      "inputs": {f"k{i}": "v" for i in range(33)}},
+     "request.inputs: Dictionary should have at most 32 items after validation, not more"),
 ])
 def test_a_reason_names_the_field_as_the_line_does_once_per_problem(
         request_body: dict[str, object], reason: str) -> None:

@@ -303,7 +303,7 @@ def _route_item(line: RequestLine) -> RouteItem:
     if isinstance(body, DocumentRequest):
         text = f"{body.topic} {' '.join(str(v) for v in body.inputs.values())}".strip()
         return RouteItem(request_id=line.custom_id, kind="document", text=text,
-                         template=body.template, inputs=body.inputs)
+                         template=body.template, topic=body.topic, inputs=body.inputs)
     assert isinstance(body, AnswerRequest)
     return RouteItem(request_id=line.custom_id, kind="answer", text=body.question)
 
