@@ -47,7 +47,9 @@ from tasks.validators.support import (
 )
 from tasks.validators.text import Sentence, split_sentences
 
-SUITE_VERSION = "suite-2"  # 2: a failed verdict releases no output
+# 2: a failed verdict releases no output; text.py reads label lines, stating headings and
+# abstentions that go on
+SUITE_VERSION = "suite-2"
 ATTRIBUTION_MIN_TERMS = 3  # content words (tasks.lexical) an uncited claim needs to be cited
 # 2: other tenants' record ids; 3: any record id not its own or sourced; 4: a credential's
 # secret masked in every reason

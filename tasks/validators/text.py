@@ -2,7 +2,8 @@
 
 Pure string work, no models. A sentence ends at `.`, `!` or `?` followed by white space, or
 at the end of a line; citation labels written just after the full stop (`... rule. [S1]`)
-belong to the sentence before them. Markdown headings, table rules and empty lines are not
+belong to the sentence before them, and so do a line of labels alone and a "Sources: [S1]"
+trailer. Short Markdown headings without a number, table rules and empty lines are not
 claims; bullet and number markers are dropped.
 """
 
@@ -19,7 +20,16 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _BULLET = re.compile(r"^\s*(?:[-*+•]|\d{1,2}[.)])\s+")
 _HEADING = re.compile(r"^\s*#{1,6}\s")
 _ABBREVIATIONS = ("e.g.", "i.e.", "dr.", "mr.", "ms.", "mrs.", "st.", "vs.", "etc.", "no.", "approx.")
-_CONTRAST = re.compile(r"\b(?:but|however|although|though|except)\b", re.IGNORECASE)
+# After an abstention phrase, what makes the sentence assert something after all: a contrast
+# ("I don't know, but X"), a consequence ("..., so X") or a second clause (";" or ":").
+_GOES_ON = re.compile(r"\b(?:but|however|although|though|except|so|therefore|thus|hence)\b"
+                      r"|[;:]", re.IGNORECASE)
+# A heading states a claim when it is long or holds a number ("# The stipend is $9,000 a
+# week"); a short one without ("## Steps") only names what follows.
+_HEADING_MAX_WORDS = 5
+# A line of labels alone, or a "Sources: [S1] [S2]" trailer: the sentence before cites them.
+_LABELS_ONLY = re.compile(r"^\W*(?:(?:sources?|citations?|references?)\s*:?\s*)?"
+                          r"(?:\[[A-Z]\d+\][\s,;.]*)+$", re.IGNORECASE)
 QUOTE_CHARS = 70
 
 
@@ -42,14 +52,21 @@ class Sentence:
 
 def split_sentences(passages: Iterable[str], abstention: re.Pattern[str]) -> list[Sentence]:
     """The checked sentences of one or more passages, numbered across all of them."""
-    raw = [piece for passage in passages for line in passage.splitlines()
-           for piece in _line_sentences(line)]
+    raw: list[str] = []
+    for passage in passages:
+        for line in passage.splitlines():
+            for piece in _line_sentences(line):
+                if raw and _LABELS_ONLY.match(piece):
+                    labels = " ".join(f"[{label}]" for label in CITATION_LABEL.findall(piece))
+                    raw[-1] = f"{raw[-1]} {labels}"
+                else:
+                    raw.append(piece)
     sentences: list[Sentence] = []
     for text in raw:
         claim = " ".join(CITATION_LABEL.sub(" ", text).split())
         claim = re.sub(r"\s+([.,;:!?])", r"\1", claim)
-        if not re.search(r"[^\W\d_]", claim) and not CITATION_LABEL.search(text):
-            continue
+        if not re.search(r"[^\W_]", claim) and not CITATION_LABEL.search(text):
+            continue  # punctuation alone; "$9,000,000." is a claim
         labels = tuple(dict.fromkeys(CITATION_LABEL.findall(text)))
         sentences.append(Sentence(index=len(sentences) + 1, text=text, claim=claim,
                                   labels=labels, abstains=is_abstention(claim, abstention)))
@@ -57,8 +74,14 @@ def split_sentences(passages: Iterable[str], abstention: re.Pattern[str]) -> lis
 
 
 def _line_sentences(line: str) -> list[str]:
-    if _HEADING.match(line) or not re.search(r"[^\W_]", line):
+    if not re.search(r"[^\W_]", line):
         return []
+    heading = _HEADING.match(line)
+    if heading:
+        title = line[heading.end():]
+        if len(title.split()) <= _HEADING_MAX_WORDS and not re.search(r"\d", title):
+            return []
+        line = title
     pieces = _join_abbreviations(_SENTENCE_END.split(_BULLET.sub("", line).strip()))
     merged: list[str] = []
     for piece in pieces:
@@ -91,5 +114,7 @@ def abstention_pattern(phrases: Iterable[str]) -> re.Pattern[str]:
 
 
 def is_abstention(claim: str, abstention: re.Pattern[str]) -> bool:
-    """An explicit abstention, and nothing else: "I don't know, but X" still asserts X."""
-    return bool(abstention.search(claim)) and not _CONTRAST.search(claim)
+    """An explicit abstention, and nothing else: "I don't know, but X", "I don't know who
+    approves them, so the CFO does" and "I cannot answer fully; it is $9,000" assert X."""
+    found = abstention.search(claim)
+    return found is not None and not _GOES_ON.search(claim, found.end())

@@ -114,11 +114,33 @@ def test_headings_and_rules_are_not_claims_and_bullets_are_sentences() -> None:
         (1, "Handoff is on Monday."), (2, "Paging uses PagerLoop.")]
 
 
+def test_a_line_of_labels_or_a_sources_trailer_cites_for_the_sentence_before() -> None:
+    sentences = split_sentences(["The stipend is $400.\n[S2]", "Paging uses PagerLoop.\n\n"
+                                 "Sources: [S1], [S3]"], ABSTAIN)
+
+    assert [(s.claim, s.labels) for s in sentences] == [
+        ("The stipend is $400.", ("S2",)), ("Paging uses PagerLoop.", ("S1", "S3"))]
+
+
+def test_a_heading_that_states_something_and_a_number_alone_are_claims() -> None:
+    text = ("# The primary on-call stipend is $9,000 per week\n"
+            "## Root passwords are shared in the team channel\n$9,000,000.")
+
+    sentences = split_sentences([text], ABSTAIN)
+
+    assert [s.claim for s in sentences] == [
+        "The primary on-call stipend is $9,000 per week",
+        "Root passwords are shared in the team channel", "$9,000,000."]
+
+
 @pytest.mark.parametrize(("sentence", "abstains"), [
     ("I don't know.", True), ("There is not enough evidence to answer.", True),
     ("The sources do not contain this information.", True), ("Sorry, I cannot answer that.", True),
     ("I don't know the date, but the handoff is on Monday.", False),
     ("The handoff is on Monday.", False),
+    ("I don't know who approves swaps, so they are approved by the CFO.", False),
+    ("I cannot answer that fully; the primary on-call stipend is high.", False),
+    ("I don't know the stipend for 2025.", True),
 ])
 def test_explicit_abstentions_are_recognised(sentence: str, abstains: bool) -> None:
     [parsed] = split_sentences([sentence], ABSTAIN)
