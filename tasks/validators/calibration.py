@@ -128,7 +128,7 @@ def score_pairs(pairs: Sequence[LabelledPair], scorer: SupportScorer,
                 ) -> tuple[Scores, list[SupportAssessment]]:
     assessments = scorer.assess_many([(p.sentence, p.evidence) for p in pairs])
     return Scores(score=np.array([a.score for a in assessments]),
-                  gated=np.array([bool(a.missing_numbers or a.missing_names) for a in assessments]),
+                  gated=np.array([a.gated for a in assessments]),
                   supported=np.array([p.supported for p in pairs])), assessments
 
 

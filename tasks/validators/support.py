@@ -39,13 +39,20 @@ import yaml
 from tasks.files import HERE
 from tasks.lexical import tokenize
 
-SCORER_VERSION = "support-scorer-1"  # bump when anything below changes a score or a check
+# bump when anything below changes a score or a check; 2: a near-verbatim negation fails
+SCORER_VERSION = "support-scorer-2"
 CALIBRATION_PATH = HERE / "rules" / "support_calibration.yaml"
 WEIGHT_COSINE = 0.5
 WEIGHT_COVERAGE = 0.5
 NEGATION_PENALTY = 0.2
 CONTRAST_PENALTY = 0.2
 ALIGN_SLACK = 0.05  # a number may sit in any window aligned within this of the best one
+# A sentence this close to its source, in meaning and in words, that negates it or swaps a
+# term for its opposite says the opposite of the source, whatever its score: "The on-call
+# week does not start with a handoff every Monday" scores 0.74 against "The on-call week
+# starts with a handoff every Monday" (the penalty alone takes off 0.2).
+CONTRADICTION_COSINE = 0.85
+CONTRADICTION_COVERAGE = 0.9
 
 # "one" is left out: "no one", "one of" are rarely the number a source states as 1.
 _NUMBER_WORDS = {"zero": "0", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
@@ -84,8 +91,20 @@ class SupportAssessment:
     missing_names: tuple[str, ...]
     aligned: str  # the evidence window the sentence lines up with best
 
+    @property
+    def contradicts(self) -> bool:
+        """A near-verbatim sentence that negates its source or swaps a term for its opposite."""
+        return ((self.negation or self.contrast) and self.cosine >= CONTRADICTION_COSINE
+                and self.coverage >= CONTRADICTION_COVERAGE)
+
+    @property
+    def gated(self) -> bool:
+        """Unsupported whatever the score: a number or name the source lacks, or the
+        opposite of what it says."""
+        return bool(self.missing_numbers or self.missing_names) or self.contradicts
+
     def supported(self, threshold: float) -> bool:
-        return self.score >= threshold and not self.missing_numbers and not self.missing_names
+        return self.score >= threshold and not self.gated
 
 
 @dataclass(frozen=True)

@@ -374,6 +374,18 @@ def test_unknown_and_unretrieved_labels_are_reasons_per_sentence(suite: Validato
 # -- support ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("draft", [
+    "The on-call week does not start with a handoff every Monday at 09:00 ET [S1].",
+    "Paging is not done through PagerLoop [S1].",
+])
+def test_a_near_verbatim_sentence_that_negates_its_source_contradicts_it(
+        suite: ValidatorSuite, draft: str) -> None:
+    verdict = _judge(suite, draft)
+
+    assert verdict.outcome.status == Status.FAILED
+    assert _codes(verdict) == [("support", "contradicts_source", 1)]
+
+
 def test_faithful_paraphrases_are_supported(suite: ValidatorSuite) -> None:
     verdict = _judge(suite, "Each week starts with an on-call handoff on Monday at 09:00 ET [S1]. "
                             "The secondary on call receives $200 per week [S2]. A page the "
