@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from celery.signals import worker_process_init
+
 from schemas.events import EventKind
 from schemas.stages import (
     AuditRecord,
@@ -30,10 +32,17 @@ from workers.app import app
 from workers.base import Results, StageTask
 from workers.cache import cache_key
 from workers.queues import TASK_NAMES
-from workers.runtime import Runtime
+from workers.runtime import Runtime, preload_libraries
 from workers.store.engine import session_scope
 from workers.store.records import execute, is_ticket_id, unheld_record_ids
 from workers.versions import sanitize_policy
+
+
+@worker_process_init.connect
+def _start_preloading(**_: Any) -> None:
+    """A pool process starts importing the model libraries as it starts (in a thread: this
+    signal's handlers must return within seconds)."""
+    preload_libraries()
 
 
 def compute_route(runtime: Runtime, records: list[ItemRecord], _budget: float | None) -> Results:

@@ -32,7 +32,7 @@ from schemas.events import EventKind
 from schemas.stages import AuditRecord, Hop, ItemRecord, ItemResult, Outcome
 from schemas.status import DriftPolicy, Lane, Stage, Status
 from schemas.versions import VersionTuple
-from workers.runtime import Runtime, get_runtime
+from workers.runtime import Runtime, get_runtime, wait_for_libraries
 from workers.store import stage_runs as runs
 from workers.store.engine import session_scope
 from workers.store.timeutil import as_utc, utcnow
@@ -119,6 +119,7 @@ class StageTask(Task):  # type: ignore[misc]
         started = time.monotonic()
         # The lease is renewed from the claim on: warm-up and hashing count as work too.
         with runtime.leases.holding(settings.database_url, lease.id, owner, settings.lease_s):
+            wait_for_libraries()
             with session_scope(settings.database_url) as session:
                 states, records = runs.load_shard(session, ids, key)
             served = runtime.served_versions(key.stage)

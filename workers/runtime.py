@@ -1,11 +1,14 @@
 """What one worker process holds warm: rules, tokenizer, retriever, generator.
 
 Everything loads on first use (`warm_up`), never at import or in `worker_process_init`,
-which Celery kills when it blocks for more than a few seconds.
+which Celery kills when it blocks for more than a few seconds; a pool process only starts
+importing the model libraries there, in a thread (`preload_libraries`).
 """
 
 from __future__ import annotations
 
+import importlib
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +36,8 @@ from workers.settings import Settings, settings_from_env
 from workers.store.engine import session_scope
 from workers.store.models import IndexVersion
 from workers.versions import current_versions, decoding_policies, tool_registry
+
+log = logging.getLogger(__name__)
 
 NO_INDEX = "index-none"
 ACTIVE_INDEX_TTL_S = 2.0  # an activated index reaches every worker within this time
@@ -224,6 +229,46 @@ def pinned_versions_now(settings: Settings) -> VersionTuple:
     """The tuple admission pins: current files and settings plus the active index."""
     active = active_index(settings)
     return current_versions(settings, active.id if active else NO_INDEX)
+
+
+# The model libraries every stage's first task imports (the embedder's, the generator's).
+# Imported in a task, they can take longer than its soft time limit on a busy machine, and a
+# limit that strikes mid-import leaves half-initialised modules behind: the retry in the same
+# process then fails for good ("module 'sympy' has no attribute 'core'"). A thread of their
+# own imports them instead, where no time limit reaches; a task only waits for it, and a
+# limit that strikes while it waits leaves nothing half done.
+MODEL_LIBRARIES = ("torch", "transformers", "sentence_transformers")
+_libraries_loaded = threading.Event()
+_libraries_lock = threading.Lock()
+_libraries_thread: threading.Thread | None = None
+
+
+def preload_libraries() -> None:
+    """Start importing `MODEL_LIBRARIES` in a daemon thread, once per process (a pool
+    process calls it as it starts)."""
+    global _libraries_thread
+    with _libraries_lock:
+        if _libraries_thread is None:
+            _libraries_thread = threading.Thread(target=_import_libraries, daemon=True,
+                                                 name="sluice-preload")
+            _libraries_thread.start()
+
+
+def wait_for_libraries() -> None:
+    """Block until the model libraries are imported (or failed to: the import that needs
+    one then says why)."""
+    preload_libraries()
+    _libraries_loaded.wait()
+
+
+def _import_libraries() -> None:
+    try:
+        for name in MODEL_LIBRARIES:
+            importlib.import_module(name)
+    except Exception:
+        log.exception("preloading the model libraries failed; the stage's own import will say why")
+    finally:
+        _libraries_loaded.set()
 
 
 _runtime: Runtime | None = None

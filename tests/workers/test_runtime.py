@@ -95,3 +95,31 @@ def test_a_threads_pools_first_tasks_share_one_runtime(
         thread.join(timeout=30)
 
     assert len(built) == 1 and got == built * 4
+
+
+def test_the_model_libraries_are_imported_on_a_thread_no_time_limit_reaches(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+    import threading
+
+    from workers import runtime as runtime_module
+
+    importers: list[tuple[str, str]] = []
+    real_import = importlib.import_module
+
+    def recording_import(name: str, package: str | None = None) -> object:
+        importers.append((name, threading.current_thread().name))
+        return real_import(name, package)
+
+    monkeypatch.setattr(runtime_module, "_libraries_thread", None)
+    monkeypatch.setattr(runtime_module, "_libraries_loaded", threading.Event())
+    monkeypatch.setattr(runtime_module.importlib, "import_module", recording_import)
+
+    # A pool process starts the preload as it starts; its first task waits for it
+    runtime_module.preload_libraries()
+    runtime_module.wait_for_libraries()
+    runtime_module.wait_for_libraries()
+
+    libraries = runtime_module.MODEL_LIBRARIES
+    assert {i for i in importers if i[0] in libraries} == {
+        (name, "sluice-preload") for name in libraries}
