@@ -14,7 +14,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Column, Table
 
 from ops import eval_cli
-from ops.cli_support import console, fail, load_settings, out, prepared_settings, ready_settings
+from ops.cli_support import (
+    console,
+    fail,
+    load_settings,
+    out,
+    prepared_settings,
+    ready_settings,
+    writable_folder,
+)
 from ops.router_cli import router_app
 from ops.validators_cli import validators_app
 from schemas.status import Lane, Stage
@@ -190,7 +198,9 @@ def run(
     from ops.jobs import execute_job
 
     if not job_file.is_file():
-        fail(f"job file not found: {job_file}")
+        fail(f"{'a folder, not a job file' if job_file.is_dir() else 'job file not found'}: "
+             f"{job_file}")
+    target = writable_folder(out_dir or Path("sluice-out") / job_file.stem, "results")
     settings = prepared_settings()
     spawn = settings.embedded if workers is None else workers
     if settings.embedded and ensure_example_index(settings):
@@ -207,10 +217,13 @@ def run(
                     "line(s)"))
     except WorkerDied as exc:
         fail(f"{exc}; run the same command again to resume")
-    target = out_dir or Path("sluice-out") / job_file.stem
     from ops.jobs import export_job
 
-    results, errors = export_job(settings, admitted.job_id, target)
+    try:
+        results, errors = export_job(settings, admitted.job_id, target)
+    except OSError as exc:
+        fail(f"cannot write results to {target}: {exc.strerror or exc}; the job is done: "
+             f"`sluice results {admitted.job_id} --out DIR` writes them")
     _print_summary(settings, admitted.job_id)
     console.print(f"wrote {results} and {errors}")
     if not done:
@@ -274,9 +287,12 @@ def results(job_id: str, out_dir: Annotated[Path, typer.Option("--out")] = Path(
     from ops.jobs import export_job
 
     try:
-        paths = export_job(ready_settings(), job_id, out_dir / job_id)
+        paths = export_job(ready_settings(), job_id, writable_folder(out_dir / job_id,
+                                                                     "results"))
     except ValueError as exc:
         fail(str(exc))
+    except OSError as exc:
+        fail(f"cannot write results to {out_dir / job_id}: {exc.strerror or exc}")
     out.print(f"wrote {paths[0]} and {paths[1]}")
 
 

@@ -3,6 +3,8 @@ audit store is migrated or found ready."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import NoReturn
 
 import typer
@@ -13,6 +15,18 @@ from workers.settings import ConfigurationError, Settings, settings_from_env
 
 console = Console(stderr=True)
 out = Console()
+
+
+def writable_folder(path: Path, what: str) -> Path:
+    """`path`, made if missing, as a folder this process may write `what` into; exits 1 with
+    one line when it cannot be, before any work is done for it."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        fail(f"cannot write {what} to {path}: {exc.strerror or exc}")
+    if not os.access(path, os.W_OK | os.X_OK):
+        fail(f"cannot write {what} to {path}: permission denied")
+    return path
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

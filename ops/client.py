@@ -1,7 +1,7 @@
 """The Python call for upstream systems: enqueue one request, then read its result.
 
     from ops.client import SluiceClient
-    client = SluiceClient()                      # settings from SLUICE_* variables
+    client = SluiceClient()                      # settings from SLUICE_* variables, store ready
     request_id = client.submit({"custom_id": "t-1", "tenant": "acme", "grants": ["public"],
                                 "request": {"kind": "answer", "question": "..."},
                                 "idempotency_key": "t-1"})
@@ -19,6 +19,7 @@ from schemas.requests import RequestLine, describe_validation_error
 from schemas.status import Lane, Status
 from workers.settings import Settings, settings_from_env
 from workers.store.engine import session_scope
+from workers.store.migrate import check_ready
 from workers.store.models import Request
 from workers.store.progress import Hearing, PollingOnly, hearing
 
@@ -31,7 +32,11 @@ class SluiceClient:
     MIN_GAP_S = 0.02  # between two reads of one wait: news comes in bursts
 
     def __init__(self, settings: Settings | None = None) -> None:
+        """Raises `ConfigurationError` for a bad SLUICE_* variable and `StoreNotReady` when
+        the audit store is missing, unreachable or not migrated (`sluice db upgrade`): a
+        client never creates a store."""
         self.settings = settings or settings_from_env()
+        check_ready(self.settings.database_url)
 
     def submit(self, request: RequestLine | dict[str, Any], lane: Lane = Lane.ONLINE) -> str:
         """Admit one request (a shard of one) and enqueue it. A repeated idempotency key

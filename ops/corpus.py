@@ -11,6 +11,7 @@ at most the file in hand, and re-ingesting an unchanged file writes nothing.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -363,14 +364,20 @@ def rollback_index(settings: Settings) -> tuple[str, str]:
 
 
 def ensure_example_index(settings: Settings, progress: Progress | None = None) -> str | None:
-    """Embedded default: ingest the example corpus and build an index when none is active."""
-    with session_scope(settings.database_url) as session:
-        active = session.scalar(select(IndexVersion.id).where(IndexVersion.active.is_(True)))
-    if active:
-        return None
-    ingest_tree(settings, settings.corpus_dir)
-    seed_example_records(settings)
-    return build_index(settings, progress)[0]
+    """Embedded default: ingest the example corpus and build an index when none is active.
+    Commands started at once on a fresh data dir take turns (a lock file in it): the first
+    builds, the others find its index."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    with (settings.data_dir / "example-index.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with session_scope(settings.database_url) as session:
+            active = session.scalar(select(IndexVersion.id)
+                                    .where(IndexVersion.active.is_(True)))
+        if active:
+            return None
+        ingest_tree(settings, settings.corpus_dir)
+        seed_example_records(settings)
+        return build_index(settings, progress)[0]
 
 
 def seed_example_records(settings: Settings, corpus_dir: Path | None = None) -> int:

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pydantic import SecretStr
+
 from schemas.status import Stage
 from workers.queues import stage_queues
 from workers.settings import Settings
@@ -65,6 +67,11 @@ def worker_env(settings: Settings) -> dict[str, str]:
     """This process's environment plus every setting, so workers see exactly these."""
     env = dict(os.environ)
     for name, value in settings.model_dump(mode="json").items():
+        secret = getattr(settings, name)
+        if isinstance(secret, SecretStr):  # dumped as "**********"
+            value = secret.get_secret_value()
+        if value is None:
+            continue  # unset: "null" would read back as the text "null"
         env[f"SLUICE_{name.upper()}"] = value if isinstance(value, str) else json.dumps(value)
     env.update({"OMP_NUM_THREADS": str(settings.torch_threads),
                 "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"})

@@ -11,7 +11,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ops.cli_support import console, fail, out, prepared_settings, ready_settings
+from ops.cli_support import console, fail, out, prepared_settings, ready_settings, writable_folder
 
 baseline_app = typer.Typer(help="Evaluation baselines.", no_args_is_help=True)
 
@@ -33,7 +33,7 @@ def evaluate(
 
     Prints the metrics, saves them (JSON, HTML) and records the run in the store; with
     --baseline, exits 1 when a metric drops beyond its tolerance."""
-    from ops.corpus import build_index, ingest_tree
+    from ops.corpus import CorpusError, build_index, ingest_tree
     from ops.embedded import WorkerDied
     from ops.evals import gate, report
     from ops.evals.runner import (
@@ -48,6 +48,7 @@ def evaluate(
         served_versions,
     )
 
+    writable_folder(out_dir, "the report")
     settings = prepared_settings()
     try:
         golden = load_golden(golden_file, tag)
@@ -55,8 +56,11 @@ def evaluate(
     except (GoldenSetError, OSError, ValueError) as exc:
         fail(str(exc))
     if corpus is not None:
-        ingest_tree(settings, corpus)
-        build_index(settings)
+        try:
+            ingest_tree(settings, corpus)
+            build_index(settings)
+        except CorpusError as exc:
+            fail(str(exc))
     elif prepare_corpus(settings, golden):
         console.print("ingested the corpus and built its index")
     spawn = settings.embedded if workers is None else workers
@@ -75,7 +79,6 @@ def evaluate(
     verdict = gate.compare(result, reference, tolerance_pp) if reference else None
     record_run(settings, result, job_id, None if verdict is None else
                ("passed" if verdict.passed else "failed"))
-    out_dir.mkdir(parents=True, exist_ok=True)
     report.print_table(result, reference, out)
     report.write_json(result, out_dir / "report.json")
     report.write_html(result, out_dir / "report.html", reference, tolerance_pp)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import statistics
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -261,24 +264,51 @@ def execute_job(settings: Settings, job_file: Path, spawn_workers: bool,
 
     fleet = WorkerFleet(settings, settings.data_dir / "logs") if spawn_workers else None
     reconciler = ReconcilerThread(settings)
-    try:
-        if fleet:
-            fleet.start()
-        admitted = submit_job(settings, job_file)
-        if on_admitted:
-            on_admitted(admitted)
-        reconciler.start()
-
-        def tick(done: int, total: int) -> None:
-            on_progress(done, total)
+    with _exit_on_termination():  # so that `finally` stops the workers
+        try:
             if fleet:
-                fleet.raise_if_dead()
+                fleet.start()
+            admitted = submit_job(settings, job_file)
+            if on_admitted:
+                on_admitted(admitted)
+            reconciler.start()
 
-        return admitted, wait_for_job(settings, admitted.job_id, tick, timeout_s=timeout_s)
+            def tick(done: int, total: int) -> None:
+                on_progress(done, total)
+                if fleet:
+                    fleet.raise_if_dead()
+
+            return admitted, wait_for_job(settings, admitted.job_id, tick, timeout_s=timeout_s)
+        finally:
+            reconciler.stop()
+            if fleet:
+                fleet.stop()
+
+
+class Terminated(SystemExit):
+    """SIGTERM or SIGHUP reached the command: it unwinds as from Ctrl-C, workers stopped."""
+
+
+@contextmanager
+def _exit_on_termination() -> Iterator[None]:
+    """Within it, SIGTERM and SIGHUP raise `Terminated` (exit status 128 + the signal): by
+    default they end the process without running `finally`, and its workers are left behind
+    (a `timeout`, a cancelled CI job, a closed terminal). The main thread only: handlers
+    cannot be set from others."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, _frame: object) -> None:
+        raise Terminated(128 + signum)
+
+    previous = {signum: signal.signal(signum, terminate)
+                for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
     finally:
-        reconciler.stop()
-        if fleet:
-            fleet.stop()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def result_line(request: Request, versions: dict[str, Any], markdown: str | None = None,

@@ -21,10 +21,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import select
 
 from schemas.evals import CaseOutcome, CorpusLine, EvalReport, GoldenCase
 from schemas.events import EventKind
+from schemas.requests import RequestLine, describe_validation_error
 from tasks.indexing import document_id
 from tasks.validators.contract import ContractRegistry
 from workers.settings import Settings
@@ -34,6 +36,7 @@ from workers.store.operators import job_requests
 from workers.store.timeutil import as_utc
 from workers.store.tuples import versions_by_id
 
+NONCE_CHARS = 8  # of a run's nonce, which its cases' custom ids carry (`job_lines`)
 DOCUMENT_ID = re.compile(r"^[0-9a-f]{16}$")
 READ_EVENTS = (EventKind.ROUTE_DECISION, EventKind.DATA_READ, EventKind.TOOL_CALL,
                EventKind.INJECTION_SIGNAL, EventKind.MODEL_CALL)
@@ -62,16 +65,20 @@ def load_golden(path: Path, tags: list[str] | None = None) -> GoldenSet:
     raw = path.read_bytes()
     cases: list[GoldenCase] = []
     corpus: dict[str, list[Path]] = {}
-    for number, line in enumerate(raw.decode("utf-8").splitlines(), start=1):
+    # By newline bytes, as job files are read: splitlines() would also cut a line at a
+    # U+2028 inside a JSON string.
+    for number, line in enumerate(raw.decode("utf-8").split("\n"), start=1):
         if not line.strip():
             continue
         try:
             data = json.loads(line)
+            if not isinstance(data, dict):
+                raise ValueError(f"a line must be a JSON object, got {type(data).__name__}")
             if "corpus" in data and "id" not in data:
                 corpus = {t: [(path.parent / f).resolve() for f in folders]
                           for t, folders in CorpusLine.model_validate(data).corpus.items()}
             else:
-                cases.append(GoldenCase.model_validate(data))
+                cases.append(_admissible(GoldenCase.model_validate(data)))
         except ValueError as exc:  # JSONDecodeError and ValidationError are ValueErrors
             raise GoldenSetError(f"{path}:{number}: {exc}") from exc
     duplicates = {c.id for c in cases if sum(d.id == c.id for d in cases) > 1}
@@ -82,6 +89,18 @@ def load_golden(path: Path, tags: list[str] | None = None) -> GoldenSet:
     if not cases:
         raise GoldenSetError(f"{path}: no cases{' tagged ' + ','.join(tags) if tags else ''}")
     return GoldenSet(path, cases, corpus, hashlib.sha256(raw).hexdigest()[:12])
+
+
+def _admissible(case: GoldenCase) -> GoldenCase:
+    """`case`, once the job line it becomes (`job_lines`) passes admission: a case the job
+    would refuse as malformed has no outcome to measure."""
+    line = json.loads(job_lines([case], "0" * NONCE_CHARS))
+    try:
+        RequestLine.model_validate(line)
+    except ValidationError as exc:
+        raise ValueError(f"case {case.id!r} would not be admitted: "
+                         f"{describe_validation_error(exc)}") from None
+    return case
 
 
 def resolve_document(tenant: str, reference: str) -> str:
@@ -126,7 +145,7 @@ def run_cases(settings: Settings, golden: GoldenSet, spawn_workers: bool,
     """Submit the cases as one job and wait for it; returns the job id and the wall time."""
     from ops.jobs import execute_job
 
-    nonce = uuid.uuid4().hex[:8]
+    nonce = uuid.uuid4().hex[:NONCE_CHARS]
     with tempfile.TemporaryDirectory() as folder:
         job_file = Path(folder) / f"eval-{nonce}.jsonl"
         job_file.write_text(job_lines(golden.cases, nonce), encoding="utf-8")

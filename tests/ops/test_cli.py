@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -84,6 +85,51 @@ def test_sluice_run_reports_a_missing_file_clearly(tmp_path: Path) -> None:
     result = _sluice("run", str(tmp_path / "nope.jsonl"), env=_embedded_env(tmp_path), cwd=tmp_path)
     assert result.returncode == 1
     assert "job file not found" in result.stderr
+
+
+def test_sluice_run_refuses_an_unusable_out_before_any_work(tmp_path: Path) -> None:
+    taken = tmp_path / "taken"
+    taken.write_text("a file, not a folder")
+    result = _sluice("run", str(SMALL), "--out", str(taken / "out"),
+                     env=_embedded_env(tmp_path / "data"), cwd=tmp_path)
+
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: cannot write results to {taken / 'out'}: Not a directory"
+    assert not (tmp_path / "data").exists()  # no store, no index, no worker
+
+
+def _celery_children(pid: int) -> list[int]:
+    """The celery processes whose parent is `pid` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        if parent == pid and b"celery" in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_sigterm_stops_sluice_run_and_its_workers(tmp_path: Path) -> None:
+    env = {**_embedded_env(tmp_path / "data"), "SLUICE_GENERATOR_BACKEND": "null"}
+    command = [str(Path(sys.executable).parent / "sluice"), "run", str(SMALL), "--out",
+               str(tmp_path / "out")]
+    run = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+    # Given the command with its four workers up
+    deadline, workers = time.monotonic() + 600, []
+    while time.monotonic() < deadline and run.poll() is None and len(workers) < 4:
+        time.sleep(0.5)
+        workers = _celery_children(run.pid)
+    assert len(workers) == 4, run.stderr.read() if run.poll() is not None else "no workers"
+    # When it is sent SIGTERM (a `timeout`, a cancelled CI job)
+    run.send_signal(signal.SIGTERM)
+    status = run.wait(timeout=120)
+    # Then it stops its workers before it exits, as on Ctrl-C
+    assert status == 128 + signal.SIGTERM, run.stderr.read()[-3000:]
+    assert [pid for pid in workers if Path(f"/proc/{pid}").exists()] == []
 
 
 @pytest.mark.parametrize("command", [("audit", "req-x"), ("failed",), ("status", "job-x"),

@@ -5,6 +5,7 @@ degraded configuration (the injection sanitizer switched off)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,31 @@ def test_golden_files_parse_filter_and_name_their_errors(tmp_path: Path) -> None
     twice.write_text(json.dumps(CASES[0]) + "\n" + json.dumps(CASES[0]) + "\n")
     with pytest.raises(GoldenSetError, match="duplicate case ids"):
         load_golden(twice)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("line", "reason"), [
+    ({**CASES[2], "tenant": "globex corp"}, "case 'clarify-vague' would not be admitted: tenant:"),
+    ({**CASES[2], "id": "c" * 125}, f"case '{'c' * 125}' would not be admitted: custom_id:"),
+    (5, "a line must be a JSON object, got int"),
+    (None, "a line must be a JSON object, got NoneType"),
+])
+def test_a_case_the_job_would_refuse_is_refused_when_the_file_is_read(
+        tmp_path: Path, line: object, reason: str) -> None:
+    path = tmp_path / "golden.jsonl"
+    path.write_text(json.dumps(CASES[0]) + "\n" + json.dumps(line) + "\n")
+
+    with pytest.raises(GoldenSetError, match=f"golden.jsonl:2: {re.escape(reason)}"):
+        load_golden(path)
+
+
+@pytest.mark.unit
+def test_a_line_separator_inside_a_string_does_not_cut_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "golden.jsonl"  # the separator raw in the file, as JSON allows
+    path.write_text(json.dumps({**CASES[2], "note": "a line\u2028separator"},
+                               ensure_ascii=False) + "\n", encoding="utf-8")
+
+    assert [c.note for c in load_golden(path).cases] == ["a line\u2028separator"]
 
 
 @pytest.mark.unit

@@ -123,3 +123,15 @@ def test_the_model_libraries_are_imported_on_a_thread_no_time_limit_reaches(
     libraries = runtime_module.MODEL_LIBRARIES
     assert {i for i in importers if i[0] in libraries} == {
         (name, "sluice-preload") for name in libraries}
+
+
+def test_workers_started_by_a_command_get_its_secrets_in_clear(tmp_path: Path) -> None:
+    from ops.embedded import worker_env
+
+    settings = Settings(generator_backend="openai", openai_base_url="http://127.0.0.1:9/v1",
+                        openai_model="m", openai_api_key="sk-live-0123456789",
+                        data_dir=tmp_path)
+    keyless = Settings(data_dir=tmp_path, openai_api_key=None)
+
+    assert worker_env(settings)["SLUICE_OPENAI_API_KEY"] == "sk-live-0123456789"
+    assert "SLUICE_OPENAI_API_KEY" not in worker_env(keyless)  # not the text "null"

@@ -93,3 +93,14 @@ def test_the_client_refuses_a_bad_setting_without_repeating_it(
 
     assert str(refused.value) == "SLUICE_LEASE_S: Input should be greater than 0"
     assert refused.value.__cause__ is None and refused.value.__suppress_context__
+
+
+def test_the_client_refuses_a_store_that_is_not_there_and_does_not_create_one(
+        tmp_path: Path) -> None:
+    from ops.client import SluiceClient
+    from workers.store.migrate import StoreNotReady
+
+    with pytest.raises(StoreNotReady, match="no audit store at"):
+        SluiceClient(Settings(data_dir=tmp_path, database_url=""))
+
+    assert not (tmp_path / "audit.db").exists()
