@@ -89,6 +89,9 @@ def _draft(completion: Completion, request: GenerationRequest, labels: dict[str,
     elif completion.finish_reason == "error":
         outcome = Outcome(status=Status.FAILED, error_class="GenerationError",
                           message=completion.error or "")
+    elif completion.finish_reason == "unavailable":  # if the stage's retries did not help
+        outcome = Outcome(status=Status.FAILED, error_class="BackendUnavailable",
+                          message=completion.error or "")
     return Draft(request_id=completion.request_id, text=completion.text, source_labels=labels,
                  prompt_tokens=completion.prompt_tokens,
                  completion_tokens=completion.completion_tokens,

@@ -29,7 +29,7 @@ from tasks.tools import ToolCall, ToolError, refusal_payload
 from tasks.validation import validate
 from tasks.validators.policy import record_identifiers
 from workers.app import app
-from workers.base import Results, StageTask
+from workers.base import LAST_ATTEMPT, Results, StageTask, TransientError
 from workers.cache import cache_key
 from workers.queues import TASK_NAMES
 from workers.runtime import Runtime, preload_libraries
@@ -142,6 +142,13 @@ def compute_generation(runtime: Runtime, records: list[ItemRecord],
         drafts += generate(batch.model_copy(update={"items": items}), runtime.engine(variant),
                            runtime.prompt_templates(), runtime.decoding_policies(),
                            constrain=runtime.settings.constrain_documents).drafts
+    unavailable = [d for d in drafts if d.finish_reason == "unavailable"]
+    if unavailable and not LAST_ATTEMPT.get():
+        # The backend's trouble (a model server down, a device out of memory), not the
+        # requests': the shard goes back to the retry policy instead of failing for good.
+        first = unavailable[0].outcome
+        raise TransientError(f"{len(unavailable)} of {len(drafts)} drafts found the backend "
+                             f"unavailable: {first.message if first else ''}")
     return adapters.generation_results(GenerationOutput(drafts=drafts), records,
                                        runtime.settings.accelerator_hour_usd)
 

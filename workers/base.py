@@ -17,6 +17,7 @@ import random
 import socket
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 from datetime import datetime
 from typing import Any
 
@@ -32,6 +33,7 @@ from schemas.events import EventKind
 from schemas.stages import AuditRecord, Hop, ItemRecord, ItemResult, Outcome
 from schemas.status import DriftPolicy, Lane, Stage, Status
 from schemas.versions import VersionTuple
+from tasks.engine.types import BackendUnavailable
 from workers.runtime import Runtime, get_runtime, wait_for_libraries
 from workers.store import stage_runs as runs
 from workers.store.engine import session_scope
@@ -47,12 +49,20 @@ class TransientError(RuntimeError):
     """Trouble that a later attempt may not meet (accelerator out of memory, a busy dependency)."""
 
 
+# Whether this delivery is the last one the retry policy allows (True outside a task): a
+# stage then records as failed the trouble it would otherwise raise as transient, and keeps
+# the results it has for the rest of its shard.
+LAST_ATTEMPT: ContextVar[bool] = ContextVar("sluice_last_attempt", default=True)
+
+
 # Retried with backoff. Everything else is permanent and ends the claimed items as failed.
 # The driver's timeouts are not the built-in TimeoutError: a Redis socket timeout, a
-# connection pool with none free in time, a connection lost on checkout.
+# connection pool with none free in time, a connection lost on checkout. A model server
+# that a worker warming up cannot reach (BackendUnavailable) may be restarting.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     OperationalError, DisconnectionError, PoolTimeout, RedisConnectionError, RedisTimeout,
     BrokerError, TimeoutError, ConnectionError, SoftTimeLimitExceeded, TransientError,
+    BackendUnavailable,
 )
 # Seconds a stage needs at least; a request whose deadline is nearer ends before it starts.
 MIN_STAGE_S = {Stage.ROUTER: 0.0, Stage.RETRIEVAL: 0.05, Stage.GENERATION: 0.5,
@@ -67,6 +77,7 @@ class StageTask(Task):  # type: ignore[misc]
 
     def execute(self, stage: Stage, hop_data: dict[str, Any], compute: Compute) -> dict[str, Any]:
         runtime = get_runtime()
+        LAST_ATTEMPT.set(self.request.retries >= runtime.settings.max_retries)
         key = runs.StageKey(Hop.model_validate(hop_data), stage)
         owner = runs.LeaseOwner(socket.gethostname(), os.getpid(), self.request.id or "direct")
         try:

@@ -199,8 +199,9 @@ class GenerationEngine:
             completions = self.backend.generate([p.request for p in batch])
             self.batches_run += 1
         except AcceleratorOutOfMemory as exc:
-            if len(batch) == 1:
-                batch[0].future.set_result(self._ended(batch[0].request, "error", str(exc)))
+            if len(batch) == 1:  # the device's trouble, not the request's
+                batch[0].future.set_result(self._ended(batch[0].request, "unavailable",
+                                                       str(exc)))
                 return
             log.warning("out of memory on a batch of %d; splitting it", len(batch))
             half = len(batch) // 2

@@ -170,8 +170,9 @@ class OpenAIBackend:
             reason = outcome.reason
             if attempt < self.max_retries and not self._backoff(attempt, outcome, request):
                 return self._past_deadline(request, batch_size, queue_wait_s, reason)
-        return self._failed(request, batch_size, f"gave up after {self.max_retries + 1} attempts: "
-                                                 f"{reason}", queue_wait_s or 0.0)
+        return self._completion(request, batch_size, finish_reason="unavailable",
+                                error=f"gave up after {self.max_retries + 1} attempts: {reason}",
+                                queue_wait_s=queue_wait_s or 0.0)
 
     def _attempt(self, request: GenerationRequest, body: dict[str, Any], batch_size: int,
                  queue_wait_s: float) -> Completion | _Retry:

@@ -76,7 +76,9 @@ class Completion(BaseModel):
     text: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    # stop | length | deadline | refused (never sent to the device) | error
+    # stop | length | deadline | refused (never sent to the device) | error (this request's
+    # fault) | unavailable (the backend's: out of memory on a row alone, a server that kept
+    # failing; a later attempt may succeed)
     finish_reason: str
     backend: str
     model: str
@@ -88,7 +90,7 @@ class Completion(BaseModel):
 
     @model_validator(mode="after")
     def _error_has_reason(self) -> Completion:
-        if self.finish_reason in ("refused", "error") and not self.error:
+        if self.finish_reason in ("refused", "error", "unavailable") and not self.error:
             raise ValueError(f"finish_reason {self.finish_reason!r} needs an error message")
         return self
 

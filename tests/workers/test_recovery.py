@@ -184,7 +184,8 @@ def test_a_validation_redelivered_before_it_sent_drafts_back_finds_them(
 @pytest.mark.parametrize("error", [
     "redis.exceptions.TimeoutError", "redis.exceptions.ConnectionError",
     "sqlalchemy.exc.TimeoutError", "sqlalchemy.exc.DisconnectionError",
-    "sqlalchemy.exc.OperationalError", "kombu.exceptions.OperationalError"])
+    "sqlalchemy.exc.OperationalError", "kombu.exceptions.OperationalError",
+    "tasks.engine.types.BackendUnavailable"])
 def test_the_drivers_timeouts_and_lost_connections_are_retried(error: str) -> None:
     import importlib
 

@@ -166,14 +166,15 @@ def test_out_of_memory_splits_and_loses_nothing(hf_backend: TransformersBackend,
     assert {c.request_id: c.text for c in completions} == one_by_one
 
 
-def test_out_of_memory_on_one_row_is_an_error_not_a_loss(hf_backend: TransformersBackend) -> None:
+def test_out_of_memory_on_one_row_leaves_it_unavailable_not_lost(
+        hf_backend: TransformersBackend) -> None:
     engine = GenerationEngine(OutOfMemoryAbove(hf_backend, rows=0), BatchLimits(gather_s=0.0))
     try:
         completions = engine.generate(_requests()[:3])
     finally:
         engine.close()
 
-    assert [c.finish_reason for c in completions] == ["error"] * 3
+    assert [c.finish_reason for c in completions] == ["unavailable"] * 3
     assert all("injected" in (c.error or "") for c in completions)
 
 

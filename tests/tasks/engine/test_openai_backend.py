@@ -278,13 +278,13 @@ def test_503s_are_retried_until_the_server_answers(
 # --- failures that never reach the model ------------------------------------------------------
 
 @pytest.mark.integration
-def test_503s_beyond_max_retries_give_an_error_completion(
+def test_503s_beyond_max_retries_leave_the_backend_unavailable(
         proxy: _FaultProxy, make_backend: Callable[..., OpenAIBackend]) -> None:
     proxy.fail_next = 10
 
     [completion] = make_backend(proxy.url, max_retries=2).generate([_request()])
 
-    assert completion.finish_reason == "error"
+    assert completion.finish_reason == "unavailable"  # the server's trouble: the stage retries
     assert "gave up after 3 attempts" in completion.error and "injected overload" in completion.error
     assert len(proxy.posts()) == 3
 
@@ -324,7 +324,7 @@ def test_an_unreachable_server_fails_fast(make_backend: Callable[..., OpenAIBack
     [completion] = backend.generate([_request()])
 
     assert time.monotonic() - started < 5
-    assert completion.finish_reason == "error"
+    assert completion.finish_reason == "unavailable"
     assert "gave up after 3 attempts" in completion.error and "ConnectError" in completion.error
 
 
