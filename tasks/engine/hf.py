@@ -53,6 +53,7 @@ class TransformersBackend:
         self._eos: set[int] = set()
         self._constraints: Any = None
         self._cache_arg = "past_key_values"
+        self._fold_system = False  # the chat template has no system turn
 
     # -- loading ---------------------------------------------------------------------------
 
@@ -78,6 +79,7 @@ class TransformersBackend:
 
     def _adopt(self, model: Any, tokenizer: Any, name: str) -> None:
         """Hold a loaded model: its stop tokens, cache argument, window and identity."""
+        self._fold_system = tokenizer is not None and _system_role_refused(tokenizer, name)
         self._tokenizer, self._model = tokenizer, model
         self._eos = _eos_ids(model, tokenizer)
         # transformers renamed `past_key_values` to `cache`; older releases know only the first
@@ -147,8 +149,11 @@ class TransformersBackend:
     # -- decoding ----------------------------------------------------------------------------
 
     def _encode(self, messages: list[dict[str, str]]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                  tokenize=False)
+        tokenizer = self.tokenizer
+        if self._fold_system:
+            messages = _system_folded(messages)
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                             tokenize=False)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _row_or_error(self, request: GenerationRequest) -> _Row:
@@ -281,6 +286,38 @@ class TransformersBackend:
                           constrained=row.constraint is not None,
                           error=row.error or ("deadline passed while decoding"
                                               if reason == "deadline" else None))
+
+
+def _system_role_refused(tokenizer: Any, name: str) -> bool:
+    """Whether the tokenizer's chat template refuses a system turn (Gemma's does): the
+    system text then opens the first user turn. Raises ValueError, at load and not on every
+    request, when it has no chat template or cannot render a user turn."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{name}: the tokenizer has no chat template, and Sluice sends chat "
+                         f"turns (system, user): use an instruction-tuned model, or give its "
+                         f"tokenizer_config.json a chat_template")
+    turns = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+    try:
+        tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+        return False
+    except Exception:  # jinja2's TemplateError, raised by the template itself
+        pass
+    try:
+        tokenizer.apply_chat_template(turns[1:], add_generation_prompt=True, tokenize=False)
+    except Exception as exc:
+        raise ValueError(f"{name}: the chat template cannot render a user turn: {exc}") from exc
+    return True
+
+
+def _system_folded(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The system turns' text put before the first user turn's, for templates without one."""
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    rest = [dict(m) for m in messages if m["role"] != "system"]
+    if system and rest and rest[0]["role"] == "user":
+        rest[0]["content"] = f"{system}\n\n{rest[0]['content']}"
+    elif system:
+        rest.insert(0, {"role": "user", "content": system})
+    return rest
 
 
 def _sample(logits: Any, temperature: float, top_p: float, sampler: Any) -> Any:

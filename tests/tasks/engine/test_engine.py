@@ -234,3 +234,36 @@ def test_a_request_at_fault_ends_in_error_and_its_batch_mates_are_decoded(
     assert failed.finish_reason == "error" and failed.error and failed.completion_tokens == 0
     assert (first.text, second.text) == (one_by_one["q0"], one_by_one["q1"])
     assert first.batch_size == second.batch_size == 2
+
+
+GEMMA_LIKE = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+              "{{ raise_exception('System role not supported') }}{% endif %}"
+              "<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+              "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+def _with_template(hf_backend: TransformersBackend, template: str | None) -> TransformersBackend:
+    import copy
+
+    tokenizer = copy.deepcopy(hf_backend.tokenizer)
+    tokenizer.chat_template = template
+    return TransformersBackend.from_loaded(hf_backend.model, tokenizer, "other-model")
+
+
+def test_a_template_without_a_system_turn_gets_the_system_text_in_the_user_turn(
+        hf_backend: TransformersBackend) -> None:
+    backend = _with_template(hf_backend, GEMMA_LIKE)
+    messages = [{"role": "system", "content": "Answer from the sources."},
+                {"role": "user", "content": "What is the capital of France?"}]
+
+    prompt = backend.tokenizer.decode(backend._encode(messages))
+    [completion] = backend.generate([GenerationRequest("g", messages, GREEDY)])
+
+    assert prompt.startswith("<start_of_turn>user\nAnswer from the sources.\n\nWhat is the")
+    assert completion.finish_reason in ("stop", "length") and completion.error is None
+
+
+def test_a_model_without_a_chat_template_is_refused_when_it_loads(
+        hf_backend: TransformersBackend) -> None:
+    with pytest.raises(ValueError, match="other-model: the tokenizer has no chat template"):
+        _with_template(hf_backend, None)
