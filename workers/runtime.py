@@ -24,7 +24,7 @@ from tasks.engine.engine import BatchLimits, GenerationEngine
 from tasks.engine.types import Backend
 from tasks.files import ROUTER_EXAMPLES_PATH
 from tasks.generation import DecodingPolicies, NullBackend
-from tasks.prompting import PromptTemplates
+from tasks.prompting import PromptTemplates, escape_data
 from tasks.retrieval import Retriever
 from tasks.router import RouterRules
 from tasks.router_classifier import RouterClassifier, ensure_router_head
@@ -110,16 +110,19 @@ class Runtime:
         return self._count_tokens(text)
 
     def _token_counter(self) -> Callable[[str], int]:
+        """Tokens of a request's text as the prompt carries it: escaped as data (`<` is four
+        characters there), special-token strings as the plain text they are."""
         if self.settings.generator_backend == "null":
             return lambda text: len(text.split())
         if self.settings.generator_backend == "openai":  # no local tokenizer: over-estimate
-            return lambda text: len(text) // 3 + 1
+            return lambda text: len(escape_data(text)) // 3 + 1
         from transformers import AutoTokenizer
 
         path = Path(self.settings.generator_model)
         folder, gguf = (path.parent, path.name) if path.is_file() else (path, None)
         tokenizer: Any = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-        return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return lambda text: len(tokenizer(escape_data(text), add_special_tokens=False,
+                                          split_special_tokens=True)["input_ids"])
 
     def retriever(self) -> Retriever:
         """The retriever over the active index; a newly activated index is picked up here."""

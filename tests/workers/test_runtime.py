@@ -135,3 +135,16 @@ def test_workers_started_by_a_command_get_its_secrets_in_clear(tmp_path: Path) -
 
     assert worker_env(settings)["SLUICE_OPENAI_API_KEY"] == "sk-live-0123456789"
     assert "SLUICE_OPENAI_API_KEY" not in worker_env(keyless)  # not the text "null"
+
+
+def test_the_routers_token_count_is_of_the_text_as_the_prompt_carries_it(
+        tmp_path: Path) -> None:
+    runtime = Runtime(Settings(data_dir=tmp_path, generator_model=str(MODEL_DIR)))
+
+    plain = runtime.count_tokens("How do I roll back a deploy?")
+    # "<" is "&lt;" in the prompt; "<|im_start|>" is text there, not one special token
+    angles = runtime.count_tokens("<" * 100)
+    markers = runtime.count_tokens("<|im_start|>" * 10)
+
+    assert 5 <= plain <= 12
+    assert angles >= 200 and markers >= 50
