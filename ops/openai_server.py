@@ -187,7 +187,8 @@ def _policy(body: dict[str, Any]) -> DecodingPolicy:
     stop = (stop,) if isinstance(stop, str) else stop
     max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or DEFAULT_MAX_TOKENS
     fields = {"temperature": body.get("temperature", 0.0), "top_p": body.get("top_p", 1.0),
-              "max_new_tokens": max_tokens, "stop": stop}
+              "max_new_tokens": max_tokens, "stop": stop,
+              "ignore_eos": body.get("ignore_eos")}  # vLLM's extension, as vLLM reads it
     try:
         return DecodingPolicy(**{k: v for k, v in fields.items() if v is not None})
     except ValidationError as exc:

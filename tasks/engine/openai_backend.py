@@ -137,6 +137,15 @@ class OpenAIBackend:
     def kv_bytes_per_token(self) -> int | None:
         return None  # the server manages its own KV cache
 
+    def _estimated_tokens(self, text: str) -> int:
+        """A text's tokens, by the model's tokenizer when given, else the estimate the prompt
+        gets (class doc)."""
+        if not text:
+            return 0
+        if not self.tokenizer_path:
+            return len(text) // 3 + 1
+        return len(self._loaded_tokenizer()(text, add_special_tokens=False)["input_ids"])
+
     def generate(self, batch: list[GenerationRequest]) -> list[Completion]:
         """One completion per request, in order; each request is its own HTTP call, sent
         concurrently (at most `max_concurrency` in flight across all callers)."""
@@ -208,6 +217,8 @@ class OpenAIBackend:
             "top_p": policy.top_p, "max_tokens": policy.max_new_tokens, "seed": request.seed}
         if policy.stop:
             body["stop"] = list(policy.stop)
+        if policy.ignore_eos:  # vLLM's and TGI's extension; sent only when the policy asks
+            body["ignore_eos"] = True
         if request.json_schema is not None:
             body["response_format"] = {"type": "json_schema", "json_schema": {
                 "name": "output", "schema": request.json_schema, "strict": True}}
@@ -219,13 +230,20 @@ class OpenAIBackend:
         try:
             data = response.json()
             choice = data["choices"][0]
-            text = choice["message"]["content"] or ""
+            message = choice["message"]
+            text = message["content"] or ""
+            refusal = message.get("refusal")
             usage = data.get("usage") or {}
             prompt_tokens = int(usage.get("prompt_tokens") or request.prompt_tokens)
-            completion_tokens = int(usage.get("completion_tokens") or 0)
-        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            # Without the server's count, the text's estimate: never 0 for text that came back
+            completion_tokens = int(usage.get("completion_tokens")
+                                    or self._estimated_tokens(text))
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
             return self._failed(request, batch_size, f"malformed response ({exc!r}): "
                                 f"{response.text[:SERVER_MESSAGE_CHARS]}", queue_wait_s, compute_s)
+        if refusal and not text:  # the server's model declined: not an empty answer
+            return self._failed(request, batch_size, f"the server's model refused: "
+                                f"{str(refusal)[:SERVER_MESSAGE_CHARS]}", queue_wait_s, compute_s)
         server_reason = choice.get("finish_reason") or "stop"
         finish_reason = FINISH_REASONS.get(server_reason, "error")
         error = None if finish_reason != "error" else f"server finish_reason {server_reason!r}"

@@ -57,8 +57,9 @@ class _ReferenceBackend:
 
 class _FaultProxy:
     """Forwards to the real server and records every request; can inject faults: answer 503
-    `fail_next` times, hold a request until `release` is set, or wait until `gather` requests
-    are in flight together before forwarding any (proof that they were sent concurrently)."""
+    `fail_next` times, hold a request until `release` is set, wait until `gather` requests
+    are in flight together before forwarding any (proof that they were sent concurrently), or
+    `rewrite` the server's JSON answer (what other servers send)."""
 
     def __init__(self, upstream_url: str) -> None:
         self.upstream_root = upstream_url.removesuffix("/v1")
@@ -68,6 +69,7 @@ class _FaultProxy:
         self.gather = 1
         self.peak_in_flight = 0
         self.release = threading.Event()
+        self.rewrite: Callable[[dict[str, Any]], dict[str, Any]] | None = None
         self._in_flight = 0
         self._changed = threading.Condition()
         self._client = httpx.Client(timeout=60)
@@ -99,6 +101,8 @@ class _FaultProxy:
                 return 504, b'{"error": {"message": "injected hang"}}'
             response = self._client.request(method, self.upstream_root + path, content=body,
                                             headers={"Content-Type": "application/json"})
+            if self.rewrite is not None and method == "POST" and response.status_code == 200:
+                return 200, json.dumps(self.rewrite(response.json())).encode()
             return response.status_code, response.content
         finally:
             with self._changed:
@@ -261,6 +265,42 @@ def test_json_schema_is_sent_as_a_strict_response_format(
         "type": "json_schema", "json_schema": {"name": "output", "schema": schema, "strict": True}}
     assert reference_backend.received[-1].json_schema == schema  # the server parsed it back
     assert completion.constrained and completion.finish_reason in ("stop", "length")
+
+
+@pytest.mark.integration
+def test_an_answer_without_usage_counts_its_tokens_from_the_text(
+        proxy: _FaultProxy, make_backend: Callable[..., OpenAIBackend]) -> None:
+    proxy.rewrite = lambda answer: {k: v for k, v in answer.items() if k != "usage"}
+
+    [completion] = make_backend(proxy.url, tokenizer_path=str(MODEL_DIR)).generate([_request()])
+
+    assert completion.text and completion.completion_tokens > 0
+
+
+@pytest.mark.integration
+def test_a_refusal_from_the_servers_model_is_an_error_not_an_empty_answer(
+        proxy: _FaultProxy, make_backend: Callable[..., OpenAIBackend]) -> None:
+    def refused(answer: dict[str, Any]) -> dict[str, Any]:
+        answer["choices"][0]["message"] |= {"content": None, "refusal": "I can't help with that."}
+        return answer
+
+    proxy.rewrite = refused
+    [completion] = make_backend(proxy.url).generate([_request()])
+
+    assert completion.finish_reason == "error"
+    assert completion.error == "the server's model refused: I can't help with that."
+
+
+@pytest.mark.integration
+def test_a_policy_that_ignores_eos_says_so_to_the_server(
+        proxy: _FaultProxy, make_backend: Callable[..., OpenAIBackend]) -> None:
+    policy = DecodingPolicy(max_new_tokens=6, ignore_eos=True)
+    request = GenerationRequest(request_id="req-eos", messages=QUESTION, policy=policy)
+
+    [completion] = make_backend(proxy.url).generate([request])
+
+    assert proxy.posts()[0]["json"]["ignore_eos"] is True
+    assert completion.finish_reason == "length" and completion.completion_tokens == 6
 
 
 @pytest.mark.integration
