@@ -14,6 +14,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 from tasks.engine.types import (
@@ -25,6 +26,9 @@ from tasks.engine.types import (
 )
 
 log = logging.getLogger(__name__)
+# How long past its deadline a caller waits for its batch to say so itself (a row checks its
+# deadline at each step; a batch that has not started does before it starts).
+DEADLINE_GRACE_S = 1.0
 
 
 class TokenBudgetExceeded(EngineError):
@@ -97,8 +101,23 @@ class GenerationEngine:
     # -- callers -----------------------------------------------------------------------------
 
     def generate(self, requests: list[GenerationRequest]) -> list[Completion]:
-        """Submit and wait: one completion per request, in order."""
-        return [future.result() for future in self.submit(requests)]
+        """Submit and wait: one completion per request, in order. A request with a deadline
+        is waited for until then (and `DEADLINE_GRACE_S`): a batch it shares with longer
+        rows, or one running ahead of it, does not hold its caller past it."""
+        futures = self.submit(requests)
+        return [self._awaited(request, future) for request, future in zip(requests, futures,
+                                                                         strict=True)]
+
+    def _awaited(self, request: GenerationRequest, future: Future[Completion]) -> Completion:
+        if request.deadline is None:
+            return future.result()
+        try:
+            return future.result(timeout=max(0.0, request.deadline - time.monotonic())
+                                 + DEADLINE_GRACE_S)
+        except FutureTimeout:
+            # Its batch goes on (and its late result is dropped): rows cannot leave a batch
+            # mid-step, but their callers can stop waiting.
+            return self._ended(request, "deadline", "deadline passed while its batch ran")
 
     def submit(self, requests: list[GenerationRequest]) -> list[Future[Completion]]:
         self.warm_up()

@@ -267,3 +267,42 @@ def test_a_model_without_a_chat_template_is_refused_when_it_loads(
         hf_backend: TransformersBackend) -> None:
     with pytest.raises(ValueError, match="other-model: the tokenizer has no chat template"):
         _with_template(hf_backend, None)
+
+
+class HeldBatches:
+    """An injected slow stage: the real backend, but each batch waits until `release` is set."""
+
+    def __init__(self, backend: TransformersBackend) -> None:
+        self.backend, self.release = backend, threading.Event()
+        self.kind, self.model_id = backend.kind, backend.model_id
+        self.context_window = backend.context_window
+
+    def warm_up(self) -> None:
+        self.backend.warm_up()
+
+    def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int:
+        return self.backend.count_prompt_tokens(messages)
+
+    def kv_bytes_per_token(self) -> int | None:
+        return self.backend.kv_bytes_per_token()
+
+    def generate(self, batch: list[GenerationRequest]) -> list[Completion]:
+        self.release.wait(timeout=120)
+        return self.backend.generate(batch)
+
+
+def test_a_caller_is_not_held_past_its_deadline_by_a_batch_that_runs_on(
+        hf_backend: TransformersBackend) -> None:
+    held = HeldBatches(hf_backend)
+    engine = GenerationEngine(held, BatchLimits(gather_s=0.0))
+    try:
+        request = _requests()[0]
+        request.deadline = time.monotonic() + 0.2
+        # When its batch is still running at its deadline
+        [completion] = engine.generate([request])
+        # Then its caller gets a deadline completion without waiting for the batch
+        assert not held.release.is_set()
+        assert completion.finish_reason == "deadline" and completion.error
+    finally:
+        held.release.set()
+        engine.close()
