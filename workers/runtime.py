@@ -114,11 +114,13 @@ class Runtime:
         characters there), special-token strings as the plain text they are."""
         if self.settings.generator_backend == "null":
             return lambda text: len(text.split())
-        if self.settings.generator_backend == "openai":  # no local tokenizer: over-estimate
-            return lambda text: len(escape_data(text)) // 3 + 1
+        path = Path(self.settings.generator_model)
+        if self.settings.generator_backend == "openai":
+            if not self.settings.openai_tokenizer:  # no local tokenizer: over-estimate
+                return lambda text: len(escape_data(text)) // 3 + 1
+            path = Path(self.settings.openai_tokenizer)
         from transformers import AutoTokenizer
 
-        path = Path(self.settings.generator_model)
         folder, gguf = (path.parent, path.name) if path.is_file() else (path, None)
         tokenizer: Any = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
         return lambda text: len(tokenizer(escape_data(text), add_special_tokens=False,
@@ -178,7 +180,9 @@ class Runtime:
             key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
             return OpenAIBackend(settings.openai_base_url, settings.openai_model, api_key=key,
                                  timeout_s=settings.openai_timeout_s,
-                                 max_concurrency=settings.generator_max_batch)
+                                 max_concurrency=settings.generator_max_batch,
+                                 context_window=settings.openai_context_window,
+                                 tokenizer_path=settings.openai_tokenizer or None)
         from tasks.engine.hf import TransformersBackend
 
         return TransformersBackend(model, device=settings.generator_device,

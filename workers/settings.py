@@ -103,6 +103,10 @@ class Settings(BaseSettings):
     openai_model: str = ""
     openai_api_key: SecretStr | None = None
     openai_timeout_s: float = Field(default=60.0, gt=0)
+    openai_context_window: int = Field(default=4096, gt=0)  # the served model's, in tokens
+    # A local folder with the served model's tokenizer: exact prompt counts instead of an
+    # estimate on the long side.
+    openai_tokenizer: str = ""
     # The price of one accelerator-hour (or of the CPU machine serving generation): the cost
     # of a request is its share of its batches' device seconds at this price.
     accelerator_hour_usd: float = Field(default=0.0, ge=0)

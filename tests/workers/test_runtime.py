@@ -33,11 +33,18 @@ def test_openai_backend_by_configuration(tmp_path: Path) -> None:
     from tasks.engine.openai_backend import OpenAIBackend
 
     settings = Settings(generator_backend="openai", openai_base_url="http://127.0.0.1:9/v1",
-                        openai_model="served-model", data_dir=tmp_path)
-    backend = Runtime(settings)._backend(settings.generator_model)
+                        openai_model="served-model", data_dir=tmp_path,
+                        openai_context_window=32768, openai_tokenizer=str(MODEL_DIR))
+    runtime = Runtime(settings)
+    backend = runtime._backend(settings.generator_model)
 
     assert isinstance(backend, OpenAIBackend)
     assert backend.kind == "openai" and "served-model" in backend.model_id
+    assert (backend.context_window, backend.tokenizer_path) == (32768, str(MODEL_DIR))
+    # The router counts with the served model's tokenizer, not the estimate
+    assert runtime.count_tokens("How do I roll back a deploy?") == Runtime(Settings(
+        data_dir=tmp_path, generator_model=str(MODEL_DIR))).count_tokens(
+        "How do I roll back a deploy?")
 
 
 def test_transformers_backend_per_variant(tmp_path: Path) -> None:
