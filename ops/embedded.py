@@ -70,8 +70,9 @@ def worker_env(settings: Settings) -> dict[str, str]:
         secret = getattr(settings, name)
         if isinstance(secret, SecretStr):  # dumped as "**********"
             value = secret.get_secret_value()
-        if value is None:
-            continue  # unset: "null" would read back as the text "null"
+        if value is None:  # unset here, so unset there ("null" would read back as text)
+            env.pop(f"SLUICE_{name.upper()}", None)
+            continue
         env[f"SLUICE_{name.upper()}"] = value if isinstance(value, str) else json.dumps(value)
     env.update({"OMP_NUM_THREADS": str(settings.torch_threads),
                 "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"})

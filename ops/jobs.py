@@ -300,10 +300,13 @@ def _exit_on_termination() -> Iterator[None]:
         return
 
     def terminate(signum: int, _frame: object) -> None:
+        for ignored in previous:  # a second signal must not cut the cleanup short
+            signal.signal(ignored, signal.SIG_IGN)
         raise Terminated(128 + signum)
 
-    previous = {signum: signal.signal(signum, terminate)
-                for signum in (signal.SIGTERM, signal.SIGHUP)}
+    previous: dict[int, Any] = {}
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        previous[signum] = signal.signal(signum, terminate)
     try:
         yield
     finally:

@@ -172,7 +172,8 @@ def _declared_class(item: RouteItem) -> AnswerClass | None:
 
 
 def _too_short(item: RouteItem, rules: RouterRules) -> bool:
-    return item.kind == "answer" and len(item.text.strip()) < rules.min_question_chars
+    """An answer's question with fewer visible characters than the rules ask for."""
+    return item.kind == "answer" and len(fold(item.text).strip()) < rules.min_question_chars
 
 
 def _refuse_rule(folded: str, rules: RouterRules) -> Rule | None:
@@ -274,10 +275,9 @@ def _template_problem(item: RouteItem, rules: RouterRules) -> Outcome | None:
         return Outcome(status=Status.NEEDS_CLARIFICATION, error_class="UnknownTemplate",
                        message=f"template must be one of {sorted(rules.templates)}, "
                                f"got {item.template!r}")
-    if len((item.topic or "").strip()) < rules.min_question_chars:
+    if not fold(item.topic or "").strip():  # "HR" is a topic; "" and "\u200b" are not
         return Outcome(status=Status.NEEDS_CLARIFICATION, error_class="EmptyTopic",
-                       message=f"the topic is empty or shorter than {rules.min_question_chars} "
-                               f"characters: {item.topic!r}")
+                       message=f"the topic is empty: {item.topic!r}")
     # A blank text is no value: "a summary of  for  " is not what the template asks for.
     missing = [name for name in required if name not in item.inputs
                or (isinstance(item.inputs[name], str) and not item.inputs[name].strip())]

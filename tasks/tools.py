@@ -315,12 +315,17 @@ def default_registry(
     """The shipped tools over the ticket system of record; `allowlists` overrides a tool's
     tenants by tool name (every tenant by default)."""
     allowed = dict(allowlists or {})
-    unknown = set(allowed) - set(SHIPPED_TOOLS)
+    check_allowlists(allowed)
+    return ToolRegistry(_with_allowlist(spec, allowed.get(name, ALL_TENANTS))
+                        for name, spec in SHIPPED_TOOLS.items())
+
+
+def check_allowlists(allowlists: Mapping[str, object]) -> None:
+    """ValueError when `allowlists` names a tool that is not shipped."""
+    unknown = set(allowlists) - set(SHIPPED_TOOLS)
     if unknown:
         raise ValueError(f"allowlists name unknown tools {sorted(unknown)}; "
                          f"tools: {sorted(SHIPPED_TOOLS)}")
-    return ToolRegistry(_with_allowlist(spec, allowed.get(name, ALL_TENANTS))
-                        for name, spec in SHIPPED_TOOLS.items())
 
 
 def _with_allowlist(spec: ToolSpec, tenants: frozenset[str] | Literal["*"]) -> ToolSpec:

@@ -77,7 +77,18 @@ class StageTask(Task):  # type: ignore[misc]
 
     def execute(self, stage: Stage, hop_data: dict[str, Any], compute: Compute) -> dict[str, Any]:
         runtime = get_runtime()
-        LAST_ATTEMPT.set(self.request.retries >= runtime.settings.max_retries)
+        last = LAST_ATTEMPT.set(self._last_attempt(runtime))
+        try:
+            return self._execute(runtime, stage, hop_data, compute)
+        finally:
+            LAST_ATTEMPT.reset(last)
+
+    def _last_attempt(self, runtime: Runtime) -> bool:
+        """Whether the retry policy allows no delivery after this one."""
+        return bool(self.request.retries >= runtime.settings.max_retries)
+
+    def _execute(self, runtime: Runtime, stage: Stage, hop_data: dict[str, Any],
+                 compute: Compute) -> dict[str, Any]:
         key = runs.StageKey(Hop.model_validate(hop_data), stage)
         owner = runs.LeaseOwner(socket.gethostname(), os.getpid(), self.request.id or "direct")
         try:
@@ -171,7 +182,7 @@ class StageTask(Task):  # type: ignore[misc]
     def _retry_or_fail(self, runtime: Runtime, key: runs.StageKey, owner: runs.LeaseOwner,
                        lease: runs.Lease, exc: BaseException) -> None:
         settings = runtime.settings
-        if self.request.retries >= settings.max_retries:
+        if self._last_attempt(runtime):
             self._fail_claimed(runtime, key, owner, lease, exc)
             return
         with session_scope(settings.database_url) as session:
@@ -256,7 +267,7 @@ class _DriftOf:
 def _gate_one(stage: Stage, run: int, rid: str, state: runs.RequestState, deliveries: int,
               drift_of: _DriftOf, max_deliveries: int,
               now: datetime) -> tuple[ItemResult | None, AuditRecord | None]:
-    if state.status.is_terminal or state.run != run:
+    if runs.rides_along(state.status, state.run, run):
         return runs.ride_along(rid, state.status, state.run), None
     if deliveries > max_deliveries:
         return _ended(rid, Status.FAILED, "PoisonMessage",

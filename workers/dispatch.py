@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 from celery import Celery, chain
 
 from schemas.status import Stage
@@ -10,15 +12,18 @@ from workers.settings import Settings
 from workers.store.admission import Dispatch
 
 _senders: dict[tuple[str, str], Celery] = {}
+_senders_lock = threading.Lock()
 
 
 def sender_for(settings: Settings) -> Celery:
     """A producer-side app on the settings' broker (not necessarily the environment's), one
-    per broker and key prefix, built from these settings alone."""
+    per broker and key prefix, built from the first settings that name them: a producer
+    reads nothing else of them but the broker's transport options."""
     key = (settings.broker_url, settings.broker_key_prefix)
-    sender = _senders.get(key)
-    if sender is None:
-        sender = _senders[key] = create_app(settings)
+    with _senders_lock:
+        sender = _senders.get(key)
+        if sender is None:
+            sender = _senders[key] = create_app(settings)
     return sender
 
 

@@ -21,7 +21,7 @@ from schemas.status import Stage
 from schemas.versions import VersionTuple
 from tasks.embedding import Embedder, embedder_id
 from tasks.engine.engine import BatchLimits, GenerationEngine
-from tasks.engine.types import Backend
+from tasks.engine.types import Backend, estimated_tokens
 from tasks.files import ROUTER_EXAMPLES_PATH
 from tasks.generation import DecodingPolicies, NullBackend
 from tasks.prompting import PromptTemplates, escape_data
@@ -117,7 +117,7 @@ class Runtime:
         path = Path(self.settings.generator_model)
         if self.settings.generator_backend == "openai":
             if not self.settings.openai_tokenizer:  # no local tokenizer: over-estimate
-                return lambda text: len(escape_data(text)) // 3 + 1
+                return lambda text: estimated_tokens(escape_data(text))
             path = Path(self.settings.openai_tokenizer)
         from transformers import AutoTokenizer
 

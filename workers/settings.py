@@ -10,7 +10,7 @@ from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas.status import DriftPolicy, Stage
-from tasks.tools import SHIPPED_TOOLS
+from tasks.tools import check_allowlists
 
 DEFAULT_GENERATOR_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_BROKER_SCHEME = "sluicesql"
@@ -175,10 +175,10 @@ class Settings(BaseSettings):
             raise ValueError(f"SLUICE_VISIBILITY_TIMEOUT_S must exceed every stage's hard time limit "
                              f"(leases, not redelivery, recover work), got "
                              f"{self.visibility_timeout_s} and {self.limits.longest_s:g}")
-        unknown_tools = set(self.tool_allowlists) - set(SHIPPED_TOOLS)
-        if unknown_tools:
-            raise ValueError(f"SLUICE_TOOL_ALLOWLISTS names unknown tools "
-                             f"{sorted(unknown_tools)}; tools: {sorted(SHIPPED_TOOLS)}")
+        try:
+            check_allowlists(self.tool_allowlists)
+        except ValueError as exc:
+            raise ValueError(f"SLUICE_TOOL_ALLOWLISTS: {exc}") from None
         if self.generator_backend == "null" and self.environment == "production":
             raise ValueError("the null generator is for the orchestration benchmark only")
         return self

@@ -19,7 +19,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from tasks.engine.types import EngineError
+from tasks.engine.types import EngineError, RequestRejected
 
 if TYPE_CHECKING:
     import torch
@@ -31,7 +31,7 @@ class ConstraintViolation(EngineError):
     """A token the output's schema does not allow at that point of the output."""
 
 
-class UnsupportedSchema(EngineError):
+class UnsupportedSchema(RequestRejected):
     """A JSON schema that the grammar compiler cannot turn into a grammar."""
 
 

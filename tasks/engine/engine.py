@@ -23,6 +23,7 @@ from tasks.engine.types import (
     Completion,
     EngineError,
     GenerationRequest,
+    RequestRejected,
 )
 
 log = logging.getLogger(__name__)
@@ -126,8 +127,13 @@ class GenerationEngine:
         for request in requests:
             future: Future[Completion] = Future()
             futures.append(future)
-            request.prompt_tokens = len(request.prompt_ids) if request.prompt_ids is not None \
-                else self.backend.count_prompt_tokens(request.messages)
+            try:
+                request.prompt_tokens = len(request.prompt_ids) \
+                    if request.prompt_ids is not None \
+                    else self.backend.count_prompt_tokens(request.messages)
+            except RequestRejected as exc:  # this request's trouble, not its neighbours'
+                future.set_result(self._ended(request, "error", str(exc)))
+                continue
             refusal = self._refusal(request)
             if refusal is not None:
                 future.set_result(self._ended(request, "refused", refusal))
@@ -218,9 +224,8 @@ class GenerationEngine:
             completions = self.backend.generate([p.request for p in batch])
             self.batches_run += 1
         except AcceleratorOutOfMemory as exc:
-            if len(batch) == 1:  # the device's trouble, not the request's
-                batch[0].future.set_result(self._ended(batch[0].request, "unavailable",
-                                                       str(exc)))
+            if len(batch) == 1:  # a row that does not fit alone will not fit next time either
+                batch[0].future.set_result(self._ended(batch[0].request, "error", str(exc)))
                 return
             log.warning("out of memory on a batch of %d; splitting it", len(batch))
             half = len(batch) // 2

@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.engine.types import AcceleratorOutOfMemory, Completion, GenerationRequest
+from tasks.engine.chat import ChatTemplate
+from tasks.engine.constraint import ConstraintViolation
+from tasks.engine.types import AcceleratorOutOfMemory, Completion, GenerationRequest, RequestRejected
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -53,7 +55,7 @@ class TransformersBackend:
         self._eos: set[int] = set()
         self._constraints: Any = None
         self._cache_arg = "past_key_values"
-        self._fold_system = False  # the chat template has no system turn
+        self._chat: ChatTemplate | None = None
 
     # -- loading ---------------------------------------------------------------------------
 
@@ -79,7 +81,7 @@ class TransformersBackend:
 
     def _adopt(self, model: Any, tokenizer: Any, name: str) -> None:
         """Hold a loaded model: its stop tokens, cache argument, window and identity."""
-        self._fold_system = tokenizer is not None and _system_role_refused(tokenizer, name)
+        self._chat = ChatTemplate(tokenizer, name) if tokenizer is not None else None
         self._tokenizer, self._model = tokenizer, model
         self._eos = _eos_ids(model, tokenizer)
         # transformers renamed `past_key_values` to `cache`; older releases know only the first
@@ -149,12 +151,10 @@ class TransformersBackend:
     # -- decoding ----------------------------------------------------------------------------
 
     def _encode(self, messages: list[dict[str, str]]) -> list[int]:
-        tokenizer = self.tokenizer
-        if self._fold_system:
-            messages = _system_folded(messages)
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                             tokenize=False)
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        self.warm_up()
+        if self._chat is None:
+            raise RequestRejected("a model loaded without a tokenizer takes prompt_ids only")
+        return self._chat.prompt_ids(messages)
 
     def _row_or_error(self, request: GenerationRequest) -> _Row:
         """The request's row, or a row ended with `error` when the request itself is at fault
@@ -162,7 +162,7 @@ class TransformersBackend:
         batch, which may hold other callers' requests, goes on without it."""
         try:
             return self._row(request)
-        except Exception as exc:
+        except RequestRejected as exc:
             return _Row(request, [], None, finish_reason="error",
                         error=f"{type(exc).__name__}: {exc}"[:1000])
 
@@ -248,7 +248,7 @@ class TransformersBackend:
         if row.constraint is not None and (token_id not in self._eos or policy.ignore_eos):
             try:
                 row.constraint.accept(token_id)
-            except Exception as exc:  # the grammar and the mask disagree: this row only
+            except ConstraintViolation as exc:  # the grammar and the mask disagree: this row only
                 row.finish_reason, row.error = "error", f"{type(exc).__name__}: {exc}"[:1000]
                 return row.finish_reason
         if token_id in self._eos and not policy.ignore_eos:
@@ -286,38 +286,6 @@ class TransformersBackend:
                           constrained=row.constraint is not None,
                           error=row.error or ("deadline passed while decoding"
                                               if reason == "deadline" else None))
-
-
-def _system_role_refused(tokenizer: Any, name: str) -> bool:
-    """Whether the tokenizer's chat template refuses a system turn (Gemma's does): the
-    system text then opens the first user turn. Raises ValueError, at load and not on every
-    request, when it has no chat template or cannot render a user turn."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"{name}: the tokenizer has no chat template, and Sluice sends chat "
-                         f"turns (system, user): use an instruction-tuned model, or give its "
-                         f"tokenizer_config.json a chat_template")
-    turns = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
-    try:
-        tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
-        return False
-    except Exception:  # jinja2's TemplateError, raised by the template itself
-        pass
-    try:
-        tokenizer.apply_chat_template(turns[1:], add_generation_prompt=True, tokenize=False)
-    except Exception as exc:
-        raise ValueError(f"{name}: the chat template cannot render a user turn: {exc}") from exc
-    return True
-
-
-def _system_folded(messages: list[dict[str, str]]) -> list[dict[str, str]]:
-    """The system turns' text put before the first user turn's, for templates without one."""
-    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-    rest = [dict(m) for m in messages if m["role"] != "system"]
-    if system and rest and rest[0]["role"] == "user":
-        rest[0]["content"] = f"{system}\n\n{rest[0]['content']}"
-    elif system:
-        rest.insert(0, {"role": "user", "content": system})
-    return rest
 
 
 def _sample(logits: Any, temperature: float, top_p: float, sampler: Any) -> Any:

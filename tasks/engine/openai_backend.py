@@ -19,7 +19,14 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from tasks.engine.types import BackendUnavailable, Completion, GenerationRequest
+from tasks.engine.chat import ChatTemplate
+from tasks.engine.types import (
+    BackendMisconfigured,
+    BackendUnavailable,
+    Completion,
+    GenerationRequest,
+    estimated_tokens,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +42,7 @@ RETRIED_STATUS = frozenset({429})  # and every 5xx; other 4xx are the request's 
 FINISH_REASONS = {"stop": "stop", "eos": "stop", "eos_token": "stop", "stop_sequence": "stop",
                   "length": "length"}
 SERVER_MESSAGE_CHARS = 500
+TEMPLATE_TOKENS_PER_MESSAGE = 7  # a chat template's role markers around one message
 
 
 @dataclass
@@ -49,10 +57,10 @@ class OpenAIBackend:
     """Chat completions from an OpenAI-compatible server.
 
     `count_prompt_tokens` uses the model's own tokenizer when `tokenizer_path` is given;
-    without it, it estimates `len(content) // 3 + 8` tokens per message. Chat models average
-    about four characters per token in English and a chat template adds a few tokens per
-    message, so the estimate errs on the long side: the engine may refuse a prompt that would
-    just have fit, rather than send one that overflows `context_window`.
+    without it, it estimates `estimated_tokens(content)` plus `TEMPLATE_TOKENS_PER_MESSAGE`
+    per message (a chat template adds a few tokens per message), on the long side: the engine
+    may refuse a prompt that would just have fit, rather than send one that overflows
+    `context_window`.
 
     Timeouts: each attempt waits at most `timeout_s`, and never past `request.deadline`.
     httpx applies that limit to connecting and to each read, which for a non-streaming
@@ -83,6 +91,7 @@ class OpenAIBackend:
         self._client: httpx.Client | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._tokenizer: Any = None
+        self._chat: ChatTemplate | None = None
         self._ready = False
 
     def __repr__(self) -> str:
@@ -93,7 +102,9 @@ class OpenAIBackend:
     def warm_up(self) -> None:
         """Load the tokenizer (if any) and check the server lists `model`. Idempotent.
 
-        Raises BackendUnavailable naming the URL, and the models offered if it answered."""
+        Raises BackendUnavailable naming the URL when it does not answer (retried by the
+        stage), BackendMisconfigured when it answers but does not serve `model` or refuses
+        the request (an operator's to fix)."""
         if self._ready:
             return
         with self._warm_up_lock:
@@ -103,7 +114,7 @@ class OpenAIBackend:
                 self._loaded_tokenizer()
             offered = self._served_models()
             if self.model not in offered:
-                raise BackendUnavailable(
+                raise BackendMisconfigured(
                     f"model {self.model!r} is not served at {self._public_url('/models')}; "
                     f"it offers {sorted(offered)}")
             self._ready = True
@@ -129,21 +140,20 @@ class OpenAIBackend:
     def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int:
         """The prompt's tokens with the chat template, or the conservative estimate (class doc)."""
         if not self.tokenizer_path:
-            return sum(len(m.get("content") or "") // 3 + 8 for m in messages)
-        ids = self._loaded_tokenizer().apply_chat_template(messages, add_generation_prompt=True,
-                                                  tokenize=True, return_dict=False)
-        return len(ids)
+            return sum(estimated_tokens(m.get("content") or "") + TEMPLATE_TOKENS_PER_MESSAGE
+                       for m in messages)
+        return len(self._loaded_chat().prompt_ids(messages))
 
     def kv_bytes_per_token(self) -> int | None:
         return None  # the server manages its own KV cache
 
     def _estimated_tokens(self, text: str) -> int:
-        """A text's tokens, by the model's tokenizer when given, else the estimate the prompt
-        gets (class doc)."""
+        """A text's tokens, by the model's tokenizer when given, else estimated on the long
+        side as a prompt's are (class doc)."""
         if not text:
             return 0
         if not self.tokenizer_path:
-            return len(text) // 3 + 1
+            return estimated_tokens(text)
         return len(self._loaded_tokenizer()(text, add_special_tokens=False)["input_ids"])
 
     def generate(self, batch: list[GenerationRequest]) -> list[Completion]:
@@ -305,7 +315,8 @@ class OpenAIBackend:
                     return _model_ids(response, self._public_url("/models"))
                 reason = f"HTTP {response.status_code}: {_server_message(response)}"
                 if response.status_code not in RETRIED_STATUS and response.status_code < 500:
-                    break
+                    raise BackendMisconfigured(f"OpenAI-compatible server at "
+                                               f"{self._public_url('/models')} refused: {reason}")
             if attempt < self.max_retries:
                 time.sleep(random.uniform(0, min(self.backoff_cap_s,
                                                  self.backoff_base_s * 2 ** attempt)))
@@ -341,8 +352,15 @@ class OpenAIBackend:
         if self._tokenizer is None:
             with self._lock:
                 if self._tokenizer is None and self.tokenizer_path:
-                    self._tokenizer = _load_tokenizer(self.tokenizer_path)
+                    tokenizer = _load_tokenizer(self.tokenizer_path)
+                    self._chat = ChatTemplate(tokenizer, self.tokenizer_path)
+                    self._tokenizer = tokenizer
         return self._tokenizer
+
+    def _loaded_chat(self) -> ChatTemplate:
+        self._loaded_tokenizer()
+        assert self._chat is not None, "a chat template needs tokenizer_path"
+        return self._chat
 
     def _public_url(self, path: str) -> str:
         return _without_credentials(self.base_url) + path

@@ -9,6 +9,15 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+# Chat models average about four characters a token in English: one token per three errs
+# on the long side, so that a prompt estimated to fit does.
+CHARS_PER_TOKEN_LOW = 3
+
+
+def estimated_tokens(text: str) -> int:
+    """`text`'s tokens without its tokenizer, on the long side."""
+    return len(text) // CHARS_PER_TOKEN_LOW + 1
+
 
 class EngineError(RuntimeError):
     """Base of the engine's own errors."""
@@ -19,7 +28,18 @@ class AcceleratorOutOfMemory(EngineError):
 
 
 class BackendUnavailable(EngineError):
-    """A remote backend could not be reached or kept failing within its retries."""
+    """A remote backend could not be reached or kept failing within its retries: it may be
+    restarting, and the stage's retry policy tries again."""
+
+
+class RequestRejected(EngineError):
+    """The request itself cannot run on this backend (messages its chat template refuses, a
+    schema its grammar compiler cannot take): it ends in `error` alone, never its batch."""
+
+
+class BackendMisconfigured(EngineError):
+    """A remote backend answers but cannot serve this configuration (the model is not among
+    those it serves, the key is refused): no retry will help."""
 
 
 class DecodingPolicy(BaseModel):
@@ -77,8 +97,8 @@ class Completion(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     # stop | length | deadline | refused (never sent to the device) | error (this request's
-    # fault) | unavailable (the backend's: out of memory on a row alone, a server that kept
-    # failing; a later attempt may succeed)
+    # trouble, out of memory on its row alone included) | unavailable (the backend's: a
+    # server that kept failing; a later attempt may succeed)
     finish_reason: str
     backend: str
     model: str

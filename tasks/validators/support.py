@@ -19,8 +19,10 @@ specifics is missing: every number must appear, with its unit if it has one ("12
 not "12 months"), in a window aligned about as well as the best one (so "$75 a day" for
 international meals fails against "International travel: up to $95 per day"), and
 every name or identifier (capitalised words after the first, `INC-2057`, `PagerLoop`) must
-appear in the evidence. The threshold comes from `calibrate` over a labelled file of
-supported and unsupported pairs (tasks.validators.calibration).
+appear in the evidence, and a sentence nearly verbatim to its source (cosine and coverage
+past `CONTRADICTION_COSINE` and `CONTRADICTION_COVERAGE`) must not negate it or swap a term
+for its opposite. The threshold comes from `calibrate` over a labelled file of supported
+and unsupported pairs (tasks.validators.calibration).
 """
 
 from __future__ import annotations

@@ -20,13 +20,18 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _BULLET = re.compile(r"^\s*(?:[-*+•]|\d{1,2}[.)])\s+")
 _HEADING = re.compile(r"^\s*#{1,6}\s")
 _ABBREVIATIONS = ("e.g.", "i.e.", "dr.", "mr.", "ms.", "mrs.", "st.", "vs.", "etc.", "no.", "approx.")
-# After an abstention phrase, what makes the sentence assert something after all: a contrast
-# ("I don't know, but X"), a consequence ("..., so X") or a second clause (";" or ":").
+# After an abstention phrase, what may make the sentence assert something after all: a
+# contrast ("I don't know, but X"), a consequence ("..., so X") or a second clause ("; X",
+# ": X"; not the colon of "09:00"). It does when X is not an abstention itself.
 _GOES_ON = re.compile(r"\b(?:but|however|although|though|except|so|therefore|thus|hence)\b"
-                      r"|[;:]", re.IGNORECASE)
-# A heading states a claim when it is long or holds a number ("# The stipend is $9,000 a
-# week"); a short one without ("## Steps") only names what follows.
-_HEADING_MAX_WORDS = 5
+                      r"|[;:](?=\s)", re.IGNORECASE)
+# A heading states a claim when, past its numbering ("Step 2", "3."), it holds a number or
+# a verb that asserts ("# The stipend is $9,000", "## Root passwords are shared"); others
+# ("## Steps", "## What to do when the pager fires") name what follows. A question asks.
+_HEADING_NUMBERING = re.compile(r"^(?:(?:step|part|section|phase|stage)\s+)?\d+[.):]?\s*",
+                                re.IGNORECASE)
+_ASSERTING = re.compile(r"\b(?:is|are|was|were|has|have|had|must|can|cannot|can't|will|"
+                        r"won't|should|may|never|always)\b", re.IGNORECASE)
 # A line of labels alone, or a "Sources: [S1] [S2]" trailer: the sentence before cites them.
 _LABELS_ONLY = re.compile(r"^\W*(?:(?:sources?|citations?|references?)\s*:?\s*)?"
                           r"(?:\[[A-Z]\d+\][\s,;.]*)+$", re.IGNORECASE)
@@ -78,8 +83,8 @@ def _line_sentences(line: str) -> list[str]:
         return []
     heading = _HEADING.match(line)
     if heading:
-        title = line[heading.end():]
-        if len(title.split()) <= _HEADING_MAX_WORDS and not re.search(r"\d", title):
+        title = _HEADING_NUMBERING.sub("", line[heading.end():].strip())
+        if not _heading_asserts(title):
             return []
         line = title
     pieces = _join_abbreviations(_SENTENCE_END.split(_BULLET.sub("", line).strip()))
@@ -92,6 +97,11 @@ def _line_sentences(line: str) -> list[str]:
         if piece:
             merged.append(piece)
     return merged
+
+
+def _heading_asserts(title: str) -> bool:
+    return not title.rstrip().endswith("?") and bool(re.search(r"\d", title)
+                                                      or _ASSERTING.search(title))
 
 
 def _join_abbreviations(pieces: Sequence[str]) -> list[str]:
@@ -117,4 +127,10 @@ def is_abstention(claim: str, abstention: re.Pattern[str]) -> bool:
     """An explicit abstention, and nothing else: "I don't know, but X", "I don't know who
     approves them, so the CFO does" and "I cannot answer fully; it is $9,000" assert X."""
     found = abstention.search(claim)
-    return found is not None and not _GOES_ON.search(claim, found.end())
+    if found is None:
+        return False
+    going_on = _GOES_ON.search(claim, found.end())
+    if going_on is None:
+        return True
+    rest = claim[going_on.end():].strip(" ,.;:")
+    return not rest or bool(abstention.search(rest))

@@ -151,6 +151,7 @@ def test_document_missing_required_input_needs_clarification(rules: RouterRules)
 
 @pytest.mark.parametrize(("topic", "inputs", "error_class"), [
     ("", {"incident_id": "INC-7", "audience": "on-call"}, "EmptyTopic"),
+    ("\u200b ", {"incident_id": "INC-7", "audience": "on-call"}, "EmptyTopic"),
     ("disk full alerts", {"incident_id": "INC-7", "audience": "   "}, "MissingInputs"),
 ])
 def test_a_document_with_a_blank_topic_or_input_needs_clarification(

@@ -124,10 +124,13 @@ def test_a_line_of_labels_or_a_sources_trailer_cites_for_the_sentence_before() -
 
 def test_a_heading_that_states_something_and_a_number_alone_are_claims() -> None:
     text = ("# The primary on-call stipend is $9,000 per week\n"
-            "## Root passwords are shared in the team channel\n$9,000,000.")
+            "## Root passwords are shared in the team channel\n$9,000,000.\n"
+            "## Step 2\n### 3. Approvals\n## What to do when the pager fires\n"
+            "## Who is on call?")
 
     sentences = split_sentences([text], ABSTAIN)
 
+    # Numbering, headings that only name a topic, and questions are not claims
     assert [s.claim for s in sentences] == [
         "The primary on-call stipend is $9,000 per week",
         "Root passwords are shared in the team channel", "$9,000,000."]
@@ -141,6 +144,9 @@ def test_a_heading_that_states_something_and_a_number_alone_are_claims() -> None
     ("I don't know who approves swaps, so they are approved by the CFO.", False),
     ("I cannot answer that fully; the primary on-call stipend is high.", False),
     ("I don't know the stipend for 2025.", True),
+    ("There is not enough information about the 09:00 handoff.", True),
+    ("I don't know, so I cannot answer.", True),
+    ("I cannot answer: the sources do not mention it.", True),
 ])
 def test_explicit_abstentions_are_recognised(sentence: str, abstains: bool) -> None:
     [parsed] = split_sentences([sentence], ABSTAIN)

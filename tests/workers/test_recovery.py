@@ -195,6 +195,14 @@ def test_the_drivers_timeouts_and_lost_connections_are_retried(error: str) -> No
     assert issubclass(getattr(importlib.import_module(module), name), TRANSIENT_ERRORS)
 
 
+@pytest.mark.unit
+def test_a_backend_that_answers_but_cannot_serve_the_configuration_is_not_retried() -> None:
+    from tasks.engine.types import BackendMisconfigured
+    from workers.base import TRANSIENT_ERRORS
+
+    assert not issubclass(BackendMisconfigured, TRANSIENT_ERRORS)
+
+
 def test_a_stage_failing_for_good_leaves_a_request_cancelled_meanwhile_as_it_was(
         store_url: str) -> None:
     from workers.store.engine import session_scope

@@ -65,7 +65,8 @@ def test_tool_allowlists_are_read_as_json_and_unknown_tools_refused(
 
     message = _refusal(monkeypatch, tool_allowlists='{"drop_tables": ["acme"]}')
 
-    assert message.startswith("SLUICE_TOOL_ALLOWLISTS names unknown tools ['drop_tables']")
+    assert message.startswith("SLUICE_TOOL_ALLOWLISTS: allowlists name unknown tools "
+                              "['drop_tables']")
 
 
 def test_a_worker_or_flower_started_with_a_bad_setting_names_it_and_not_the_secrets(

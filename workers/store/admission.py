@@ -68,7 +68,7 @@ def line_request_id(job_id: str, line_no: int) -> str:
 # first one, from which they double up to the former (see `chunk_bounds`).
 ADMIT_CHUNK_LINES = 512
 ADMIT_FIRST_LINES = 64
-# Admissions that lose a race for an idempotency key look again this often before failing.
+# An admission that loses a race for an idempotency key looks again up to this many times.
 KEY_RACE_RETRIES = 3
 # In job_counts: the job's lines the store does not hold yet (an admission under way or cut
 # short); a job with any is not done. A cancelled job's are NEVER_ADMITTED: they never run.
@@ -196,7 +196,8 @@ def admit_lines(session: Session, job_id: str, lines: list[RequestLine],
             for line, request_id, old_id, line_no in zip(lines, ids, legacy, line_numbers,
                                                          strict=True)
             if request_id not in held and old_id not in held and line_no not in refused_before]
-    for _ in range(KEY_RACE_RETRIES if any(line.idempotency_key for line, _, _ in todo) else 0):
+    keyed = any(line.idempotency_key for line, _, _ in todo)
+    for attempt in range(1 + KEY_RACE_RETRIES):
         try:
             with session.begin_nested():
                 return _admit_new(session, job_id, Lane(job.lane), job.malformed or [], todo,
@@ -205,9 +206,9 @@ def admit_lines(session: Session, job_id: str, lines: list[RequestLine],
             # Another job's admission, or an online submit, took one of these keys after
             # they were looked up (this job's lock does not hold other jobs back). It has
             # committed by now, so the next look finds it and refuses the line.
-            continue
-    return _admit_new(session, job_id, Lane(job.lane), job.malformed or [], todo, versions,
-                      drift_policy, shard_size)
+            if not keyed or attempt == KEY_RACE_RETRIES:
+                raise
+    raise AssertionError("the loop returns or raises")
 
 
 def _admit_new(session: Session, job_id: str, lane: Lane, malformed: list[dict[str, Any]],

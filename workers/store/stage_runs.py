@@ -319,6 +319,12 @@ def commit(session: Session, work: StageCommit) -> Committed:
     return Committed(onward if nxt is not None else [], repair)
 
 
+def rides_along(status: Status, request_run: int, run: int) -> bool:
+    """Whether a claimed request is left as it is by a stage of `run`: it has ended
+    (cancelled, refused...) or a replay superseded it."""
+    return status.is_terminal or request_run != run
+
+
 def ride_along(request_id: str, status: Status, request_run: int) -> ItemResult:
     """The result of a claimed request that has ended (cancelled, refused...) or that a
     replay superseded: the stage leaves it as it is."""
@@ -336,7 +342,7 @@ def fail_claimed(session: Session, key: StageKey, owner: LeaseOwner, lease: Leas
     rows = session.execute(select(c.id, c.status, c.run)
                            .where(any_of(c.id, lease.request_ids))).all()
     ended = {rid: ride_along(rid, Status(status), run) for rid, status, run in rows
-             if status not in ACTIVE or run != key.hop.run}
+             if rides_along(Status(status), run, key.hop.run)}
     failing = [rid for rid in lease.request_ids if rid not in ended]
     results = [ItemResult(request_id=rid, output={"error": outcome.model_dump()},
                           outcome=outcome) for rid in failing]

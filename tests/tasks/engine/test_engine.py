@@ -166,15 +166,14 @@ def test_out_of_memory_splits_and_loses_nothing(hf_backend: TransformersBackend,
     assert {c.request_id: c.text for c in completions} == one_by_one
 
 
-def test_out_of_memory_on_one_row_leaves_it_unavailable_not_lost(
-        hf_backend: TransformersBackend) -> None:
+def test_out_of_memory_on_one_row_is_an_error_not_a_loss(hf_backend: TransformersBackend) -> None:
     engine = GenerationEngine(OutOfMemoryAbove(hf_backend, rows=0), BatchLimits(gather_s=0.0))
     try:
         completions = engine.generate(_requests()[:3])
     finally:
         engine.close()
 
-    assert [c.finish_reason for c in completions] == ["unavailable"] * 3
+    assert [c.finish_reason for c in completions] == ["error"] * 3
     assert all("injected" in (c.error or "") for c in completions)
 
 
@@ -263,6 +262,24 @@ def test_a_template_without_a_system_turn_gets_the_system_text_in_the_user_turn(
     assert completion.finish_reason in ("stop", "length") and completion.error is None
 
 
+def test_messages_a_chat_template_rejects_end_in_error_alone_through_the_engine(
+        hf_backend: TransformersBackend) -> None:
+    strict = ("{% for m in messages %}{% if 'forbidden' in m['content'] %}"
+              "{{ raise_exception('no such content') }}{% endif %}"
+              "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    engine = GenerationEngine(_with_template(hf_backend, strict), BatchLimits(gather_s=0.0))
+    try:
+        bad = GenerationRequest("bad", [{"role": "user", "content": "forbidden"}], GREEDY)
+        good = _requests()[0]
+        failed, done = engine.generate([bad, good])
+    finally:
+        engine.close()
+
+    assert failed.finish_reason == "error" and "no such content" in (failed.error or "")
+    assert done.finish_reason in ("stop", "length") and done.text
+
+
 def test_a_model_without_a_chat_template_is_refused_when_it_loads(
         hf_backend: TransformersBackend) -> None:
     with pytest.raises(ValueError, match="other-model: the tokenizer has no chat template"):
@@ -270,10 +287,11 @@ def test_a_model_without_a_chat_template_is_refused_when_it_loads(
 
 
 class HeldBatches:
-    """An injected slow stage: the real backend, but each batch waits until `release` is set."""
+    """An injected slow stage: the real backend, but each batch waits until `release` is set;
+    `returned` is set once a batch has returned."""
 
     def __init__(self, backend: TransformersBackend) -> None:
-        self.backend, self.release = backend, threading.Event()
+        self.backend, self.release, self.returned = backend, threading.Event(), threading.Event()
         self.kind, self.model_id = backend.kind, backend.model_id
         self.context_window = backend.context_window
 
@@ -287,8 +305,11 @@ class HeldBatches:
         return self.backend.kv_bytes_per_token()
 
     def generate(self, batch: list[GenerationRequest]) -> list[Completion]:
-        self.release.wait(timeout=120)
-        return self.backend.generate(batch)
+        self.release.wait(timeout=30)
+        try:
+            return self.backend.generate(batch)
+        finally:
+            self.returned.set()
 
 
 def test_a_caller_is_not_held_past_its_deadline_by_a_batch_that_runs_on(
@@ -301,8 +322,9 @@ def test_a_caller_is_not_held_past_its_deadline_by_a_batch_that_runs_on(
         # When its batch is still running at its deadline
         [completion] = engine.generate([request])
         # Then its caller gets a deadline completion without waiting for the batch
-        assert not held.release.is_set()
-        assert completion.finish_reason == "deadline" and completion.error
+        assert not held.returned.is_set()
+        assert completion.finish_reason == "deadline"
+        assert completion.error == "deadline passed while its batch ran"
     finally:
         held.release.set()
         engine.close()

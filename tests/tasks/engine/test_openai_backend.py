@@ -24,7 +24,13 @@ from ops.openai_server import OpenAICompatibleServer, serve_in_thread
 from tasks.engine.engine import BatchLimits, GenerationEngine
 from tasks.engine.hf import TransformersBackend
 from tasks.engine.openai_backend import OpenAIBackend
-from tasks.engine.types import BackendUnavailable, Completion, DecodingPolicy, GenerationRequest
+from tasks.engine.types import (
+    BackendMisconfigured,
+    BackendUnavailable,
+    Completion,
+    DecodingPolicy,
+    GenerationRequest,
+)
 
 MODEL_DIR = Path.home() / ".cache" / "sluice" / "models" / "SmolLM2-135M-Instruct"
 SERVED_NAME = "smollm2-test"
@@ -348,8 +354,9 @@ def test_warm_up_checks_the_model_and_sends_the_key(
     make_backend(proxy.url, api_key="sk-test-secret").warm_up()
     assert proxy.requests[0]["headers"]["Authorization"] == "Bearer sk-test-secret"
 
-    wrong = make_backend(proxy.url, model="no-such-model")
-    with pytest.raises(BackendUnavailable, match=rf"no-such-model.*{proxy.url}/models.*{SERVED_NAME}"):
+    wrong = make_backend(proxy.url, model="no-such-model")  # an operator's to fix: not retried
+    with pytest.raises(BackendMisconfigured,
+                       match=rf"no-such-model.*{proxy.url}/models.*{SERVED_NAME}"):
         wrong.warm_up()
 
 
