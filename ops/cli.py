@@ -197,9 +197,7 @@ def run(
     from ops.embedded import WorkerDied
     from ops.jobs import execute_job
 
-    if not job_file.is_file():
-        fail(f"{'a folder, not a job file' if job_file.is_dir() else 'job file not found'}: "
-             f"{job_file}")
+    _check_job_file(job_file)
     target = writable_folder(out_dir or Path("sluice-out") / job_file.stem, "results")
     settings = prepared_settings()
     spawn = settings.embedded if workers is None else workers
@@ -217,6 +215,8 @@ def run(
                     "line(s)"))
     except WorkerDied as exc:
         fail(f"{exc}; run the same command again to resume")
+    except KeyboardInterrupt:
+        fail("interrupted; run the same command again to resume", 130)
     from ops.jobs import export_job
 
     try:
@@ -228,6 +228,18 @@ def run(
     console.print(f"wrote {results} and {errors}")
     if not done:
         fail("timed out before every request was terminal; run the same command to resume")
+
+
+def _check_job_file(job_file: Path) -> None:
+    """Exit 1 with one line unless `job_file` is a file with something in it: a run of
+    nothing would start every worker to say nothing."""
+    if job_file.is_dir():
+        fail(f"a folder, not a job file: {job_file}")
+    if not job_file.is_file():
+        fail(f"job file not found: {job_file}")
+    with job_file.open("rb") as lines:
+        if not any(line.strip() for line in lines):
+            fail(f"the job file has no lines: {job_file}")
 
 
 def _print_summary(settings: Settings, job_id: str) -> None:
@@ -259,8 +271,7 @@ def submit(job_file: Annotated[Path, typer.Argument(help="JSONL file")],
     """Admit a job file and enqueue it for running workers; prints the job id."""
     from ops.jobs import submit_job
 
-    if not job_file.is_file():
-        fail(f"job file not found: {job_file}")
+    _check_job_file(job_file)
     admitted = submit_job(prepared_settings(), job_file, lane)
     out.print(admitted.job_id)
 

@@ -87,6 +87,25 @@ def test_sluice_run_reports_a_missing_file_clearly(tmp_path: Path) -> None:
     assert "job file not found" in result.stderr
 
 
+@pytest.mark.parametrize(("content", "message"), [
+    (None, "a folder, not a job file"), ("", "the job file has no lines"),
+    ("\n  \n\n", "the job file has no lines")])
+def test_sluice_run_and_submit_refuse_a_job_file_with_nothing_to_run(
+        tmp_path: Path, content: str | None, message: str) -> None:
+    job = tmp_path / "job.jsonl"
+    if content is None:
+        job.mkdir()
+    else:
+        job.write_text(content)
+    env = _embedded_env(tmp_path / "data")
+
+    for command in (("run", str(job)), ("submit", str(job))):
+        result = _sluice(*command, env=env, cwd=tmp_path)
+        assert result.returncode == 1
+        assert result.stderr.strip() == f"error: {message}: {job}"
+    assert not (tmp_path / "data").exists()  # no store, no index, no worker
+
+
 def test_sluice_run_refuses_an_unusable_out_before_any_work(tmp_path: Path) -> None:
     taken = tmp_path / "taken"
     taken.write_text("a file, not a folder")
@@ -112,7 +131,10 @@ def _celery_children(pid: int) -> list[int]:
     return found
 
 
-def test_sigterm_stops_sluice_run_and_its_workers(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 128 + signal.SIGTERM),
+                                               (signal.SIGINT, 130)])
+def test_a_stop_signal_stops_sluice_run_and_its_workers(tmp_path: Path, signum: int,
+                                                        status: int) -> None:
     env = {**_embedded_env(tmp_path / "data"), "SLUICE_GENERATOR_BACKEND": "null"}
     command = [str(Path(sys.executable).parent / "sluice"), "run", str(SMALL), "--out",
                str(tmp_path / "out")]
@@ -124,12 +146,15 @@ def test_sigterm_stops_sluice_run_and_its_workers(tmp_path: Path) -> None:
         time.sleep(0.5)
         workers = _celery_children(run.pid)
     assert len(workers) == 4, run.stderr.read() if run.poll() is not None else "no workers"
-    # When it is sent SIGTERM (a `timeout`, a cancelled CI job)
-    run.send_signal(signal.SIGTERM)
-    status = run.wait(timeout=120)
-    # Then it stops its workers before it exits, as on Ctrl-C
-    assert status == 128 + signal.SIGTERM, run.stderr.read()[-3000:]
+    # When it is sent SIGTERM (a `timeout`, a cancelled CI job) or SIGINT (Ctrl-C)
+    run.send_signal(signum)
+    exited = run.wait(timeout=120)
+    # Then it stops its workers before it exits
+    stderr = run.stderr.read()
+    assert exited == status, stderr[-3000:]
     assert [pid for pid in workers if Path(f"/proc/{pid}").exists()] == []
+    if signum == signal.SIGINT:
+        assert "interrupted; run the same command again to resume" in stderr
 
 
 @pytest.mark.parametrize("command", [("audit", "req-x"), ("failed",), ("status", "job-x"),
