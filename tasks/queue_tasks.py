@@ -144,8 +144,8 @@ def compute_generation(runtime: Runtime, records: list[ItemRecord],
                            constrain=runtime.settings.constrain_documents).drafts
     unavailable = [d for d in drafts if d.finish_reason == "unavailable"]
     if unavailable and not LAST_ATTEMPT.get():
-        # The backend's trouble (a model server down, a device out of memory), not the
-        # requests': the shard goes back to the retry policy instead of failing for good.
+        # The backend's trouble (a model server that kept failing), not the requests': the
+        # shard goes back to the retry policy instead of failing for good.
         first = unavailable[0].outcome
         raise TransientError(f"{len(unavailable)} of {len(drafts)} drafts found the backend "
                              f"unavailable: {first.message if first else ''}")

@@ -150,7 +150,7 @@ def route(batch: RouterInput, rules: RouterRules, count_tokens: TokenCounter,
     folded = [fold(item.text, lines=False) for item in batch.items]  # what the rules read
     refusals = [_refuse_rule(text, rules) for text in folded]
     asked = [i for i, item in enumerate(batch.items)
-             if refusals[i] is None and _needs_classifier(item, rules)]
+             if refusals[i] is None and _needs_classifier(item, folded[i], rules)]
     guesses: dict[int, ClassGuess] = {}
     if classifier is not None and asked:
         found = classifier.classify([batch.items[i].text for i in asked])
@@ -162,18 +162,19 @@ def route(batch: RouterInput, rules: RouterRules, count_tokens: TokenCounter,
         for i, item in enumerate(batch.items)])
 
 
-def _needs_classifier(item: RouteItem, rules: RouterRules) -> bool:
+def _needs_classifier(item: RouteItem, folded: str, rules: RouterRules) -> bool:
     """Whether the classifier decides the class of an item no refuse rule matched."""
-    return _declared_class(item) is None and not _too_short(item, rules)
+    return _declared_class(item) is None and not _too_short(item, folded, rules)
 
 
 def _declared_class(item: RouteItem) -> AnswerClass | None:
     return AnswerClass.DOCUMENT if item.kind == "document" else item.answer_class
 
 
-def _too_short(item: RouteItem, rules: RouterRules) -> bool:
-    """An answer's question with fewer visible characters than the rules ask for."""
-    return item.kind == "answer" and len(fold(item.text).strip()) < rules.min_question_chars
+def _too_short(item: RouteItem, folded: str, rules: RouterRules) -> bool:
+    """An answer's question with fewer visible characters (of its `folded` text) than the
+    rules ask for."""
+    return item.kind == "answer" and len(folded.strip()) < rules.min_question_chars
 
 
 def _refuse_rule(folded: str, rules: RouterRules) -> Rule | None:
@@ -187,7 +188,7 @@ def _route_one(item: RouteItem, folded: str, rules: RouterRules, count_tokens: T
     matches, if any."""
     if refusal is not None:
         return _refused_by_rule(item, rules, refusal)
-    answer_class, decided_by = _answer_class(item, rules, guess)
+    answer_class, decided_by = _answer_class(item, folded, rules, guess)
     policy = rules.classes[answer_class]
     risk_rule = next((r for r in rules.risk if r.pattern.search(folded)), None)
     risk = max(policy.risk, risk_rule.risk if risk_rule else RiskClass.LOW, key=lambda r: r.rank)
@@ -201,7 +202,7 @@ def _route_one(item: RouteItem, folded: str, rules: RouterRules, count_tokens: T
         model_variant=policy.model_for(risk), decoding_policy=policy.decoding,
         matched_rule=risk_rule.name if risk_rule else None, input_tokens=tokens,
         tool_call=plan.model_dump(mode="json") if plan else None)
-    problem = (_input_problem(item, rules, tokens, max_input_tokens)
+    problem = (_input_problem(item, folded, rules, tokens, max_input_tokens)
                or _class_outcome(answer_class, decided_by, guess, rules, plan is not None))
     return decision.model_copy(update={"outcome": problem}) if problem else decision
 
@@ -213,12 +214,12 @@ def _refused_by_rule(item: RouteItem, rules: RouterRules, rule: Rule) -> RouteDe
         outcome=Outcome(status=Status.REFUSED, message=f"refused by rule {rule.name}"))
 
 
-def _answer_class(item: RouteItem, rules: RouterRules,
+def _answer_class(item: RouteItem, folded: str, rules: RouterRules,
                   guess: ClassGuess | None) -> tuple[AnswerClass, DecidedBy]:
     declared = _declared_class(item)
     if declared is not None:
         return declared, "upstream"
-    if _too_short(item, rules):
+    if _too_short(item, folded, rules):
         return AnswerClass.CLARIFY, "rule"
     if guess is not None:
         return guess.answer_class, "classifier"
@@ -255,12 +256,12 @@ def _reason(decided_by: DecidedBy, guess: ClassGuess | None) -> str:
     return f"classifier's best guess {guess.best.value} at confidence {guess.confidence:.2f}"
 
 
-def _input_problem(item: RouteItem, rules: RouterRules, tokens: int,
+def _input_problem(item: RouteItem, folded: str, rules: RouterRules, tokens: int,
                    max_input_tokens: int) -> Outcome | None:
     if tokens > max_input_tokens:
         return Outcome(status=Status.REFUSED, error_class="InputTooLong",
                        message=f"input is {tokens} tokens, the model allows {max_input_tokens}")
-    if _too_short(item, rules):
+    if _too_short(item, folded, rules):
         return Outcome(status=Status.NEEDS_CLARIFICATION, error_class="EmptyQuestion",
                        message=f"the question is empty or shorter than {rules.min_question_chars} "
                                f"characters: {item.text!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -185,3 +186,27 @@ def wait_for_a_lock_wait(engine: Any, who: str, timeout_s: float = 30.0) -> None
                 return
             time.sleep(0.01)
     raise AssertionError(f"{who} never waited on a lock")
+
+
+def race(count: int, work: Callable[[], T], timeout_s: float = 60.0) -> list[T]:
+    """Run `work` in `count` threads released together; its results in thread order, or the
+    first error raised in any of them."""
+    barrier = threading.Barrier(count)
+    results: list[Any] = [None] * count
+    errors: list[BaseException] = []
+
+    def runner(slot: int) -> None:
+        barrier.wait()
+        try:
+            results[slot] = work()
+        except BaseException as exc:  # noqa: BLE001 -- handed to the test thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=runner, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=timeout_s)
+    if errors:
+        raise errors[0]
+    return results

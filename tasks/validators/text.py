@@ -3,8 +3,9 @@
 Pure string work, no models. A sentence ends at `.`, `!` or `?` followed by white space, or
 at the end of a line; citation labels written just after the full stop (`... rule. [S1]`)
 belong to the sentence before them, and so do a line of labels alone and a "Sources: [S1]"
-trailer. Short Markdown headings without a number, table rules and empty lines are not
-claims; bullet and number markers are dropped.
+trailer. Markdown headings that only name a topic (no number past their numbering, no
+asserting verb, or a question), table rules and empty lines are not claims; bullet and
+number markers are dropped.
 """
 
 from __future__ import annotations

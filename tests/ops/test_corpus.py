@@ -11,6 +11,7 @@ from sqlalchemy import func, select
 from typer.testing import CliRunner
 
 from tasks.indexing import document_id, read_index
+from tests.services import race
 from workers.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -206,8 +207,6 @@ def test_a_worker_refuses_an_index_built_with_another_embedder(store_url: str,
 
 def test_two_first_runs_at_once_build_one_example_index(settings: Settings,
                                                         tmp_path: Path) -> None:
-    import threading
-
     from ops.corpus import ensure_example_index
     from workers.store.engine import session_scope
     from workers.store.models import IndexVersion
@@ -216,23 +215,11 @@ def test_two_first_runs_at_once_build_one_example_index(settings: Settings,
     (tree / "globex" / "public").mkdir(parents=True)
     (tree / "globex" / "public" / "a.md").write_text("# Docks\n\nDock 4 opens at 06:00.\n")
     fresh = settings.model_copy(update={"corpus_dir": tree})
-    built: list[str | None] = []
-    errors: list[BaseException] = []
-
-    def first_run() -> None:
-        try:
-            built.append(ensure_example_index(fresh))
-        except BaseException as exc:  # reported below, not lost in the thread
-            errors.append(exc)
 
     # Given two commands starting on a data dir with no index
-    runs = [threading.Thread(target=first_run) for _ in range(2)]
-    for run in runs:
-        run.start()
-    for run in runs:
-        run.join(timeout=300)
+    built = race(2, lambda: ensure_example_index(fresh), timeout_s=300)
     # Then one builds the index and the other finds it
-    assert errors == [] and len(built) == 2 and built.count(None) == 1
+    assert len(built) == 2 and built.count(None) == 1
     with session_scope(settings.database_url) as session:
         assert session.scalars(select(IndexVersion.id).where(
             IndexVersion.active.is_(True))).all() == [b for b in built if b]

@@ -11,6 +11,7 @@ from ops.embedded import worker_pool
 from schemas.status import Stage
 from tasks.engine.hf import TransformersBackend
 from tasks.generation import NullBackend
+from tests.services import race
 from tests.tasks.engine.conftest import MODEL_DIR
 from workers.runtime import Runtime
 from workers.settings import Settings
@@ -73,7 +74,6 @@ def test_generation_workers_run_threads(tmp_path: Path) -> None:
 
 def test_a_threads_pools_first_tasks_share_one_runtime(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import threading
     import time
 
     from workers import runtime as runtime_module
@@ -89,17 +89,7 @@ def test_a_threads_pools_first_tasks_share_one_runtime(
     monkeypatch.setenv("SLUICE_DATA_DIR", str(tmp_path))
     monkeypatch.setattr(runtime_module, "_runtime", None)
     monkeypatch.setattr(Runtime, "__init__", slow_build)
-    barrier, got = threading.Barrier(4), []
-
-    def first_task() -> None:
-        barrier.wait()
-        got.append(runtime_module.get_runtime())
-
-    threads = [threading.Thread(target=first_task) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
+    got = race(4, runtime_module.get_runtime)
 
     assert len(built) == 1 and got == built * 4
 

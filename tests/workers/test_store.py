@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import threading
 import uuid
-from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from sqlalchemy import func, select, update
 from schemas.requests import RequestLine
 from schemas.status import DriftPolicy, Lane, Stage
 from schemas.versions import VersionTuple
-from tests.services import wait_for_a_lock_wait
+from tests.services import race, wait_for_a_lock_wait
 from workers.store.timeutil import utcnow
 
 pytestmark = pytest.mark.integration
@@ -31,29 +30,6 @@ def _line(custom_id: str, key: str | None = None, tenant: str = "acme") -> Reque
         "custom_id": custom_id, "tenant": tenant, "grants": ["public"],
         "request": {"kind": "answer", "question": "How do I roll back a deploy?"},
         "idempotency_key": key})
-
-
-def _race(count: int, work: Callable[[], Any]) -> list[Any]:
-    """Run `work` in `count` threads released together; re-raise the first error."""
-    barrier = threading.Barrier(count)
-    results: list[Any] = [None] * count
-    errors: list[BaseException] = []
-
-    def runner(slot: int) -> None:
-        barrier.wait()
-        try:
-            results[slot] = work()
-        except BaseException as exc:  # noqa: BLE001 -- handed to the test thread
-            errors.append(exc)
-
-    threads = [threading.Thread(target=runner, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    if errors:
-        raise errors[0]
-    return results
 
 
 def test_concurrent_admissions_of_one_job_file_admit_it_once(store_url: str) -> None:
@@ -70,7 +46,7 @@ def test_concurrent_admissions_of_one_job_file_admit_it_once(store_url: str) -> 
                              malformed=[], line_numbers=list(range(1, 7)), versions=VERSIONS,
                              drift_policy=DriftPolicy.STRICT, shard_size=4)
 
-    admitted = _race(3, admit)
+    admitted = race(3, admit)
     assert len({a.job_id for a in admitted}) == 1
     assert sorted(a.created for a in admitted) == [False, False, True]
     with session_scope(store_url) as session:
@@ -222,7 +198,7 @@ def test_concurrent_chunked_admissions_of_one_file_admit_each_line_once(store_ur
         assert sent == admitted.dispatches
         return admitted
 
-    admitted = _race(3, admit)
+    admitted = race(3, admit)
     assert sorted(a.created for a in admitted) == [False, False, True]
     with session_scope(store_url) as session:
         ids = sorted(session.scalars(select(Request.id)))
@@ -242,7 +218,7 @@ def test_concurrent_submits_with_one_idempotency_key_admit_one_request(store_url
         with session_scope(store_url) as session:
             return admit_one(session, _line("same", key="key-1"), VERSIONS, DriftPolicy.STRICT)
 
-    results = _race(4, submit)
+    results = race(4, submit)
     assert len({request_id for request_id, _ in results}) == 1
     with session_scope(store_url) as session:
         assert session.scalar(select(func.count()).select_from(Request)) == 1

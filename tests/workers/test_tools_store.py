@@ -4,7 +4,6 @@ redelivery, timeouts, and the `tool_calls` record."""
 
 from __future__ import annotations
 
-import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from tasks.tools import (
     ToolResult,
     default_registry,
 )
+from tests.services import race
 
 pytestmark = pytest.mark.integration
 
@@ -212,24 +212,8 @@ def test_concurrent_deliveries_of_one_side_effect_write_it_once(seeded_url: str)
     from workers.store.models import TicketNote
 
     call = _note("INC-2063", "Cert alert verified.", key="req-2:note")
-    barrier = threading.Barrier(4)
-    results: list[ToolResult] = []
-    errors: list[BaseException] = []
+    results = race(4, lambda: _execute(seeded_url, "acme", call))
 
-    def deliver() -> None:
-        barrier.wait()
-        try:
-            results.append(_execute(seeded_url, "acme", call))
-        except BaseException as exc:  # noqa: BLE001 -- handed to the test thread
-            errors.append(exc)
-
-    threads = [threading.Thread(target=deliver) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-
-    assert errors == []
     assert sorted(r.served_from for r in results) == ["executed", "recorded", "recorded",
                                                       "recorded"]
     assert len({r.result_hash for r in results}) == 1

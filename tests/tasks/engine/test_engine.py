@@ -27,14 +27,13 @@ def _requests(policy: DecodingPolicy = GREEDY, prefix: str = "q") -> list[Genera
             for i, q in enumerate(QUESTIONS)]
 
 
-class OutOfMemoryAbove:
-    """An injected fault: the real backend, but any batch above `rows` runs out of memory."""
+class _Around:
+    """The real backend, passed through: the injected faults below change its `generate`."""
 
-    def __init__(self, backend: TransformersBackend, rows: int) -> None:
-        self.backend, self.rows = backend, rows
+    def __init__(self, backend: TransformersBackend) -> None:
+        self.backend = backend
         self.kind, self.model_id = backend.kind, backend.model_id
         self.context_window = backend.context_window
-        self.sizes: list[int] = []
 
     def warm_up(self) -> None:
         self.backend.warm_up()
@@ -44,6 +43,15 @@ class OutOfMemoryAbove:
 
     def kv_bytes_per_token(self) -> int | None:
         return self.backend.kv_bytes_per_token()
+
+
+class OutOfMemoryAbove(_Around):
+    """An injected fault: the real backend, but any batch above `rows` runs out of memory."""
+
+    def __init__(self, backend: TransformersBackend, rows: int) -> None:
+        super().__init__(backend)
+        self.rows = rows
+        self.sizes: list[int] = []
 
     def generate(self, batch: list[GenerationRequest]) -> list[Completion]:
         self.sizes.append(len(batch))
@@ -286,23 +294,13 @@ def test_a_model_without_a_chat_template_is_refused_when_it_loads(
         _with_template(hf_backend, None)
 
 
-class HeldBatches:
+class HeldBatches(_Around):
     """An injected slow stage: the real backend, but each batch waits until `release` is set;
     `returned` is set once a batch has returned."""
 
     def __init__(self, backend: TransformersBackend) -> None:
-        self.backend, self.release, self.returned = backend, threading.Event(), threading.Event()
-        self.kind, self.model_id = backend.kind, backend.model_id
-        self.context_window = backend.context_window
-
-    def warm_up(self) -> None:
-        self.backend.warm_up()
-
-    def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int:
-        return self.backend.count_prompt_tokens(messages)
-
-    def kv_bytes_per_token(self) -> int | None:
-        return self.backend.kv_bytes_per_token()
+        super().__init__(backend)
+        self.release, self.returned = threading.Event(), threading.Event()
 
     def generate(self, batch: list[GenerationRequest]) -> list[Completion]:
         self.release.wait(timeout=30)
